@@ -1,0 +1,127 @@
+"""Typed, validated settings for the hotswap service, built once at the entry point.
+
+The same model validates ``applications[].args`` of the Serve config, the CLI and the
+tests. Unknown keys are rejected so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hotswap.errors import ConfigError
+
+__all__ = ["DEFAULT_TARGET_MODULES", "HotswapSettings", "default_cache_dir"]
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+def default_cache_dir() -> Path:
+    """``$HOTSWAP_CACHE_DIR``, else ``~/.cache/hotswap``: built-in models, the adapter cache, the local store."""
+    env = os.environ.get("HOTSWAP_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hotswap"
+
+
+class HotswapSettings(BaseModel):
+    """Everything a replica, the controller and the CLI need to agree on.
+
+    Every replica of one application runs the same base model prepared the same way
+    (``target_modules`` padded to ``max_rank``), so an adapter validated once against these
+    settings fits every replica.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(
+        "builtin:tiny-llama",
+        description="'builtin:tiny-llama' (generated offline on first use), a local transformers "
+        "checkpoint directory with its tokenizer, or a Hugging Face model id.",
+    )
+    initial_adapter: str | None = Field(
+        None,
+        description="Adapter URI served before any roll: s3://bucket/prefix, file:///path or a path "
+        "under local_store_root; None serves the base model (all LoRA weights zero). "
+        "'builtin:demo' is a demo adapter for the built-in model, generated on first use.",
+    )
+    max_rank: int = Field(16, ge=1, le=1024, description="Every LoRA layer is padded to this rank.")
+    target_modules: tuple[str, ...] = Field(
+        DEFAULT_TARGET_MODULES,
+        min_length=1,
+        description="Names of the Linear modules that carry LoRA; adapters may target any subset.",
+    )
+    compile: bool = Field(True, description="torch.compile the model; False runs eagerly.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="Inductor mode; 'reduce-overhead' (CUDA graphs) is for GPUs."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model dtype; 'auto' is bfloat16 on CUDA and float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
+    max_batch_size: int = Field(4, ge=1, le=256, description="Sequences decoded together in one step.")
+    prefill_chunk_tokens: int = Field(
+        16, ge=1, le=8192, description="Prompts are prefilled in chunks of this many tokens (one compiled shape)."
+    )
+    max_seq_len: int = Field(256, ge=4, description="Prompt plus completion tokens allowed per request.")
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="Where models and adapters are cached.")
+    local_store_root: Path | None = Field(
+        None, description="Root of the local adapter store; defaults to <cache_dir>/adapters."
+    )
+    max_adapter_bytes: int = Field(2 << 30, ge=1, description="Largest adapter_model.safetensors accepted.")
+    max_header_bytes: int = Field(16 << 20, ge=64, description="Largest safetensors JSON header accepted.")
+    s3_connect_timeout_s: float = Field(5.0, gt=0)
+    s3_read_timeout_s: float = Field(30.0, gt=0, description="A read that stalls this long is retried.")
+    s3_max_attempts: int = Field(4, ge=1, le=20, description="Attempts per object, including the first.")
+    s3_retry_backoff_s: float = Field(0.2, ge=0, description="First backoff; doubles per attempt.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _listify(cls, value):
+        if isinstance(value, str):
+            raise ValueError("give target_modules as a list of module names, e.g. [q_proj, v_proj]")
+        return value
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> HotswapSettings:
+        if self.prefill_chunk_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prefill_chunk_tokens ({self.prefill_chunk_tokens}) must not exceed max_seq_len ({self.max_seq_len})"
+            )
+        if self.compile_mode == "reduce-overhead" and self.device == "cpu":
+            raise ValueError("compile_mode 'reduce-overhead' uses CUDA graphs; use 'default' with device 'cpu'")
+        return self
+
+    @property
+    def store_root(self) -> Path:
+        """The local adapter store root: ``local_store_root`` or ``<cache_dir>/adapters``."""
+        return self.local_store_root if self.local_store_root is not None else self.cache_dir / "adapters"
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> HotswapSettings:
+        """Validate application arguments; raise :class:`ConfigError` naming every bad key and the fix."""
+        try:
+            return cls.model_validate(args or {})
+        except ValidationError as e:
+            raise ConfigError(_describe(e)) from e
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            known = ", ".join(sorted(HotswapSettings.model_fields))
+            parts.append(f"unknown key '{key}' (known keys: {known})")
+        else:
+            parts.append(f"'{key}': {item['msg']} (got {item.get('input')!r})")
+    return "invalid hotswap settings: " + "; ".join(parts)

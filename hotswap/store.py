@@ -1,0 +1,505 @@
+"""Adapter stores: S3 and local folders behind one small interface, with a content-addressed cache.
+
+An adapter version is a folder in PEFT's ``save_pretrained`` layout (``adapter_config.json``
+and ``adapter_model.safetensors``). Fetching it copies the weights into
+``<cache_dir>/blobs/<sha256>.safetensors`` through a temporary file, hashing on the way, and
+renames atomically, so a cached blob is always complete and immutable. Concurrent fetches
+of the same URI share one download.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+from urllib.parse import urlparse
+
+from hotswap.errors import (
+    AdapterFetchError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+    ConfigError,
+    UnsafePathError,
+)
+
+__all__ = [
+    "AdapterFetcher",
+    "AdapterStore",
+    "CONFIG_NAME",
+    "FetchedAdapter",
+    "LocalStore",
+    "S3Store",
+    "WEIGHTS_NAME",
+    "make_s3_client",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
+_MAX_CONFIG_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class FetchedAdapter:
+    """An adapter version copied into the local cache, not yet validated.
+
+    ``weights_path`` is an immutable content-addressed file whose sha256 is ``sha256``.
+    """
+
+    uri: str
+    sha256: str
+    weights_path: Path
+    config_bytes: bytes
+    size_bytes: int
+
+
+class AdapterStore(Protocol):
+    """Where adapter versions live. Implementations: :class:`S3Store`, :class:`LocalStore`."""
+
+    def fetch(self, uri: str, *, cache: _BlobCache) -> FetchedAdapter:
+        """Copy the adapter at ``uri`` into ``cache``; raise ``AdapterNotFoundError`` if absent."""
+        ...
+
+    def push(self, local_dir: Path, uri: str) -> None:
+        """Upload the adapter folder ``local_dir`` to ``uri``."""
+        ...
+
+
+class _IntegrityError(Exception):
+    """Bytes arrived but are not the object's bytes (short read, checksum mismatch); retryable."""
+
+
+class _BlobCache:
+    """Content-addressed files under ``<root>/blobs``; writes are atomic."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, sha256: str) -> Path:
+        return self.root / "blobs" / f"{sha256}.safetensors"
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[_BlobWriter]:
+        """Yield a writer for a new blob; on clean exit it is renamed into place by its sha256."""
+        blobs = self.root / "blobs"
+        blobs.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".incoming-")
+        writer = _BlobWriter(os.fdopen(fd, "wb"))
+        try:
+            yield writer
+            writer.file.flush()
+            os.fsync(writer.file.fileno())
+            writer.file.close()
+            writer.path = self.path_for(writer.sha256.hexdigest())
+            os.replace(tmp, writer.path)
+        finally:
+            if not writer.file.closed:
+                writer.file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+class _BlobWriter:
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+        self.path: Path | None = None
+
+    def write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.sha256.update(chunk)
+        self.md5.update(chunk)
+        self.size += len(chunk)
+
+    def reset(self) -> None:
+        """Start over (a retry after a broken read)."""
+        self.file.seek(0)
+        self.file.truncate()
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+
+def _pickle_only(uri: str, name: str) -> AdapterValidationError:
+    return AdapterValidationError(
+        uri,
+        [
+            f"only pickle weights ({name}) were found and pickles are never loaded; re-save the adapter with "
+            f"save_pretrained(..., safe_serialization=True) so that it holds {WEIGHTS_NAME}"
+        ],
+    )
+
+
+def _too_large(uri: str, size: int, limit: int) -> AdapterValidationError:
+    return AdapterValidationError(
+        uri,
+        [f"{WEIGHTS_NAME} is {size} bytes, over max_adapter_bytes={limit}; raise max_adapter_bytes if this is intended"],
+    )
+
+
+class LocalStore:
+    """Adapters in folders under ``root``. URIs: a path relative to ``root``, an absolute path or ``file://``.
+
+    A URI whose path, after following symlinks, leaves ``root`` is refused
+    (:class:`UnsafePathError`), as is any ``..`` component.
+    """
+
+    def __init__(self, root: Path, *, max_adapter_bytes: int) -> None:
+        self.root = Path(root).expanduser()
+        self.max_adapter_bytes = max_adapter_bytes
+
+    def resolve(self, uri: str) -> Path:
+        """Return the real folder for ``uri``, checked to lie inside ``root``."""
+        raw = uri[len("file://") :] if uri.startswith("file://") else uri
+        if not raw:
+            raise ConfigError("empty adapter path; give a folder under the local store root or an s3:// URI")
+        if ".." in Path(raw).parts:
+            raise UnsafePathError(
+                f"adapter path {uri!r} contains '..'; name the folder directly under {self.root}", uri=uri
+            )
+        path = Path(raw) if Path(raw).is_absolute() else self.root / raw
+        root_real = self.root.resolve()
+        real = path.resolve()
+        if not real.is_relative_to(root_real):
+            raise UnsafePathError(
+                f"adapter path {uri!r} resolves to {real}, outside the local store root {root_real}; "
+                "copy the adapter under the root (hotswap push) or set local_store_root",
+                uri=uri,
+            )
+        return real
+
+    def _member(self, folder: Path, name: str, uri: str) -> Path:
+        path = folder / name
+        real = path.resolve()
+        if path.is_symlink() and not real.is_relative_to(self.root.resolve()):
+            raise UnsafePathError(
+                f"{name} of adapter {uri!r} is a symlink to {real}, outside the local store root "
+                f"{self.root.resolve()}; store a real file there",
+                uri=uri,
+            )
+        return real
+
+    def fetch(self, uri: str, *, cache: _BlobCache) -> FetchedAdapter:
+        folder = self.resolve(uri)
+        weights = self._member(folder, WEIGHTS_NAME, uri)
+        config = self._member(folder, CONFIG_NAME, uri)
+        if not weights.is_file():
+            for name in _PICKLE_NAMES:
+                if (folder / name).is_file():
+                    raise _pickle_only(uri, name)
+            raise AdapterNotFoundError(
+                f"adapter not found: no {WEIGHTS_NAME} in {folder} (URI {uri!r}); "
+                "check the path or upload the adapter with 'hotswap push'",
+                uri=uri,
+            )
+        if not config.is_file():
+            raise AdapterNotFoundError(f"adapter {uri!r} has no {CONFIG_NAME} in {folder}", uri=uri)
+        size = weights.stat().st_size
+        if size > self.max_adapter_bytes:
+            raise _too_large(uri, size, self.max_adapter_bytes)
+        config_bytes = _read_capped(config, uri)
+        with cache.writer() as out, open(weights, "rb") as src:
+            while chunk := src.read(_CHUNK_BYTES):
+                out.write(chunk)
+        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, config_bytes, out.size)
+
+    def push(self, local_dir: Path, uri: str) -> None:
+        target = self.resolve(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".push-") as tmp:
+            staging = Path(tmp) / "adapter"
+            staging.mkdir()
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                shutil.copyfile(Path(local_dir) / name, staging / name)
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(staging, target)
+
+
+def _read_capped(path: Path, uri: str) -> bytes:
+    if path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise AdapterValidationError(uri, [f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes"])
+    return path.read_bytes()
+
+
+def make_s3_client(*, connect_timeout_s: float, read_timeout_s: float) -> Any:
+    """A boto3 S3 client on the standard credential chain and endpoint settings (``AWS_ENDPOINT_URL_S3``).
+
+    botocore's own retries are off: :class:`S3Store` retries whole reads itself, body included.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    if parsed.scheme != "s3" or not bucket or not prefix:
+        raise ConfigError(f"bad S3 URI {uri!r}; expected s3://bucket/prefix (the folder holding {WEIGHTS_NAME})")
+    return bucket, prefix
+
+
+class S3Store:
+    """Adapters under ``s3://bucket/prefix``, read with bounded retries that cover the body.
+
+    Each object read is retried on connection errors, 5xx, throttling, stalls (the client's
+    read timeout), short bodies and checksum mismatches (the ETag's MD5 when it is one),
+    with exponential backoff, at most ``max_attempts`` times.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        max_adapter_bytes: int,
+        max_attempts: int = 4,
+        retry_backoff_s: float = 0.2,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.client = client
+        self.max_adapter_bytes = max_adapter_bytes
+        self.max_attempts = max_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self._sleep = sleep
+
+    def fetch(self, uri: str, *, cache: _BlobCache) -> FetchedAdapter:
+        bucket, prefix = _split_s3(uri)
+        weights_key, config_key = f"{prefix}/{WEIGHTS_NAME}", f"{prefix}/{CONFIG_NAME}"
+        head = self._head(bucket, weights_key, uri)
+        if head is None:
+            for name in _PICKLE_NAMES:
+                if self._head(bucket, f"{prefix}/{name}", uri) is not None:
+                    raise _pickle_only(uri, name)
+            raise AdapterNotFoundError(
+                f"adapter not found: s3://{bucket}/{weights_key} does not exist (URI {uri}); "
+                "check the URI or upload the adapter with 'hotswap push'",
+                uri=uri,
+            )
+        size = int(head["ContentLength"])
+        if size > self.max_adapter_bytes:
+            raise _too_large(uri, size, self.max_adapter_bytes)
+        config_head = self._head(bucket, config_key, uri)
+        if config_head is None:
+            raise AdapterNotFoundError(f"adapter {uri} has no s3://{bucket}/{config_key}", uri=uri)
+        if int(config_head["ContentLength"]) > _MAX_CONFIG_BYTES:
+            raise AdapterValidationError(uri, [f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes"])
+        config_buf = bytearray()
+        self._download(bucket, config_key, config_head, uri, write=config_buf.extend, reset=config_buf.clear)
+        started = time.perf_counter()
+        with cache.writer() as out:
+            self._download(bucket, weights_key, head, uri, write=out.write, reset=out.reset, digest=lambda: out.md5)
+        logger.info(
+            "fetched %s (%d bytes, sha256 %s) in %.0f ms",
+            uri,
+            out.size,
+            out.sha256.hexdigest()[:12],
+            (time.perf_counter() - started) * 1e3,
+        )
+        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, bytes(config_buf), out.size)
+
+    def push(self, local_dir: Path, uri: str) -> None:
+        bucket, prefix = _split_s3(uri)
+        # weights first: a reader that sees the config also sees the weights it describes
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            with open(Path(local_dir) / name, "rb") as f:
+                self._with_retries(uri, f"upload {name}", lambda f=f, name=name: self._put(f, bucket, prefix, name))
+
+    def _put(self, f: IO[bytes], bucket: str, prefix: str, name: str) -> None:
+        f.seek(0)
+        self.client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=f)
+
+    def _head(self, bucket: str, key: str, uri: str) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        def head():
+            try:
+                return self.client.head_object(Bucket=bucket, Key=key)
+            except ClientError as e:
+                if _status(e) == 404 or _code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                    return None
+                raise
+
+        return self._with_retries(uri, f"HEAD s3://{bucket}/{key}", head)
+
+    def _download(self, bucket, key, head, uri, *, write, reset, digest=None) -> None:
+        expected = int(head["ContentLength"])
+        etag = str(head.get("ETag", "")).strip('"')
+
+        def attempt():
+            reset()
+            extra = {"IfMatch": head["ETag"]} if etag else {}
+            response = self.client.get_object(Bucket=bucket, Key=key, **extra)
+            body = response["Body"]
+            got = 0
+            try:
+                while chunk := body.read(_CHUNK_BYTES):
+                    write(chunk)
+                    got += len(chunk)
+            finally:
+                body.close()
+            if got != expected:
+                raise _IntegrityError(f"read {got} of {expected} bytes")
+            # a single-part upload's ETag is the MD5 of the body: a free end-to-end check
+            if digest is not None and len(etag) == 32 and "-" not in etag and digest().hexdigest() != etag:
+                raise _IntegrityError(f"MD5 {digest().hexdigest()} does not match ETag {etag}")
+
+        self._with_retries(uri, f"GET s3://{bucket}/{key}", attempt)
+
+    def _with_retries(self, uri: str, what: str, fn: Callable[[], Any]) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        last: BaseException | None = None
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                return fn()
+            except ClientError as e:
+                status = _status(e)
+                if status == 412:  # the object changed under us (IfMatch): a new version; not our adapter
+                    raise AdapterFetchError(
+                        f"adapter {uri} changed while it was being read ({what}); roll it again once the upload "
+                        "has finished",
+                        uri=uri,
+                    ) from e
+                if status in (401, 403) or _code(e) in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                    raise AdapterFetchError(
+                        f"access denied to adapter {uri} ({what}: {_code(e)}); check the AWS credentials and the "
+                        "bucket policy",
+                        uri=uri,
+                    ) from e
+                if status is not None and status < 500 and _code(e) not in ("SlowDown", "RequestTimeout"):
+                    raise AdapterFetchError(f"S3 refused {what} for adapter {uri}: {e}", uri=uri) from e
+                last = e
+            except (BotoCoreError, _IntegrityError, OSError) as e:
+                # OSError covers urllib3's protocol errors and socket timeouts raised while reading the body
+                last = e
+            if attempt < self.max_attempts:
+                delay = self.retry_backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+                logger.warning("%s failed (attempt %d/%d: %s); retrying in %.2f s", what, attempt,
+                               self.max_attempts, last, delay)
+                self._sleep(delay)
+        raise AdapterFetchError(
+            f"could not read adapter {uri}: {what} failed {self.max_attempts} times, last error: "
+            f"{type(last).__name__}: {last}; check that S3 is reachable (AWS_ENDPOINT_URL_S3) and retry",
+            uri=uri,
+        ) from last
+
+
+def _status(error: Any) -> int | None:
+    return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _code(error: Any) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+class AdapterFetcher:
+    """Fetches adapter URIs from the right store into one cache; concurrent fetches of a URI share one download.
+
+    Args:
+        cache_dir: where ``blobs/`` lives.
+        local: the local store (plain paths and ``file://``).
+        s3: the S3 store, or None to refuse ``s3://`` URIs with a clear error.
+    """
+
+    def __init__(self, *, cache_dir: Path, local: LocalStore, s3: S3Store | None) -> None:
+        self.cache = _BlobCache(Path(cache_dir))
+        self.local = local
+        self.s3 = s3
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future] = {}
+
+    @classmethod
+    def from_settings(cls, settings, *, s3_client: Any = None) -> AdapterFetcher:
+        """Build from :class:`~hotswap.settings.HotswapSettings`; the S3 client is created lazily if not given."""
+        s3 = S3Store(
+            s3_client if s3_client is not None else _LazyS3Client(settings),
+            max_adapter_bytes=settings.max_adapter_bytes,
+            max_attempts=settings.s3_max_attempts,
+            retry_backoff_s=settings.s3_retry_backoff_s,
+        )
+        local = LocalStore(settings.store_root, max_adapter_bytes=settings.max_adapter_bytes)
+        return cls(cache_dir=settings.cache_dir, local=local, s3=s3)
+
+    def store_for(self, uri: str) -> AdapterStore:
+        scheme = urlparse(uri).scheme
+        if scheme == "s3":
+            if self.s3 is None:
+                raise ConfigError(f"adapter {uri} is on S3 but no S3 store is configured")
+            return self.s3
+        if scheme in ("", "file"):
+            return self.local
+        raise ConfigError(f"unsupported adapter URI {uri!r}; use s3://bucket/prefix, file:///path or a local path")
+
+    def fetch(self, uri: str) -> FetchedAdapter:
+        """Fetch ``uri`` into the cache (one download per URI at a time, shared by concurrent callers)."""
+        store = self.store_for(uri)
+        with self._lock:
+            future = self._inflight.get(uri)
+            owner = future is None
+            if owner:
+                future = self._inflight[uri] = Future()
+        if not owner:
+            return future.result()
+        try:
+            result = store.fetch(uri, cache=self.cache)
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                self._inflight.pop(uri, None)
+
+    def push(self, local_dir: Path, uri: str) -> None:
+        """Upload an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) to ``uri``."""
+        local_dir = Path(local_dir)
+        missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (local_dir / n).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{local_dir} is not an adapter folder: missing {', '.join(missing)}; save the adapter with "
+                "save_pretrained(..., safe_serialization=True)"
+            )
+        self.store_for(uri).push(local_dir, uri)
+
+
+class _LazyS3Client:
+    """Creates the boto3 client on first use, so that a local-only service never imports boto3's S3 setup."""
+
+    def __init__(self, settings) -> None:
+        self._settings = settings
+        self._client = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = make_s3_client(
+                    connect_timeout_s=self._settings.s3_connect_timeout_s,
+                    read_timeout_s=self._settings.s3_read_timeout_s,
+                )
+        return getattr(self._client, name)
