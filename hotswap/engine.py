@@ -301,6 +301,19 @@ class SwapEngine:
         with self.lock.request():
             return self.generator.generate(prompts, params), self.identity
 
+    def last_logits(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Next-token logits after each prompt (float32, CPU), under the request lock."""
+        with self.lock.request():
+            return self.generator.last_logits(prompts)
+
+    def smoke_check(self, prompt: str = "Hello, world") -> None:
+        """A short greedy generation that must give finite logits; raise :class:`SwapError` otherwise."""
+        with self.lock.request():
+            logits = self.generator.last_logits([prompt])
+            if not torch.isfinite(logits).all():
+                raise SwapError(f"smoke check failed on adapter {self.identity.uri}: non-finite logits")
+            self.generator.generate([prompt], [SamplingParams(max_tokens=2, ignore_eos=True)])
+
     @contextmanager
     def stream(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> Iterator[
         tuple[Iterator[TokenEvent], AdapterIdentity]
@@ -340,6 +353,8 @@ class _InPlaceSwapper:
         for i, (old, new) in enumerate(zip(self.live_rank, new_rank)):
             if old > new:
                 stale += [self.A[i][new:old], self.B[i][:, new:old]]
+        # until this swap completes, any row may hold either adapter: a restore must zero them all
+        self.live_rank = [self.max_rank] * len(self.modules)
         if stale:
             torch._foreach_zero_(stale)
         dst, src = [], []

@@ -166,28 +166,8 @@ class StaticBatchGenerator:
         if rows_out is not None:
             rows_out.extend(rows)
 
-        b, chunk = self.batch_size, self.chunk
-        padded = math.ceil(max(len(ids) for ids in encoded) / chunk) * chunk
-        input_ids = torch.full((b, padded), self.pad_id, dtype=torch.long)
-        positions = torch.zeros((b, padded), dtype=torch.long)
-        valid = torch.zeros((b, self.cache_len), dtype=torch.bool)
-        for i in range(b):
-            ids = encoded[i] if i < len(encoded) else [self.pad_id]
-            start = padded - len(ids)
-            input_ids[i, start:] = torch.tensor(ids)
-            positions[i, start:] = torch.arange(len(ids))
-            valid[i, start:padded] = True
-        input_ids, positions, valid = (t.to(self.device) for t in (input_ids, positions, valid))
-
-        self.cache.reset()
-        logits = None
-        for start in range(0, padded, chunk):
-            end = start + chunk
-            # contiguous copies: a slice keeps the padded tensor's stride, which would be a new guard per length
-            ids, pos = input_ids[:, start:end].contiguous(), positions[:, start:end].contiguous()
-            logits = self._step(ids, pos, valid, start)
-
-        next_pos = positions[:, -1:] + 1
+        logits, next_pos, valid, padded = self._prefill(encoded)
+        b = self.batch_size
         for slot in range(padded, padded + max(p.max_tokens for p in params)):
             chosen = self._choose(logits[:, -1, :].float(), rows)
             for i, row in enumerate(rows):
@@ -201,6 +181,39 @@ class StaticBatchGenerator:
             tokens = torch.tensor(chosen + [self.pad_id] * (b - len(chosen)), device=self.device).view(b, 1)
             logits = self._step(tokens, next_pos, valid, slot)
             next_pos = next_pos + 1
+
+    @torch.no_grad()
+    def last_logits(self, prompts: Sequence[str | Sequence[int]]) -> torch.Tensor:
+        """Next-token logits (float32, CPU) after each prompt, through the same prefill shape as generation."""
+        if not 1 <= len(prompts) <= self.batch_size:
+            raise RequestError(f"a batch holds 1 to {self.batch_size} prompts")
+        encoded = [self.encode(p) for p in prompts]
+        for ids in encoded:
+            self.check(len(ids), SamplingParams(max_tokens=1))
+        logits = self._prefill(encoded)[0]
+        return logits[: len(prompts), -1, :].float().cpu()
+
+    def _prefill(self, encoded: list[list[int]]):
+        b, chunk = self.batch_size, self.chunk
+        padded = math.ceil(max(len(ids) for ids in encoded) / chunk) * chunk
+        input_ids = torch.full((b, padded), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((b, padded), dtype=torch.long)
+        valid = torch.zeros((b, self.cache_len), dtype=torch.bool)
+        for i in range(b):
+            ids = encoded[i] if i < len(encoded) else [self.pad_id]
+            start = padded - len(ids)
+            input_ids[i, start:] = torch.tensor(ids)
+            positions[i, start:] = torch.arange(len(ids))
+            valid[i, start:padded] = True
+        input_ids, positions, valid = (t.to(self.device) for t in (input_ids, positions, valid))
+        self.cache.reset()
+        logits = None
+        for start in range(0, padded, chunk):
+            end = start + chunk
+            # contiguous copies: a slice keeps the padded tensor's stride, which would be a new guard per length
+            ids, pos = input_ids[:, start:end].contiguous(), positions[:, start:end].contiguous()
+            logits = self._step(ids, pos, valid, start)
+        return logits, positions[:, -1:] + 1, valid, padded
 
     def _step(self, tokens, positions, valid, start: int):
         q = tokens.shape[1]

@@ -348,6 +348,8 @@ def _check_header(path: Path, max_bytes: int, max_header: int, problems: list[st
             problems.append(f"tensor {key!r}: {offsets[1] - offsets[0]} bytes stored for shape {shape} {dtype}")
             continue
         spans.append((offsets[0], offsets[1], key))
+    if len(spans) != len(header):
+        return header  # layout checks below would only echo the entries already reported
     spans.sort()
     end = 0
     for start, stop, key in spans:
@@ -364,6 +366,7 @@ def _check_header(path: Path, max_bytes: int, max_header: int, problems: list[st
 def _check_keys(header: dict, spec: ModelSpec, config: dict, rank: int | None, problems: list[str]) -> dict:
     layers = spec.layer_index()
     found: dict[str, dict[str, str]] = {}
+    mismatched: list[tuple[str, int]] = []
     for key in header:
         match = _KEY_RE.match(key)
         if not match:
@@ -397,8 +400,14 @@ def _check_keys(header: dict, spec: ModelSpec, config: dict, rank: int | None, p
         elif r > spec.max_rank:
             problems.append(f"tensor {key!r} has rank {r} > max_rank={spec.max_rank}")
         elif rank is not None and r != rank:
-            problems.append(f"tensor {key!r} has rank {r} but adapter_config.json says r={rank}")
+            mismatched.append((key, r))
         found.setdefault(module, {})[which] = key
+    if mismatched:
+        ranks = sorted({r for _, r in mismatched})
+        problems.append(
+            f"{len(mismatched)} tensors (e.g. {mismatched[0][0]!r}) have rank {ranks} but adapter_config.json says "
+            f"r={rank}; rank_pattern is not supported, so every layer must have rank r"
+        )
     for module, pair in sorted(found.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"

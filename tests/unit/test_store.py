@@ -1,0 +1,272 @@
+"""Adapter stores: local path safety, pickle refusal, the content-addressed cache, single-flight, and S3
+against a real S3 server on 127.0.0.1 (moto), with faults injected by a TCP proxy in front of it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from hotswap.errors import (
+    AdapterFetchError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+    ConfigError,
+    UnsafePathError,
+)
+from hotswap.store import AdapterFetcher, LocalStore, S3Store, make_s3_client
+from tests.faultproxy import Fault, FaultProxy
+
+
+@pytest.fixture(scope="module")
+def adapter(make_adapter) -> Path:
+    return make_adapter("store-r8", r=8, seed=21)
+
+
+@pytest.fixture
+def fetcher(base_settings):
+    return AdapterFetcher.from_settings(base_settings)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_local_fetch_is_content_addressed(fetcher, adapter, store_root):
+    fetched = fetcher.fetch(str(adapter.relative_to(store_root)))
+    assert fetched.sha256 == _sha(adapter / "adapter_model.safetensors")
+    assert fetched.weights_path.name == f"{fetched.sha256}.safetensors"
+    assert fetched.weights_path.read_bytes() == (adapter / "adapter_model.safetensors").read_bytes()
+    assert fetched.config_bytes == (adapter / "adapter_config.json").read_bytes()
+    # absolute and file:// spellings of the same folder give the same blob
+    assert fetcher.fetch(str(adapter)).weights_path == fetched.weights_path
+    assert fetcher.fetch(f"file://{adapter}").sha256 == fetched.sha256
+    assert not list(fetched.weights_path.parent.glob(".incoming-*"))  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("../outside", "contains '..'"),
+        ("store-r8/../../x", "contains '..'"),
+        ("/etc", "outside the local store root"),
+        ("file:///tmp", "outside the local store root"),
+    ],
+)
+def test_local_paths_that_escape_the_root_are_refused(fetcher, uri, message):
+    with pytest.raises(UnsafePathError, match=message):
+        fetcher.fetch(uri)
+
+
+def test_symlinked_folder_outside_root_is_refused(fetcher, store_root, adapter, tmp_path):
+    outside = tmp_path / "outside-adapter"
+    shutil.copytree(adapter, outside)
+    link = store_root / f"link-{tmp_path.name}"
+    link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePathError, match="outside the local store root"):
+        fetcher.fetch(link.name)
+
+
+def test_symlinked_weights_outside_root_are_refused(fetcher, store_root, adapter, tmp_path):
+    folder = store_root / f"linked-file-{tmp_path.name}"
+    folder.mkdir()
+    shutil.copy(adapter / "adapter_config.json", folder)
+    secret = tmp_path / "secret.safetensors"
+    shutil.copy(adapter / "adapter_model.safetensors", secret)
+    (folder / "adapter_model.safetensors").symlink_to(secret)
+    with pytest.raises(UnsafePathError, match="symlink"):
+        fetcher.fetch(folder.name)
+
+
+def test_missing_adapter_names_the_uri(fetcher):
+    with pytest.raises(AdapterNotFoundError, match="no-such/v9") as info:
+        fetcher.fetch("no-such/v9")
+    assert info.value.uri == "no-such/v9"
+
+
+def test_pickle_only_adapter_is_refused_unread(fetcher, store_root, adapter, tmp_path):
+    folder = store_root / f"pickle-{tmp_path.name}"
+    folder.mkdir()
+    shutil.copy(adapter / "adapter_config.json", folder)
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04 not even read")
+    with pytest.raises(AdapterValidationError, match="pickle"):
+        fetcher.fetch(folder.name)
+
+
+def test_local_size_cap(base_settings, adapter):
+    small = AdapterFetcher.from_settings(base_settings.model_copy(update={"max_adapter_bytes": 100}))
+    with pytest.raises(AdapterValidationError, match="max_adapter_bytes=100"):
+        small.fetch(str(adapter))
+
+
+def test_unsupported_scheme(fetcher):
+    with pytest.raises(ConfigError, match="unsupported adapter URI"):
+        fetcher.fetch("http://example.invalid/adapter")
+
+
+def test_concurrent_fetches_share_one_download(base_settings, adapter):
+    calls, gate = [], threading.Event()
+
+    class SlowLocal(LocalStore):
+        def fetch(self, uri, *, cache):
+            calls.append(uri)
+            gate.wait(5)
+            return super().fetch(uri, cache=cache)
+
+    fetcher = AdapterFetcher(
+        cache_dir=base_settings.cache_dir,
+        local=SlowLocal(base_settings.store_root, max_adapter_bytes=1 << 30),
+        s3=None,
+    )
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetcher.fetch(str(adapter)))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    while len(calls) < 1:
+        threading.Event().wait(0.01)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(calls) == 1
+    assert len(results) == 4 and len({r.sha256 for r in results}) == 1
+
+
+def test_local_push_round_trip(fetcher, adapter, store_root):
+    fetcher.push(adapter, "pushed/v1")
+    assert fetcher.fetch("pushed/v1").sha256 == _sha(adapter / "adapter_model.safetensors")
+
+
+def test_push_refuses_a_non_adapter_folder(fetcher, tmp_path):
+    with pytest.raises(ConfigError, match="missing adapter_model.safetensors"):
+        fetcher.push(tmp_path, "x/v1")
+
+
+# --- S3 against a real server on 127.0.0.1 -----------------------------------------------------------
+
+
+def _s3_fetcher(base_settings, client, **store_kwargs) -> AdapterFetcher:
+    s3 = S3Store(client, max_adapter_bytes=store_kwargs.pop("max_adapter_bytes", 1 << 30),
+                 max_attempts=store_kwargs.pop("max_attempts", 3), retry_backoff_s=0.01)
+    local = LocalStore(base_settings.store_root, max_adapter_bytes=1 << 30)
+    return AdapterFetcher(cache_dir=base_settings.cache_dir, local=local, s3=s3)
+
+
+def test_s3_push_and_fetch(s3_bucket, base_settings, adapter):
+    client, bucket = s3_bucket
+    fetcher = _s3_fetcher(base_settings, client)
+    fetcher.push(adapter, f"s3://{bucket}/team/v1")
+    fetched = fetcher.fetch(f"s3://{bucket}/team/v1")
+    assert fetched.sha256 == _sha(adapter / "adapter_model.safetensors")
+    assert fetched.uri == f"s3://{bucket}/team/v1"
+
+
+def test_s3_default_client_uses_the_standard_endpoint_variable(s3_bucket, base_settings, adapter):
+    client, bucket = s3_bucket
+    client.upload_file(str(adapter / "adapter_model.safetensors"), bucket, "std/v1/adapter_model.safetensors")
+    client.upload_file(str(adapter / "adapter_config.json"), bucket, "std/v1/adapter_config.json")
+    # no client injected: boto3 finds the server through AWS_ENDPOINT_URL_S3 alone
+    assert os.environ["AWS_ENDPOINT_URL_S3"].startswith("http://127.0.0.1:")
+    assert AdapterFetcher.from_settings(base_settings).fetch(f"s3://{bucket}/std/v1").size_bytes > 0
+
+
+def test_s3_missing_names_the_uri(s3_bucket, base_settings):
+    client, bucket = s3_bucket
+    with pytest.raises(AdapterNotFoundError, match=f"s3://{bucket}/nothing/here"):
+        _s3_fetcher(base_settings, client).fetch(f"s3://{bucket}/nothing/here")
+
+
+def test_s3_missing_bucket_is_not_found(s3_server, base_settings):
+    client = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
+    with pytest.raises(AdapterNotFoundError, match="s3://no-such-bucket-x/a"):
+        _s3_fetcher(base_settings, client).fetch("s3://no-such-bucket-x/a")
+
+
+def test_s3_pickle_only_is_refused(s3_bucket, base_settings, adapter):
+    client, bucket = s3_bucket
+    client.put_object(Bucket=bucket, Key="p/v1/adapter_model.bin", Body=b"\x80\x04pickle")
+    client.upload_file(str(adapter / "adapter_config.json"), bucket, "p/v1/adapter_config.json")
+    with pytest.raises(AdapterValidationError, match="pickle"):
+        _s3_fetcher(base_settings, client).fetch(f"s3://{bucket}/p/v1")
+
+
+def test_s3_size_cap_is_checked_before_download(s3_bucket, base_settings, adapter):
+    client, bucket = s3_bucket
+    fetcher = _s3_fetcher(base_settings, client, max_adapter_bytes=100)
+    fetcher.push(adapter, f"s3://{bucket}/big/v1")
+    with pytest.raises(AdapterValidationError, match="max_adapter_bytes=100"):
+        fetcher.fetch(f"s3://{bucket}/big/v1")
+    assert not list((base_settings.cache_dir / "blobs").glob(".incoming-*"))
+
+
+def test_s3_corrupted_object_is_caught_by_validation(s3_bucket, base_settings, adapter, tiny_base):
+    from hotswap.adapters import model_spec_for
+    from hotswap.validation import validate_adapter
+
+    client, bucket = s3_bucket
+    raw = bytearray((adapter / "adapter_model.safetensors").read_bytes())
+    raw[10] ^= 0xFF  # inside the JSON header
+    client.put_object(Bucket=bucket, Key="c/v1/adapter_model.safetensors", Body=bytes(raw))
+    client.upload_file(str(adapter / "adapter_config.json"), bucket, "c/v1/adapter_config.json")
+    fetched = _s3_fetcher(base_settings, client).fetch(f"s3://{bucket}/c/v1")
+    with pytest.raises(AdapterValidationError, match="header"):
+        validate_adapter(fetched, model_spec_for(base_settings))
+
+
+@pytest.fixture
+def proxied(s3_bucket, s3_server, base_settings, adapter):
+    """(fetcher through the proxy, proxy, uri) with the adapter uploaded directly."""
+    client, bucket = s3_bucket
+    client.upload_file(str(adapter / "adapter_model.safetensors"), bucket, "f/v1/adapter_model.safetensors")
+    client.upload_file(str(adapter / "adapter_config.json"), bucket, "f/v1/adapter_config.json")
+    port = int(s3_server.rsplit(":", 1)[1])
+    proxy = FaultProxy("127.0.0.1", port)
+    import boto3
+    from botocore.config import Config
+
+    proxied_client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=proxy.url,
+        config=Config(connect_timeout=2, read_timeout=1, retries={"total_max_attempts": 1}),
+    )
+    yield _s3_fetcher(base_settings, proxied_client), proxy, f"s3://{bucket}/f/v1", bucket
+    proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "after"),
+    [("truncate", 700), ("stall", 700), ("flip", 3000), ("status500", 0)],
+    ids=["truncated-body", "stalled-body", "flipped-byte", "server-error"],
+)
+def test_s3_faults_are_retried_then_succeed(proxied, adapter, kind, after):
+    fetcher, proxy, uri, bucket = proxied
+    proxy.add(Fault(kind, match=f"GET /{bucket}/f/v1/adapter_model.safetensors".encode(), after=after, times=2))
+    fetched = fetcher.fetch(uri)
+    assert proxy.injected == 2  # two damaged attempts, the third succeeded
+    assert fetched.sha256 == _sha(adapter / "adapter_model.safetensors")
+
+
+def test_s3_persistent_fault_gives_up_after_bounded_attempts(proxied):
+    fetcher, proxy, uri, bucket = proxied
+    proxy.add(Fault("truncate", match=f"GET /{bucket}/f/v1/adapter_model.safetensors".encode(), after=700, times=99))
+    with pytest.raises(AdapterFetchError, match="failed 3 times") as info:
+        fetcher.fetch(uri)
+    assert uri in str(info.value)
+    assert proxy.matched_requests == 3
+
+
+def test_s3_server_down_is_a_clear_fetch_error(base_settings):
+    import boto3
+    from botocore.config import Config
+
+    from tests.conftest import free_port
+
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=f"http://127.0.0.1:{free_port()}",
+        config=Config(connect_timeout=0.5, read_timeout=0.5, retries={"total_max_attempts": 1}),
+    )
+    with pytest.raises(AdapterFetchError, match="AWS_ENDPOINT_URL_S3"):
+        _s3_fetcher(base_settings, client).fetch("s3://bucket/adapter")
