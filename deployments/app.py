@@ -1,0 +1,23 @@
+"""``build_app``: the Serve application that ``serve run serve_config.yaml`` starts."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from deployments.ingress import Ingress
+from deployments.replica import ModelReplica
+from hotswap.settings import HotswapSettings
+
+__all__ = ["build_app"]
+
+
+def build_app(args: dict | None = None, *, replica_options: dict | None = None) -> Application:
+    """Validate ``applications[].args`` (unknown keys are an error naming the key) and bind the app.
+
+    Replica count and resources come from the Serve config's ``deployments:`` overrides
+    (deployment names ``ModelReplica`` and ``Ingress``); ``replica_options`` does the same from Python
+    (``serve.run`` has no overrides), e.g. ``{"num_replicas": 3}``.
+    """
+    settings = HotswapSettings.from_args(args)
+    replica = ModelReplica.options(**replica_options) if replica_options else ModelReplica
+    return Ingress.bind(replica.bind(settings), settings)

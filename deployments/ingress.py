@@ -1,0 +1,164 @@
+"""The HTTP ingress: OpenAI-style completions over FastAPI under ``@serve.ingress``.
+
+Every completion, streamed or not, names the adapter that produced it in the headers
+``x-adapter-uri`` / ``x-adapter-sha256`` and in the JSON body. Bad requests get a 4xx with
+an OpenAI-shaped JSON error body, never a 500.
+"""
+
+
+import json
+import logging
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from hotswap.settings import HotswapSettings
+
+__all__ = ["CompletionRequest", "Ingress", "api"]
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(title="hotswap", description="Completions from a base model with hot-swapped LoRA adapters.")
+
+_Stop = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class CompletionRequest(BaseModel):
+    """The supported subset of OpenAI's ``/v1/completions`` body; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, max_length=512, description="Accepted for compatibility; one model is served.")
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=1_000_000)] | Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=1_000_000)]], Field(min_length=1, max_length=1)
+    ]
+    max_tokens: int = Field(16, ge=1, le=1_000_000)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    stop: _Stop | Annotated[list[_Stop], Field(max_length=4)] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    user: str | None = Field(None, max_length=256)
+
+    def to_replica(self) -> dict:
+        prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+        return {"prompt": prompt, "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "stop": self.stop, "seed": self.seed}
+
+
+def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status)
+
+
+_EXPECTED = {
+    "prompt": "a non-empty string, or a list holding one",
+    "stop": "a string or a list of up to 4 non-empty strings",
+}
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems: dict[str, str] = {}
+    for item in exc.errors():
+        loc = [str(p) for p in item.get("loc", ()) if p != "body"]
+        if item.get("type") == "json_invalid":
+            problems["body"] = "the body is not valid JSON"
+            continue
+        field = loc[0] if loc else "body"
+        if item.get("type") == "extra_forbidden":
+            problems[field] = f"unknown field '{field}'"
+        elif item.get("type") == "missing":
+            problems[field] = f"'{field}' is required"
+        elif field in _EXPECTED and len(loc) > 1:  # a union: one error per branch, say what is accepted
+            problems[field] = f"'{field}' must be {_EXPECTED[field]}"
+        else:
+            problems.setdefault(field, f"'{field}': {item.get('msg')}")
+    param = next((f for f in problems if f != "body"), None)
+    return _error(400, "; ".join(problems.values()) or "invalid request", param)
+
+
+def _adapter_headers(item: dict) -> dict[str, str]:
+    return {"x-adapter-uri": item["adapter_uri"], "x-adapter-sha256": item["adapter_sha256"]}
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, replica: DeploymentHandle, settings: HotswapSettings) -> None:
+        self.replica = replica
+        self.settings = settings
+        self.model_id = settings.base_model
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            replica_id = await self.replica.ping.remote()
+        except Exception as e:  # no replica can answer
+            return _error(503, f"no model replica is available: {type(e).__name__}")
+        return JSONResponse({"status": "ok", "replica": replica_id})
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_id, "object": "model", "owned_by": "hotswap"}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            return await self._stream(body, request_id, created)
+        result = await self.replica.complete.remote(body.to_replica())
+        if "error" in result:
+            return _error(result["status"], result["error"]["message"])
+        payload = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_id,
+            "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"],
+                         "logprobs": None}],
+            "usage": {
+                "prompt_tokens": result["prompt_tokens"],
+                "completion_tokens": result["completion_tokens"],
+                "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
+            },
+            "adapter_uri": result["adapter_uri"],
+            "adapter_sha256": result["adapter_sha256"],
+        }
+        return JSONResponse(payload, headers=_adapter_headers(result))
+
+    async def _stream(self, body: CompletionRequest, request_id: str, created: int):
+        events = self.replica.options(stream=True).stream.remote(body.to_replica())
+        first = await events.__anext__()
+        if "error" in first:
+            return _error(first["status"], first["error"]["message"])
+        adapter = {"adapter_uri": first["adapter_uri"], "adapter_sha256": first["adapter_sha256"]}
+
+        async def sse():
+            async for item in events:
+                if "error" in item:
+                    chunk = {"error": item["error"]}
+                else:
+                    chunk = {
+                        "id": request_id,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.model_id,
+                        "choices": [{"index": 0, "text": item["delta"], "finish_reason": item["finish_reason"],
+                                     "logprobs": None}],
+                        **adapter,
+                    }
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=_adapter_headers(first))

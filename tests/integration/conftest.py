@@ -1,0 +1,44 @@
+"""Integration tier: one real Ray (and Serve) per test session, an S3 server on 127.0.0.1, polling helpers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.conftest import free_port
+
+
+def wait_for_condition(predicate, *, timeout_s: float = 60, interval_s: float = 0.1, message: str = "condition"):
+    """Poll ``predicate`` until it is truthy; fail with ``message`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as e:  # keep polling; report the last error on timeout
+            last = e
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {message} (last: {last!r})")
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(s3_server, hotswap_home):
+    """Ray + Serve on this machine, HTTP on a free loopback port; workers see the S3 endpoint and credentials."""
+    import ray
+    from ray import serve
+
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION")}
+    env["HOTSWAP_CACHE_DIR"] = str(hotswap_home)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING",
+             log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
