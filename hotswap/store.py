@@ -149,7 +149,7 @@ def _pickle_only(uri: str, name: str) -> AdapterValidationError:
 def _too_large(uri: str, size: int, limit: int) -> AdapterValidationError:
     return AdapterValidationError(
         uri,
-        [f"{WEIGHTS_NAME} is {size} bytes, over max_adapter_bytes={limit}; raise max_adapter_bytes if this is intended"],
+        [f"{WEIGHTS_NAME} is {size} bytes, over max_adapter_bytes={limit}; raise max_adapter_bytes if intended"],
     )
 
 

@@ -43,7 +43,7 @@ _INIT_ONLY = {"init_lora_weights", "loftq_config", "eva_config", "corda_config",
               "ensure_weight_tying"}
 # a non-default value changes the forward in a way an in-place swap of A/B cannot reproduce
 _MUST_BE_DEFAULT: dict[str, tuple[Any, str]] = {
-    "use_dora": (False, "DoRA adapters cannot be hot-swapped by PEFT 0.21.2 (peft#3581); merge or retrain as plain LoRA"),
+    "use_dora": (False, "DoRA cannot be hot-swapped by PEFT 0.21.2 (peft#3581); merge it or retrain as plain LoRA"),
     "modules_to_save": (None, "modules_to_save replaces whole modules, which an in-place LoRA swap cannot do"),
     "rank_pattern": ({}, "rank_pattern is not applied correctly by PEFT 0.21.2's hotswap (peft#3738); use one r"),
     "alpha_pattern": ({}, "alpha_pattern is not applied correctly by PEFT 0.21.2's hotswap (peft#3738); use one "
@@ -268,7 +268,9 @@ def _check_code_fields(config: dict, problems: list[str]) -> None:
     if config.get("megatron_config") is not None:
         problems.append("megatron_config is set: it makes PEFT import Megatron code; set it to null")
     if config.get("megatron_core", "megatron.core") not in ("megatron.core", None):
-        problems.append(f"megatron_core={config['megatron_core']!r} names a module to import; set it to 'megatron.core'")
+        problems.append(
+            f"megatron_core={config['megatron_core']!r} names a module to import; set it to 'megatron.core'"
+        )
 
 
 def _check_targets(targets: Any, spec: ModelSpec, problems: list[str]) -> None:

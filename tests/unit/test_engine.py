@@ -76,7 +76,7 @@ def test_peft_bookkeeping_is_kept_true(compiled_engine, adapters, stage):
     config = engine.peft_model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.use_rslora) == (4, 3, True)
     assert config.target_modules == {"gate_proj", "down_proj"}
-    for name, module in engine.peft_model.named_modules():
+    for module in engine.peft_model.modules():
         if hasattr(module, "r") and isinstance(module.r, dict) and "default" in module.r:
             assert module.r["default"] == 4 and module.lora_alpha["default"] == 3
             assert module.scaling["default"].item() == pytest.approx(3 / 2)  # alpha / sqrt(r)

@@ -1,0 +1,54 @@
+"""The Serve configs and the KubeRay manifest parse, and their app args validate against the app's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hotswap.settings import HotswapSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _check_serve_config(document: dict) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(document) if hasattr(ServeDeploySchema, "model_validate") else (
+        ServeDeploySchema.parse_obj(document))
+    for app in document["applications"]:
+        assert app["import_path"] == "deployments.app:build_app"
+        HotswapSettings.from_args(app["args"])
+        names = {d["name"] for d in app.get("deployments", [])}
+        assert names <= {"ModelReplica", "Ingress"}, names
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "infra/serve_config.gpu.yaml"])
+def test_serve_configs_validate(path):
+    _check_serve_config(yaml.safe_load((ROOT / path).read_text()))
+
+
+def test_rayservice_embeds_the_gpu_serve_config():
+    manifest = yaml.safe_load((ROOT / "infra/rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    _check_serve_config(embedded)
+    assert embedded == yaml.safe_load((ROOT / "infra/serve_config.gpu.yaml").read_text())
+    groups = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in groups
+               for c in g["template"]["spec"]["containers"])
+
+
+def test_default_serve_config_runs_without_gpu_or_s3():
+    args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+    settings = HotswapSettings.from_args(args)
+    assert settings.base_model.startswith("builtin:") and settings.device == "cpu"
+    assert not str(settings.initial_adapter).startswith("s3://")
+
+
+def test_unknown_app_arg_is_an_error_naming_it():
+    from hotswap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'inital_adapter'"):
+        HotswapSettings.from_args({"inital_adapter": "s3://x/y"})
