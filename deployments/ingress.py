@@ -6,8 +6,10 @@ an OpenAI-shaped JSON error body, never a 500.
 """
 
 
+import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from typing import Annotated
@@ -87,6 +89,47 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return _error(400, "; ".join(problems.values()) or "invalid request", param)
 
 
+async def _admin_call(app_name: str, operation: str, request: Request) -> JSONResponse:
+    from ray.exceptions import RayTaskError
+
+    from hotswap.controller import get_controller
+    from hotswap.errors import (
+        AdapterFetchError,
+        AdapterNotFoundError,
+        AdapterValidationError,
+        ConfigError,
+        ControllerNotFoundError,
+        HotswapError,
+        RolloutConflictError,
+        UnsafePathError,
+    )
+
+    args: list = []
+    if operation == "roll":
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body is not valid JSON; send {\"uri\": \"s3://...\", \"canary\": 10}")
+        uri, canary = (body.get("uri"), body.get("canary")) if isinstance(body, dict) else (None, None)
+        if not isinstance(uri, str) or not uri or (canary is not None and (
+                isinstance(canary, bool) or not isinstance(canary, (int, float)) or not 0 < canary <= 100)):
+            return _error(400, "roll takes {\"uri\": string, \"canary\": percent in (0, 100] or null}", "uri")
+        args = [uri, canary]
+    try:
+        controller = get_controller(app_name)
+        return JSONResponse(await getattr(controller, operation).remote(*args))
+    except (RayTaskError, HotswapError) as e:
+        cause = e.cause if isinstance(e, RayTaskError) else e
+        statuses = [(AdapterValidationError, 422), (AdapterNotFoundError, 404), (UnsafePathError, 403),
+                    (AdapterFetchError, 502), (RolloutConflictError, 409), (ConfigError, 400),
+                    (ControllerNotFoundError, 503), (HotswapError, 500)]
+        status = next((code for cls, code in statuses if isinstance(cause, cls)), 500)
+        body = {"error": {"message": str(cause), "type": type(cause).__name__}}
+        if isinstance(cause, AdapterValidationError):
+            body["error"]["problems"] = cause.problems
+        return JSONResponse(body, status_code=status)
+
+
 def _adapter_headers(item: dict) -> dict[str, str]:
     return {"x-adapter-uri": item["adapter_uri"], "x-adapter-sha256": item["adapter_sha256"]}
 
@@ -98,6 +141,25 @@ class Ingress:
         self.replica = replica
         self.settings = settings
         self.model_id = settings.base_model
+        self.app_name = serve.get_replica_context().app_name
+        # the admin routes exist only when a token is configured (read once, at start)
+        token = os.environ.get("HOTSWAP_ADMIN_TOKEN") or None
+        self._admin_token = f"Bearer {token}".encode() if token else None
+
+    @api.api_route("/admin/{operation}", methods=["GET", "POST"])
+    async def admin(self, operation: str, request: Request) -> JSONResponse:
+        """roll (POST {"uri", "canary"}), promote, rollback (POST), status (GET); bearer token required."""
+        if self._admin_token is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), self._admin_token):
+            return JSONResponse({"error": {"message": "missing or wrong bearer token", "type": "unauthorized"}},
+                                status_code=401, headers={"www-authenticate": "Bearer"})
+        expected = {"roll": "POST", "promote": "POST", "rollback": "POST", "status": "GET"}
+        if expected.get(operation) != request.method:
+            return _error(404 if operation not in expected else 405,
+                          f"unknown admin operation {request.method} /admin/{operation}; use POST roll, promote, "
+                          "rollback or GET status")
+        return await _admin_call(self.app_name, operation, request)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -1,10 +1,14 @@
 """The model replica: one compiled, hotswap-prepared engine per Ray Serve replica.
 
-The constructor builds the engine, loads the initial adapter through the core library
-(fetch, validate, stage, apply, smoke check) and warms up every shape, so the replica takes
-traffic only once no request can trigger a compile. Non-streaming requests are batched with
-``@serve.batch``; a streaming request runs alone, holding the engine's request lock from its
-first token to its last, like any batch.
+The constructor builds and warms up the engine, registers with the application's
+controller and applies the adapter the controller assigns (from the staged tensors in the
+object store, never from S3), smoke-checks it and acks, all before Serve routes traffic to
+it: a replica that starts late (crash, autoscaling) never serves a stale version. Then a
+background task long-polls the controller and applies each new assignment: drain (the
+engine's lock), swap, smoke check, ack; a failed smoke check restores the previous adapter.
+
+Non-streaming requests are batched with ``@serve.batch``; a streaming request runs alone,
+holding the engine's request lock from its first token to its last, like any batch.
 """
 
 from __future__ import annotations
@@ -98,27 +102,91 @@ def _error(message: str, status: int = 400) -> dict:
 class ModelReplica:
     """Serves completions from one engine; exposes what it runs for the controller and for tests."""
 
-    def __init__(self, settings: HotswapSettings) -> None:
-        from hotswap.adapters import model_spec_for, prepare_adapter
+    async def __init__(self, settings: HotswapSettings) -> None:
+        from hotswap.controller import get_or_create_controller
         from hotswap.engine import SwapEngine
 
         started = time.perf_counter()
         self.settings = settings
         context = serve.get_replica_context()
-        self.replica_id = context.replica_id.unique_id if context is not None else "local"
-        self.engine = SwapEngine.build(settings)
-        if settings.initial_adapter:
-            spec = model_spec_for(settings)
-            staged = prepare_adapter(settings.initial_adapter, settings=settings, spec=spec, dtype=self.engine.dtype)
-            self.engine.apply(staged)
-            self.engine.smoke_check()
+        self.replica_id = context.replica_id.unique_id
+        self.app_name = context.app_name
+        self.engine = await asyncio.to_thread(SwapEngine.build, settings)
         self.metrics = ReplicaMetrics()
         self._batched.set_max_batch_size(settings.max_batch_size)
+        self.controller = get_or_create_controller(settings, self.app_name)
+        dtype = str(self.engine.dtype).removeprefix("torch.")
+        assignment = await self.controller.register.remote(self.replica_id, dtype, self.engine.spec.fingerprint,
+                                                           self.stats())
+        await self._apply(assignment)
+        if self.engine.identity.sha256 != assignment["sha256"]:
+            raise RuntimeError(f"replica {self.replica_id} could not start on its assigned adapter "
+                               f"{assignment['uri']}; see the log above")
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(dtype))
         logger.info(
             "replica %s ready in %.1f s on %s (sha256 %s), %d compiled graphs",
             self.replica_id, time.perf_counter() - started, self.engine.identity.uri,
             self.engine.identity.sha256[:12], self.engine.compiled_graphs,
         )
+
+    async def _watch(self, dtype: str) -> None:
+        """Long-poll the controller for a new assignment; survive controller restarts."""
+        while True:
+            try:
+                assignment = await self.controller.watch.remote(
+                    self.replica_id, {"uri": self.engine.identity.uri, "sha256": self.engine.identity.sha256},
+                    dtype, self.stats(),
+                )
+                if assignment is not None:
+                    await self._apply(assignment)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # controller restarting or unreachable: keep serving, retry
+                logger.warning("replica %s cannot reach the controller (%s); retrying", self.replica_id,
+                               type(e).__name__)
+                await asyncio.sleep(0.5)
+
+    async def _apply(self, assignment: dict) -> None:
+        """Swap to the assigned version (if not already on it), smoke-check, and ack to the controller."""
+        from hotswap.controller import describe_error
+
+        version = {"uri": assignment["uri"], "sha256": assignment["sha256"]}
+        ok, message = True, "already running it"
+        if (self.engine.identity.uri, self.engine.identity.sha256) != (version["uri"], version["sha256"]):
+            try:
+                ref = assignment["staged"][0]
+                staged = await ref if ref is not None else None
+                swap_ms = await asyncio.to_thread(self._swap_and_check, staged)
+                message = f"swapped in {swap_ms:.2f} ms"
+            except Exception as e:
+                ok, message = False, describe_error(e)
+                logger.error("replica %s could not apply %s: %s", self.replica_id, version["uri"], message)
+        await self.controller.ack.remote(self.replica_id, version, ok, message, self.stats())
+
+    def _swap_and_check(self, staged) -> float:
+        """Drain, swap, smoke-check; on a failed check put the previous adapter back and raise."""
+        from hotswap.errors import SwapError
+
+        previous = self.engine.current
+        timeout_s = self.settings.swap_timeout_s
+        started = time.perf_counter()
+        if staged is None:
+            self.engine.reset_to_base(timeout_s=timeout_s)
+        else:
+            self.engine.apply(staged, timeout_s=timeout_s)
+        try:
+            self._smoke_check()
+        except Exception as e:
+            if previous is None:
+                self.engine.reset_to_base(timeout_s=timeout_s)
+            else:
+                self.engine.apply(previous, timeout_s=timeout_s)
+            raise SwapError(f"smoke check failed on replica {self.replica_id}: {e}; previous adapter restored") from e
+        return (time.perf_counter() - started) * 1e3
+
+    def _smoke_check(self) -> None:
+        """A short greedy generation with finite logits (a seam: tests override it to inject a failure)."""
+        self.engine.smoke_check()
 
     def _prepare(self, request: dict) -> _Job:
         params = _params(request)
@@ -220,5 +288,5 @@ class ModelReplica:
         return self.replica_id
 
     def check_health(self) -> None:
-        if self.engine is None:
-            raise RuntimeError("engine not built")
+        if self._watcher.done() and not self._watcher.cancelled():
+            raise RuntimeError(f"the controller watch task stopped: {self._watcher.exception()!r}")

@@ -12,9 +12,9 @@ from hotswap.errors import ConfigError
 from hotswap.settings import HotswapSettings
 from hotswap.staging import StagedAdapter, stage_adapter
 from hotswap.store import AdapterFetcher
-from hotswap.validation import ModelSpec, validate_adapter
+from hotswap.validation import ModelSpec, ValidatedAdapter, validate_adapter
 
-__all__ = ["model_spec_for", "prepare_adapter", "resolve_adapter_uri"]
+__all__ = ["fetch_and_validate", "model_spec_for", "prepare_adapter", "resolve_adapter_uri"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,17 @@ def model_spec_for(settings: HotswapSettings) -> ModelSpec:
     return ModelSpec.from_base_config(config, target_modules=settings.target_modules, max_rank=settings.max_rank)
 
 
+def fetch_and_validate(
+    uri: str, *, settings: HotswapSettings, spec: ModelSpec, fetcher: AdapterFetcher | None = None
+) -> ValidatedAdapter:
+    """Fetch ``uri`` and validate it against ``spec``; raise the store's errors or ``AdapterValidationError``."""
+    fetcher = fetcher if fetcher is not None else AdapterFetcher.from_settings(settings)
+    fetched = fetcher.fetch(resolve_adapter_uri(uri, settings))
+    return validate_adapter(
+        fetched, spec, max_adapter_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_header_bytes
+    )
+
+
 def prepare_adapter(
     uri: str,
     *,
@@ -59,21 +70,16 @@ def prepare_adapter(
     Raises the store's errors (not found, fetch failure, unsafe path) or
     ``AdapterValidationError`` listing every problem; nothing touches a model.
     """
-    fetcher = fetcher if fetcher is not None else AdapterFetcher.from_settings(settings)
     started = time.perf_counter()
-    fetched = fetcher.fetch(resolve_adapter_uri(uri, settings))
-    validated = validate_adapter(
-        fetched, spec, max_adapter_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_header_bytes
-    )
+    validated = fetch_and_validate(uri, settings=settings, spec=spec, fetcher=fetcher)
     staged = stage_adapter(validated, spec, dtype=dtype)
     logger.info(
         "prepared adapter %s (sha256 %s, r=%d, %d layers, %d bytes) in %.0f ms",
-        fetched.uri,
-        fetched.sha256[:12],
+        validated.uri,
+        validated.sha256[:12],
         staged.rank,
         len(staged.layer_indices),
         staged.nbytes,
         (time.perf_counter() - started) * 1e3,
     )
     return staged
-

@@ -1,9 +1,9 @@
 """The ``hotswap`` command line.
 
-Commands that need only the adapter store and the settings run here without a cluster:
-``push`` uploads an adapter folder, ``validate`` runs the exact checks a roll runs, against
-the settings of a Serve config (``--config serve_config.yaml``) or the defaults.
-Exit codes: 0 success, 1 the adapter was rejected or could not be read, 2 bad arguments.
+``roll``, ``promote``, ``rollback`` and ``status`` talk to the running service's controller
+(through the Ray cluster at ``RAY_ADDRESS`` or the local one). ``push`` and ``validate``
+need no cluster: they use the store and the settings of a Serve config (``--config``).
+Exit codes: 0 success; 1 rejected, failed and reverted, or refused; 2 bad arguments or no service.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from hotswap.errors import AdapterError, ConfigError, HotswapError
+from hotswap.errors import AdapterError, ConfigError, ControllerNotFoundError, HotswapError
 
 __all__ = ["main"]
 
@@ -82,14 +82,92 @@ def _cmd_validate(args) -> int:
     return EXIT_OK
 
 
+def _client(args):
+    from hotswap.client import HotswapClient
+
+    return HotswapClient(args.app)
+
+
+def _progress(line: str) -> None:
+    print(f"  {line}", flush=True)
+
+
+def _print_result(verb: str, result: dict) -> None:
+    version = result["version"]
+    swapped = len(result["swapped"])
+    print(f"{verb} {version['uri']} (sha256 {version['sha256'][:12]}): {swapped} replica(s) swapped in "
+          f"{result['ms']:.0f} ms")
+
+
+def _cmd_roll(args) -> int:
+    what = f"canary {args.canary}% of replicas" if args.canary is not None else "every replica"
+    print(f"rolling {args.uri} to {what}", flush=True)
+    _print_result("rolled", _client(args).roll(args.uri, canary=args.canary, on_event=_progress))
+    return EXIT_OK
+
+
+def _cmd_promote(args) -> int:
+    _print_result("promoted", _client(args).promote(on_event=_progress))
+    return EXIT_OK
+
+
+def _cmd_rollback(args) -> int:
+    _print_result("rolled back to", _client(args).rollback(on_event=_progress))
+    return EXIT_OK
+
+
+def _cmd_status(args) -> int:
+    status = _client(args).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+
+    def short(v):
+        return f"{v['uri']} ({v['sha256'][:12]})" if v else "none"
+
+    print(f"app {status['app']}   stable: {short(status['stable'])}   canary: {short(status['canary'])}")
+    rows = [("REPLICA", "ADAPTER", "SHA256", "SWAPS", "LAST_SWAP_MS", "GRAPHS", "LIVE")]
+    for r in status["replicas"]:
+        ms = r["last_swap_ms"]
+        rows.append((r["id"], r["adapter_uri"], r["adapter_sha256"][:12], str(r["swaps"]),
+                     "-" if ms is None else f"{ms:.2f}", str(r["compiled_graphs"]), "yes" if r["live"] else "no"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    rollout = status["rollout"]
+    print(f"rollout: {rollout['kind']} of {rollout['version']['uri']} ({len(rollout['done'])}/"
+          f"{len(rollout['targets'])})" if rollout else "rollout: none")
+    for entry in status["history"][-5:]:
+        print(f"  {entry['kind']:8} {entry['result']:8} {entry['uri']} {entry.get('reason', '')}".rstrip())
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hotswap",
-        description="Manage hotswap LoRA adapters: upload them to the store and validate them against a "
-        "service's settings.",
+        description="Roll LoRA adapter versions into a running hotswap service (A/B canary, promote, "
+        "rollback), and manage the adapter store.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def operation(name: str, help_: str):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--app", default="hotswap", help="Serve application name (default: hotswap)")
+        return p
+
+    roll = operation("roll", "fetch, validate and stage an adapter once, then swap it into replicas in order")
+    roll.add_argument("uri", metavar="URI", help="s3://bucket/prefix or a path under the local store root")
+    roll.add_argument("--canary", type=_percent, metavar="PERCENT",
+                      help="move only this share of replicas (at least one); the rest stay on stable")
+    roll.set_defaults(func=_cmd_roll)
+    operation("promote", "move every replica to the canary version; it becomes stable").set_defaults(
+        func=_cmd_promote)
+    operation("rollback", "canary active: its replicas return to stable; otherwise every replica returns to the "
+              "previous stable version").set_defaults(func=_cmd_rollback)
+    status = operation("status", "what every replica runs, the stable and canary versions, the history")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=_cmd_status)
 
     push = sub.add_parser("push", help="upload an adapter folder to the store (s3://bucket/prefix or a local path)")
     push.add_argument("local_dir", metavar="LOCAL_DIR", help="folder with adapter_config.json and "
@@ -108,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--canary takes a percentage such as 10 or 33.3, got {text!r}") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"--canary must be in (0, 100], got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -115,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, ControllerNotFoundError) as e:
         print(f"hotswap {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (AdapterError, HotswapError) as e:

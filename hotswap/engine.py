@@ -266,6 +266,19 @@ class SwapEngine:
         )
         return elapsed_ms
 
+    def reset_to_base(self, *, timeout_s: float | None = None) -> None:
+        """Zero every LoRA weight (serve the base model), under the swap lock."""
+        with self.lock.swap(timeout_s=timeout_s):
+            self._swapper.zero()
+            self.identity, self._current = BASE_IDENTITY, None
+            self.swaps += 1
+        logger.info("swapped to the base model (all LoRA weights zero)")
+
+    @property
+    def current(self) -> StagedAdapter | None:
+        """The staged adapter the model runs now (None: the base model)."""
+        return self._current
+
     def _copy(self, staged: StagedAdapter, method: str) -> None:
         if method == "foreach":
             self._swapper.apply(staged)

@@ -11,6 +11,9 @@ so callers may catch either::
     │   ├── UnsafePathError      (PermissionError)    a local path escapes the store root
     │   └── AdapterValidationError (ValueError)       the adapter is unusable; lists every problem
     ├── SwapError                (RuntimeError)       applying a staged adapter to a model failed
+    ├── RolloutError             (RuntimeError)       a rollout failed on a replica and was reverted
+    ├── RolloutConflictError     (RuntimeError)       the operation conflicts with the current state
+    ├── ControllerNotFoundError  (LookupError)        no running service/controller to talk to
     └── RequestError             (ValueError)         a generation request is invalid
 """
 
@@ -23,7 +26,10 @@ __all__ = [
     "AdapterValidationError",
     "ConfigError",
     "HotswapError",
+    "ControllerNotFoundError",
     "RequestError",
+    "RolloutConflictError",
+    "RolloutError",
     "SwapError",
     "UnsafePathError",
 ]
@@ -76,6 +82,18 @@ class AdapterValidationError(AdapterError, ValueError):
 
 class SwapError(HotswapError, RuntimeError):
     """Applying a staged adapter to a model failed; the model was restored to its previous adapter."""
+
+
+class RolloutError(HotswapError, RuntimeError):
+    """A rollout failed on a replica; every replica it had moved was put back on its previous version."""
+
+
+class RolloutConflictError(HotswapError, RuntimeError):
+    """The operation conflicts with the controller's state (a rollout in progress, no canary to promote, ...)."""
+
+
+class ControllerNotFoundError(HotswapError, LookupError):
+    """No running hotswap service (Ray cluster or controller actor) could be reached."""
 
 
 class RequestError(HotswapError, ValueError):

@@ -79,6 +79,19 @@ class HotswapSettings(BaseModel):
     )
     max_adapter_bytes: int = Field(2 << 30, ge=1, description="Largest adapter_model.safetensors accepted.")
     max_header_bytes: int = Field(16 << 20, ge=64, description="Largest safetensors JSON header accepted.")
+    state_uri: str | None = Field(
+        None,
+        description="Where the controller persists its state: s3://bucket/key or a local path; "
+        "default <cache_dir>/state/<app name>.json.",
+    )
+    rollout_batch_size: int = Field(1, ge=1, le=64, description="Replicas swapped together in one rollout step.")
+    swap_timeout_s: float = Field(
+        120.0, gt=0, description="How long a replica may take to drain, swap and smoke-check before the rollout "
+        "is stopped and reverted."
+    )
+    replica_liveness_s: float = Field(
+        30.0, gt=0, description="A replica not heard from for this long is considered gone."
+    )
     s3_connect_timeout_s: float = Field(5.0, gt=0)
     s3_read_timeout_s: float = Field(30.0, gt=0, description="A read that stalls this long is retried.")
     s3_max_attempts: int = Field(4, ge=1, le=20, description="Attempts per object, including the first.")

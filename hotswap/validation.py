@@ -27,7 +27,7 @@ import torch
 from hotswap.errors import AdapterValidationError
 from hotswap.store import CONFIG_NAME, WEIGHTS_NAME, FetchedAdapter
 
-__all__ = ["LoraLayerSpec", "ModelSpec", "ValidatedAdapter", "validate_adapter"]
+__all__ = ["LoraLayerSpec", "ModelSpec", "ValidatedAdapter", "load_validated", "validate_adapter"]
 
 _ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
@@ -159,6 +159,12 @@ class ValidatedAdapter:
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
+    def record(self) -> dict:
+        """What validation established, as JSON: enough for :func:`load_validated` to reload it."""
+        return {"uri": self.uri, "sha256": self.sha256, "rank": self.rank, "lora_alpha": self.lora_alpha,
+                "use_rslora": self.use_rslora, "lora_dropout": self.lora_dropout,
+                "target_modules": list(self.target_modules), "size_bytes": self.size_bytes}
+
 
 def validate_adapter(
     fetched: FetchedAdapter,
@@ -194,6 +200,35 @@ def validate_adapter(
         target_modules=tuple(covered),
         tensors=tensors,
         size_bytes=fetched.size_bytes,
+    )
+
+
+def load_validated(weights_path: Path, record: dict, spec: ModelSpec) -> ValidatedAdapter:
+    """Reload an adapter that already passed :func:`validate_adapter` (``record`` is what it returned, as
+    :meth:`ValidatedAdapter.record`), trusting that result: the file is identified by its sha256.
+
+    For a restarted controller that must stage a version again without validating it again.
+    """
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with open(weights_path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != record["sha256"]:
+        raise AdapterValidationError(record["uri"], [f"cached weights no longer match sha256 {record['sha256']}"])
+    layers = spec.layer_index()
+    tensors = {}
+    with safe_open(str(weights_path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+            module = _KEY_RE.match(key)["module"]
+            if module in layers and key.endswith("lora_A.weight"):
+                tensors[module] = (f.get_tensor(key), f.get_tensor(f"{module}.lora_B.weight"))
+    return ValidatedAdapter(
+        uri=record["uri"], sha256=record["sha256"], rank=record["rank"], lora_alpha=record["lora_alpha"],
+        use_rslora=record["use_rslora"], lora_dropout=record["lora_dropout"],
+        target_modules=tuple(record["target_modules"]), tensors=dict(sorted(tensors.items())),
+        size_bytes=weights_path.stat().st_size,
     )
 
 
