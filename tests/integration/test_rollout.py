@@ -221,3 +221,10 @@ def test_cli_against_the_running_service(service, versions):
     rejected = run("roll", versions["bad"][0])
     assert rejected.returncode == 1 and versions["bad"][0] in rejected.stderr
     assert len(rejected.stderr.strip().splitlines()) == 1
+
+
+def test_admin_routes_do_not_exist_without_a_token(service):
+    base, _ = service
+    for method, path in (("GET", "/admin/status"), ("POST", "/admin/roll"), ("POST", "/admin/rollback")):
+        response = httpx.request(method, f"{base}{path}", headers={"authorization": "Bearer anything"}, timeout=30)
+        assert response.status_code == 404
