@@ -69,7 +69,7 @@ def versions(make_adapter, s3_server):
 
 @pytest.fixture(scope="module")
 def service(serve_cluster, versions, tiny_base, tmp_path_factory):
-    from deployments.app import build_app
+    from deployments.app import make_app
     from hotswap.controller import get_controller
 
     cache = tmp_path_factory.mktemp("faults-cache")
@@ -86,7 +86,7 @@ def service(serve_cluster, versions, tiny_base, tmp_path_factory):
         "replica_liveness_s": 8,
         "swap_timeout_s": 90,
     }
-    app = build_app(args, replica_class=FaultyReplica, replica_options={"num_replicas": 3},
+    app = make_app(args, replica_class=FaultyReplica, replica_options={"num_replicas": 3},
                     ingress_options={"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {
                         "env_vars": {"HOTSWAP_ADMIN_TOKEN": TOKEN}}}})
     serve.run(app, name=APP, route_prefix=f"/{APP}")
@@ -215,7 +215,7 @@ def test_admin_roll_and_rejection_over_http(service, versions):
 
 def test_whole_app_restart_comes_back_on_the_last_stable_version(service, versions):
     """After serve stops and starts again, the state file wins over initial_adapter in the config."""
-    from deployments.app import build_app
+    from deployments.app import make_app
     from hotswap.controller import get_controller
 
     _, client, _, args = service
@@ -223,7 +223,7 @@ def test_whole_app_restart_comes_back_on_the_last_stable_version(service, versio
     assert stable["uri"] != args["initial_adapter"]  # earlier tests moved stable away from v1
     serve.delete(APP)
     ray.kill(get_controller(APP))  # the whole app is gone, controller included
-    serve.run(build_app(args, replica_class=FaultyReplica, replica_options={"num_replicas": 1}), name=APP,
+    serve.run(make_app(args, replica_class=FaultyReplica, replica_options={"num_replicas": 1}), name=APP,
               route_prefix=f"/{APP}")
     restarted = HotswapClient(APP)
     wait_for_condition(lambda: len(_live(restarted)) == 1, timeout_s=120, message="the restarted replica")

@@ -57,7 +57,7 @@ def service(serve_cluster, versions, tiny_base, base_settings, tmp_path_factory)
     """3 replicas starting on v1; yields (base URL, client)."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import make_app
     from hotswap.controller import get_controller
 
     args = {
@@ -71,7 +71,7 @@ def service(serve_cluster, versions, tiny_base, base_settings, tmp_path_factory)
         "max_seq_len": 64,
         "device": "cpu",
     }
-    serve.run(build_app(args, replica_options={"num_replicas": 3, "ray_actor_options": {"num_cpus": 0.3}}),
+    serve.run(make_app(args, replica_options={"num_replicas": 3, "ray_actor_options": {"num_cpus": 0.3}}),
               name=APP, route_prefix=f"/{APP}")
     client = HotswapClient(APP)
     wait_for_condition(lambda: sum(r["live"] for r in client.status()["replicas"]) == 3, timeout_s=120,

@@ -29,7 +29,7 @@ def app(serve_cluster, s3_bucket_module, adapter, tiny_base, base_settings):
     """The app deployed with 2 replicas; yields (base URL, s3 URI, sha256, replica handle)."""
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import make_app
 
     client, bucket = s3_bucket_module
     uri = f"s3://{bucket}/serving/v1"
@@ -45,7 +45,7 @@ def app(serve_cluster, s3_bucket_module, adapter, tiny_base, base_settings):
         "max_seq_len": 64,
         "device": "cpu",
     }
-    serve.run(build_app(args, replica_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}),
+    serve.run(make_app(args, replica_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}),
               name=APP, route_prefix=f"/{APP}")
     base = f"{serve_cluster}/{APP}"
     wait_for_condition(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200, timeout_s=120,

@@ -52,3 +52,14 @@ def test_unknown_app_arg_is_an_error_naming_it():
 
     with pytest.raises(ConfigError, match="unknown key 'inital_adapter'"):
         HotswapSettings.from_args({"inital_adapter": "s3://x/y"})
+
+
+def test_build_app_is_callable_the_way_serve_run_calls_it():
+    """serve run passes the args dict to a builder that must take exactly one parameter."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from deployments.app import build_app
+
+    args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+    assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
