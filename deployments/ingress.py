@@ -182,44 +182,38 @@ class Ingress:
         result = await self.replica.complete.remote(body.to_replica())
         if "error" in result:
             return _error(result["status"], result["error"]["message"])
-        payload = {
+        payload = self._completion(request_id, created, result["text"], result["finish_reason"], result)
+        payload["usage"] = {
+            "prompt_tokens": result["prompt_tokens"],
+            "completion_tokens": result["completion_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
+        }
+        return JSONResponse(payload, headers=_adapter_headers(result))
+
+    def _completion(self, request_id: str, created: int, text: str, finish_reason, adapter: dict) -> dict:
+        """An OpenAI ``text_completion`` object (a whole answer, or one streamed chunk) naming its adapter."""
+        return {
             "id": request_id,
             "object": "text_completion",
             "created": created,
             "model": self.model_id,
-            "choices": [{"index": 0, "text": result["text"], "finish_reason": result["finish_reason"],
-                         "logprobs": None}],
-            "usage": {
-                "prompt_tokens": result["prompt_tokens"],
-                "completion_tokens": result["completion_tokens"],
-                "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
-            },
-            "adapter_uri": result["adapter_uri"],
-            "adapter_sha256": result["adapter_sha256"],
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+            "adapter_uri": adapter["adapter_uri"],
+            "adapter_sha256": adapter["adapter_sha256"],
         }
-        return JSONResponse(payload, headers=_adapter_headers(result))
 
     async def _stream(self, body: CompletionRequest, request_id: str, created: int):
         events = self.replica.options(stream=True).stream.remote(body.to_replica())
         first = await events.__anext__()
         if "error" in first:
             return _error(first["status"], first["error"]["message"])
-        adapter = {"adapter_uri": first["adapter_uri"], "adapter_sha256": first["adapter_sha256"]}
 
         async def sse():
             async for item in events:
                 if "error" in item:
                     chunk = {"error": item["error"]}
                 else:
-                    chunk = {
-                        "id": request_id,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": self.model_id,
-                        "choices": [{"index": 0, "text": item["delta"], "finish_reason": item["finish_reason"],
-                                     "logprobs": None}],
-                        **adapter,
-                    }
+                    chunk = self._completion(request_id, created, item["delta"], item["finish_reason"], first)
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
 

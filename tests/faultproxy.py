@@ -95,12 +95,17 @@ class FaultProxy:
                     upstream.sendall(data)
             except OSError:
                 pass
+            hang_up(close=False)
+
+        def hang_up(*, close: bool) -> None:
             done.set()
             for s in (client, upstream):
                 try:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                if close:
+                    s.close()
 
         def upstream_to_client():
             try:
@@ -125,13 +130,7 @@ class FaultProxy:
                         break
             except OSError:
                 pass
-            done.set()
-            for s in (client, upstream):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+            hang_up(close=True)
 
         threading.Thread(target=client_to_upstream, daemon=True).start()
         threading.Thread(target=upstream_to_client, daemon=True).start()

@@ -17,7 +17,7 @@ from ray import serve
 
 from deployments.replica import ModelReplica
 from hotswap.client import HotswapClient
-from hotswap.errors import RolloutError
+from hotswap.errors import RolloutConflictError, RolloutError
 from tests.integration.conftest import wait_for_condition
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -182,6 +182,24 @@ def test_controller_killed_mid_rollout_resumes_without_swapping_twice(service, v
     for rid in order:
         assert after[rid]["swaps"] == before[rid]["swaps"] + 1, rid  # each replica swapped exactly once
     assert client.status()["stable"]["sha256"] == versions["v4"][1]
+
+
+def test_a_second_rollout_is_refused_while_one_runs(service, versions):
+    _, client, marks, _ = service
+    order = sorted(_live(client))
+    target = next(v for v in ("v2", "v3") if {r["adapter_sha256"] for r in _live(client).values()} != {versions[v][1]})
+    (marks / f"hold-{order[0]}").touch()  # the first replica waits before its swap: the rollout is running
+    first = client.actor.roll.remote(versions[target][0])
+    try:
+        wait_for_condition(lambda: client.status()["rollout"] is not None, timeout_s=60, message="rollout start")
+        with pytest.raises(RolloutConflictError, match=f"rollout is in progress: roll of {versions[target][0]}"):
+            client.roll(versions["v1"][0])
+        with pytest.raises(RolloutConflictError, match="rollout is in progress"):
+            client.rollback()
+    finally:
+        (marks / f"hold-{order[0]}").unlink()
+    HotswapClient._get(first)
+    assert {r["adapter_sha256"] for r in _live(client).values()} == {versions[target][1]}
 
 
 @pytest.mark.parametrize(

@@ -185,16 +185,6 @@ def test_bad_adapter_is_rejected_and_no_replica_is_touched(service, versions):
     assert versions["bad"][0] in client.status()["rejected"]
 
 
-def test_a_second_rollout_is_refused_while_one_runs(service, versions):
-    _, client = service
-    first = client.actor.roll.remote(versions["v4"][0])
-    second = client.actor.roll.remote(versions["v1"][0])
-    with pytest.raises(RolloutConflictError, match=f"rollout is in progress|{versions['v4'][0]}"):
-        HotswapClient._get(second)
-    HotswapClient._get(first)
-    assert set(_running(client).values()) == {versions["v4"]}
-
-
 def test_status_reports_every_field_per_replica(service):
     _, client = service
     status = client.status()

@@ -82,17 +82,23 @@ def test_peft_bookkeeping_is_kept_true(compiled_engine, adapters, stage):
             assert module.scaling["default"].item() == pytest.approx(3 / 2)  # alpha / sqrt(r)
 
 
-def test_control_delete_and_load_adapter_recompiles(tiny_base, adapters):
-    """The check above can fail: the naive reload on a compiled model trips error_on_recompile."""
+def _compiled_peft(tiny_base, folder):
+    """An eager PeftModel loaded by PEFT, compiled the plain way and run once (its graph is compiled)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(adapters["r8-qv"]))
-    model.eval()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(folder)).eval()
     compiled = torch.compile(model)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         compiled(input_ids=ids)
+    return model, compiled, ids
+
+
+def test_control_delete_and_load_adapter_recompiles(tiny_base, adapters):
+    """The check above can fail: the naive reload on a compiled model trips error_on_recompile."""
+    model, compiled, ids = _compiled_peft(tiny_base, adapters["r8-qv"])
+    with torch.no_grad():
         model.delete_adapter("default")
         model.load_adapter(str(adapters["r16-all"]), adapter_name="default")
         model.set_adapter("default")
@@ -102,26 +108,20 @@ def test_control_delete_and_load_adapter_recompiles(tiny_base, adapters):
 
 def test_control_unprepared_alpha_change_recompiles(tiny_base, adapters):
     """Without prepare_model_for_compiled_hotswap a new alpha is a new guarded constant: a recompile."""
-    from peft import PeftModel
+    import json
+    import shutil
+
     from peft.utils.hotswap import hotswap_adapter
-    from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(adapters["r8-qv"]))
-    model.eval()
-    compiled = torch.compile(model)
-    ids = torch.tensor([[5, 6, 7, 8]])
+    model, compiled, ids = _compiled_peft(tiny_base, adapters["r8-qv"])
+    # same rank and targets, different alpha (16 -> 64 via a copied config)
+    other = adapters["r8-qv"].parent / "engine-r8-qv-alpha64"
+    if not other.exists():
+        shutil.copytree(adapters["r8-qv"], other)
+        cfg = json.loads((other / "adapter_config.json").read_text())
+        cfg["lora_alpha"] = 64
+        (other / "adapter_config.json").write_text(json.dumps(cfg))
     with torch.no_grad():
-        compiled(input_ids=ids)
-        # same rank and targets, different alpha (16 -> 64 via a copied config)
-        import json
-        import shutil
-
-        other = adapters["r8-qv"].parent / "engine-r8-qv-alpha64"
-        if not other.exists():
-            shutil.copytree(adapters["r8-qv"], other)
-            cfg = json.loads((other / "adapter_config.json").read_text())
-            cfg["lora_alpha"] = 64
-            (other / "adapter_config.json").write_text(json.dumps(cfg))
         hotswap_adapter(model, str(other), adapter_name="default")
         with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(torch._dynamo.exc.RecompileError):
             compiled(input_ids=ids)
