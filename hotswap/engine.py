@@ -356,6 +356,7 @@ class _InPlaceSwapper:
             raise SwapError("LoRA scalings are not tensors: call prepare_model_for_compiled_hotswap before the engine")
         self.max_rank = spec.max_rank
         self.live_rank = [self.max_rank] * len(self.modules)  # unknown at start: treat every row as live
+        self._view_cache: dict[tuple[int, tuple[int, ...]], list[torch.Tensor]] = {}
 
     @torch.no_grad()
     def apply(self, staged: StagedAdapter) -> None:
@@ -370,16 +371,24 @@ class _InPlaceSwapper:
         self.live_rank = [self.max_rank] * len(self.modules)
         if stale:
             torch._foreach_zero_(stale)
-        dst, src = [], []
-        for i, a, b in zip(staged.layer_indices, staged.lora_A, staged.lora_B):
-            dst += [self.A[i][: staged.rank], self.B[i][:, : staged.rank]]
-            src += [a, b]
+        dst = self._views(staged.rank, staged.layer_indices)
+        src = [t for pair in zip(staged.lora_A, staged.lora_B) for t in pair]
         if dst:
             torch._foreach_copy_(dst, src, non_blocking=True)
         scale = torch.tensor(staged.scaling, dtype=self.scaling[0].dtype)
         for s in self.scaling:
             s.fill_(scale)
         self.live_rank = new_rank
+
+    def _views(self, rank: int, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """Destination views (A rows, B columns up to ``rank``) per layer set, built once: views share storage."""
+        key = (rank, layers)
+        views = self._view_cache.get(key)
+        if views is None:
+            views = [v for i in layers for v in (self.A[i][:rank], self.B[i][:, :rank])]
+            if len(self._view_cache) < 64:
+                self._view_cache[key] = views
+        return views
 
     def sync_after_external_swap(self, staged: StagedAdapter) -> None:
         """After PEFT's own swap (which zero-fills whole tensors), record the ranks now live."""

@@ -13,6 +13,7 @@ Order, cheapest first, nothing loaded until it is known to be safe:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -92,7 +93,7 @@ class ModelSpec:
     max_rank: int
     embedding_modules: frozenset[str] = field(default_factory=frozenset)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         payload = json.dumps(
             {"layers": [(x.name, x.in_features, x.out_features) for x in self.layers], "max_rank": self.max_rank},

@@ -1,0 +1,256 @@
+"""One adapter swap, per method, side by side in one run: ``python -m benchmarks.swap [--quick] --json PATH``.
+
+For each model: the memory-copy floor (the same bytes between preallocated tensors), our
+engine's swap from staged tensors, PEFT's ``hotswap_adapter_from_state_dict`` with the same
+staged tensors, PEFT's ``hotswap_adapter`` from the folder on disk, and what users do
+without hotswap: ``delete_adapter`` + ``load_adapter`` + the first forward of the compiled
+model (a recompile). Reports median and p90 and the recompiles each path caused.
+
+``--quick`` runs the built-in tiny model only (under 2 minutes on 2 CPU cores); without it
+a TinyLlama-1.1B-shaped model (random weights) with a rank-16 adapter on all seven
+projections and ``max_rank`` 64 is measured too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _stats(samples_ms: list[float]) -> dict:
+    ordered = sorted(samples_ms)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"median": statistics.median(ordered), "p90": p90, "max": ordered[-1], "n": len(ordered)}
+
+
+def _timed(fn, reps: int, *, sync) -> list[float]:
+    out = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def _big_base(cache: Path) -> Path:
+    """A TinyLlama-1.1B-shaped Llama with random weights, saved once (about 4.4 GB in float32)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hotswap.builtin import materialize_builtin_model
+
+    out = cache / "models" / "tinyllama-1.1b-shape-v1"
+    if (out / "config.json").exists():
+        return out
+    _progress("building the 1.1B-shaped model (random init, once)")
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(out))
+    tiny = materialize_builtin_model("tiny-llama", cache_dir=cache)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(str(out))
+    return out
+
+
+def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], reps: int, reload_reps: int,
+                cache: Path, compile_model: bool) -> dict:
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from hotswap.adapters import model_spec_for, prepare_adapter
+    from hotswap.builtin import write_random_adapter
+    from hotswap.engine import ADAPTER_NAME, SwapEngine
+    from hotswap.settings import HotswapSettings
+
+    settings = HotswapSettings(base_model=str(base), cache_dir=cache, local_store_root=cache / "bench-store",
+                               max_rank=max_rank, compile=compile_model, max_batch_size=1,
+                               prefill_chunk_tokens=8, max_seq_len=32)
+    folders = []
+    for i, params in enumerate(adapters):
+        folder = settings.store_root / f"{name}-{i}"
+        if not (folder / "adapter_model.safetensors").exists():
+            _progress(f"writing adapter {folder.name}")
+            write_random_adapter(base, folder, **params)
+        folders.append(folder)
+    _progress(f"{name}: building and compiling the engine")
+    engine = SwapEngine.build(settings)
+    device = engine.device
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    spec = model_spec_for(settings)
+    staged = [prepare_adapter(str(f), settings=settings, spec=spec, dtype=engine.dtype) for f in folders]
+    nbytes = staged[0].nbytes
+
+    # the floor: the same bytes, one copy between preallocated tensors on the model's device
+    src = torch.empty(nbytes // engine.dtype.itemsize, dtype=engine.dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    memcpy = _timed(lambda: dst.copy_(src), reps, sync=sync)
+
+    graphs = engine.compiled_graphs
+    flip = [0]
+
+    def engine_swap():
+        flip[0] ^= 1
+        engine.apply(staged[flip[0]])
+
+    _progress(f"{name}: engine swaps")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        engine_swap()  # warm-up
+        ours = _timed(engine_swap, reps, sync=sync)
+        engine.last_logits(["still serving"])
+    engine_recompiles = engine.compiled_graphs - graphs
+
+    _progress(f"{name}: PEFT hotswap_adapter_from_state_dict")
+    state_dicts = [s.peft_state_dict(spec, ADAPTER_NAME) for s in staged]
+    configs = [s.lora_config() for s in staged]
+
+    def peft_swap():
+        flip[0] ^= 1
+        with torch.no_grad():
+            hotswap_adapter_from_state_dict(engine.peft_model, state_dicts[flip[0]], ADAPTER_NAME, configs[flip[0]])
+
+    peft_swap()
+    peft_sd = _timed(peft_swap, reps, sync=sync)
+
+    _progress(f"{name}: PEFT hotswap_adapter from disk")
+
+    def peft_disk():
+        flip[0] ^= 1
+        hotswap_adapter(engine.peft_model, str(folders[flip[0]]), adapter_name=ADAPTER_NAME, torch_device=str(device))
+
+    peft_disk()
+    peft_from_disk = _timed(peft_disk, reps, sync=sync)
+
+    reload_ms, reload_recompiles = [], None
+    if compile_model:
+        # every reload is a new version with its own alpha: reloading an (r, alpha) seen before would hit a graph
+        # dynamo already cached, which is not what shipping a new fine-tune looks like
+        fresh = []
+        for i in range(reload_reps):
+            folder = settings.store_root / f"{name}-reload-{i}"
+            if not (folder / "adapter_model.safetensors").exists():
+                write_random_adapter(base, folder, **{**adapters[0], "lora_alpha": 3 + i, "seed": 100 + i})
+            fresh.append(folder)
+        _progress(f"{name}: delete_adapter + load_adapter + first compiled forward ({reload_reps} times)")
+        from torch._dynamo.testing import CompileCounterWithBackend
+
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(str(base), dtype=engine.dtype).to(device), str(folders[0])
+        ).eval()
+        counter = CompileCounterWithBackend("inductor")
+        compiled = torch.compile(model, backend=counter)
+        ids = torch.ones((1, 8), dtype=torch.long, device=device)
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1000, accumulated_recompile_limit=10000):
+            compiled(input_ids=ids)
+            before = counter.frame_count
+
+            versions = iter(fresh)
+
+            def reload():
+                model.delete_adapter("default")
+                model.load_adapter(str(next(versions)), adapter_name="default")
+                model.set_adapter("default")
+                compiled(input_ids=ids)
+
+            reload_ms = _timed(reload, reload_reps, sync=sync)
+            reload_recompiles = counter.frame_count - before
+
+    result = {
+        "model": name,
+        "device": str(device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "adapter_bytes": nbytes,
+        "adapter_rank": staged[0].rank,
+        "max_rank": max_rank,
+        "memcpy_ms": _stats(memcpy),
+        "engine_swap_ms": _stats(ours),
+        "peft_from_state_dict_ms": _stats(peft_sd),
+        "peft_hotswap_adapter_ms": _stats(peft_from_disk),
+        "reload_recompile_ms": _stats(reload_ms) if reload_ms else None,
+        "engine_recompiles": engine_recompiles,
+        "reload_recompiles": reload_recompiles,
+    }
+    med = result["engine_swap_ms"]["median"]
+    result["ratios"] = {
+        "engine_swap_over_memcpy": med / result["memcpy_ms"]["median"],
+        "peft_from_state_dict_over_engine_swap": result["peft_from_state_dict_ms"]["median"] / med,
+        "reload_recompile_over_engine_swap": (result["reload_recompile_ms"]["median"] / med) if reload_ms else None,
+    }
+    return result
+
+
+def _print_table(results: list[dict]) -> None:
+    keys = ["memcpy_ms", "engine_swap_ms", "peft_from_state_dict_ms", "peft_hotswap_adapter_ms", "reload_recompile_ms"]
+    for r in results:
+        print(f"\n{r['model']}  ({r['device']}, {r['dtype']}, adapter r={r['adapter_rank']}, "
+              f"{r['adapter_bytes'] / 1e6:.2f} MB, max_rank {r['max_rank']})")
+        print(f"  {'method':28} {'median ms':>11} {'p90 ms':>10} {'max ms':>10} {'n':>4}")
+        for k in keys:
+            s = r[k]
+            if s:
+                print(f"  {k:28} {s['median']:11.3f} {s['p90']:10.3f} {s['max']:10.3f} {s['n']:4d}")
+        print(f"  recompiles: engine {r['engine_recompiles']}, reload {r['reload_recompiles']}")
+        ratios = r["ratios"]
+        print(f"  engine_swap / memcpy = {ratios['engine_swap_over_memcpy']:.2f}x;  "
+              f"peft_from_state_dict / engine_swap = {ratios['peft_from_state_dict_over_engine_swap']:.2f}x"
+              + (f";  reload_recompile / engine_swap = {ratios['reload_recompile_over_engine_swap']:.0f}x"
+                 if ratios["reload_recompile_over_engine_swap"] else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model only (under 2 minutes on 2 CPU cores)")
+    parser.add_argument("--json", metavar="PATH", required=True, help="where to write the JSON result")
+    parser.add_argument("--reps", type=int, default=30, help="timed swaps per method (default 30)")
+    parser.add_argument("--cache-dir", default=None, help="models and adapters (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    if args.reps < 20:
+        parser.error("--reps must be at least 20")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(args.cache_dir) if args.cache_dir else Path(tmp)
+        from hotswap.builtin import materialize_builtin_model
+
+        tiny = materialize_builtin_model("tiny-llama", cache_dir=cache)
+        results = [bench_model(
+            "builtin:tiny-llama", tiny, max_rank=16, cache=cache, compile_model=True, reps=args.reps,
+            reload_reps=5 if args.quick else 20,
+            adapters=[dict(r=8, lora_alpha=16, target_modules=ALL_PROJ, seed=1),
+                      dict(r=8, lora_alpha=8, target_modules=ALL_PROJ, seed=2)],
+        )]
+        if not args.quick:
+            big = _big_base(cache)
+            results.append(bench_model(
+                "tinyllama-1.1b-shape", big, max_rank=64, cache=cache, reps=args.reps, reload_reps=3,
+                compile_model=torch.cuda.is_available(),  # compiling 1.1B on 2 CPU cores takes too long to repeat
+                adapters=[dict(r=16, lora_alpha=32, target_modules=ALL_PROJ, seed=1),
+                          dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, seed=2)],
+            ))
+    payload = {"benchmark": "swap", "command": " ".join(["python -m benchmarks.swap", *(argv or sys.argv[1:])]),
+               "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+               "results": results}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(payload, indent=2))
+    _print_table(results)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
