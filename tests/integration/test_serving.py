@@ -207,3 +207,23 @@ def test_compiled_graphs_stay_constant_over_mixed_traffic(app):
     assert statuses == [200] * len(bodies)
     after = _replica_stats(handle)
     assert {k: v["compiled_graphs"] for k, v in after.items()} == {k: v["compiled_graphs"] for k, v in before.items()}
+
+
+def test_metrics_per_adapter_version_reach_rays_prometheus_endpoint(app):
+    """The README's metric names, tagged with the adapter, on Ray's Prometheus endpoint (prefix ray_)."""
+    import os
+
+    base, uri, sha, _ = app
+    assert _complete(base, prompt="count me", max_tokens=2).status_code == 200
+    assert _complete(base, prompt="x", max_tokens=1000).status_code == 400  # counted as an invalid request
+    names = ("ray_hotswap_requests_total", "ray_hotswap_request_errors_total", "ray_hotswap_generated_tokens_total",
+             "ray_hotswap_request_latency_ms_count")
+
+    def exported():
+        text = httpx.get(os.environ["HOTSWAP_TEST_METRICS_URL"], timeout=10).text
+        lines = [line for line in text.splitlines() if f'adapter_uri="{uri}"' in line]
+        return all(any(line.startswith(n) for line in lines) for n in names) and lines
+
+    lines = wait_for_condition(exported, timeout_s=90, interval_s=2, message="hotswap metrics exported")
+    assert any(f'adapter_sha256="{sha[:12]}"' in line for line in lines)
+    assert any(line.startswith("ray_hotswap_request_errors_total") and 'kind="invalid"' in line for line in lines)
