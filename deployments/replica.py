@@ -62,7 +62,8 @@ class ReplicaMetrics:
     def record(self, identity, *, tokens: int, latency_ms: float) -> None:
         tags = {"adapter_uri": identity.uri, "adapter_sha256": identity.sha256[:12]}
         self.requests.inc(tags=tags)
-        self.tokens.inc(tokens, tags=tags) if tokens else None
+        if tokens:
+            self.tokens.inc(tokens, tags=tags)
         self.latency_ms.observe(latency_ms, tags=tags)
 
     def error(self, identity, kind: str) -> None:
