@@ -11,10 +11,10 @@ from hotswap.builtin import BUILTIN_DEMO_ADAPTER, BUILTIN_PREFIX, materialize_bu
 from hotswap.errors import ConfigError
 from hotswap.settings import HotswapSettings
 from hotswap.staging import StagedAdapter, stage_adapter
-from hotswap.store import AdapterFetcher
+from hotswap.store import AdapterFetcher, FetchedAdapter
 from hotswap.validation import ModelSpec, ValidatedAdapter, validate_adapter
 
-__all__ = ["fetch_and_validate", "model_spec_for", "prepare_adapter", "resolve_adapter_uri"]
+__all__ = ["fetch_and_validate", "model_spec_for", "prepare_adapter", "resolve_adapter_uri", "validate_fetched"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,11 @@ def fetch_and_validate(
 ) -> ValidatedAdapter:
     """Fetch ``uri`` and validate it against ``spec``; raise the store's errors or ``AdapterValidationError``."""
     fetcher = fetcher if fetcher is not None else AdapterFetcher.from_settings(settings)
-    fetched = fetcher.fetch(resolve_adapter_uri(uri, settings))
+    return validate_fetched(fetcher.fetch(resolve_adapter_uri(uri, settings)), settings=settings, spec=spec)
+
+
+def validate_fetched(fetched: FetchedAdapter, *, settings: HotswapSettings, spec: ModelSpec) -> ValidatedAdapter:
+    """Validate an adapter already in the cache against ``spec``, with the size caps of ``settings``."""
     return validate_adapter(
         fetched, spec, max_adapter_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_header_bytes
     )

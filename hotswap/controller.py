@@ -118,8 +118,8 @@ class HotswapController:
         self.fetcher = AdapterFetcher.from_settings(settings)
         self.replicas: dict[str, _Replica] = {}
         self.started = time.monotonic()
-        self._validated: dict[str, object] = {}  # sha256 -> ValidatedAdapter (this process)
-        self._staged: dict[tuple[str, str], object] = {}  # (sha256, dtype) -> ObjectRef of StagedAdapter
+        self._validated: dict[Version, object] = {}  # version -> ValidatedAdapter (this process)
+        self._staged: dict[tuple[Version, str], object] = {}  # (version, dtype) -> ObjectRef of StagedAdapter
         self._changed: asyncio.Condition | None = None
         self._busy: asyncio.Lock | None = None
         self._ready: asyncio.Task | None = None
@@ -161,25 +161,34 @@ class HotswapController:
     # --- versions ------------------------------------------------------------------------------------
 
     async def _validate(self, uri: str) -> Version:
-        """Fetch and validate once; remember the result (and rejections) in the state."""
-        from hotswap.adapters import fetch_and_validate
+        """Fetch ``uri`` and validate it, once per version (URI + sha256); remember rejections in the state.
 
+        The fetch always runs (the content at a URI may have changed; its sha256 says so);
+        validation is skipped for a version that was already validated.
+        """
+        from hotswap.adapters import resolve_adapter_uri, validate_fetched
+
+        fetched = await asyncio.to_thread(self.fetcher.fetch, resolve_adapter_uri(uri, self.settings))
+        version = Version(fetched.uri, fetched.sha256)
+        if version in self._validated or _key(version) in self.state.validated:
+            return version
         try:
-            validated = await asyncio.to_thread(
-                fetch_and_validate, uri, settings=self.settings, spec=self.spec, fetcher=self.fetcher
-            )
+            validated = await asyncio.to_thread(validate_fetched, fetched, settings=self.settings, spec=self.spec)
         except AdapterValidationError as e:
             self.state.rejected[uri] = {"uri": uri, "problems": e.problems, "time": time.time()}
             self._record("rejected", Version(uri, ""), "rejected", [], 0.0, reason=str(e))
             self._save()
             raise
-        version = Version(validated.uri, validated.sha256)
-        self._validated[version.sha256] = validated
-        self.state.validated[version.sha256] = validated.record()
+        self._validated[version] = validated
+        self.state.validated[_key(version)] = validated.record()
         return version
 
     async def _staged_ref(self, version: Version, dtype: str):
-        """The object-store ref of ``version`` staged for ``dtype``; staged at most once per (version, dtype)."""
+        """The object-store ref of ``version`` staged for ``dtype``; staged at most once per (version, dtype).
+
+        Keyed by the whole identity, URI and sha256: the same weights under another URI may come with
+        another adapter_config.json (another alpha), so they are another version.
+        """
         import ray
         import torch
 
@@ -188,16 +197,16 @@ class HotswapController:
 
         if version == BASE:
             return None
-        key = (version.sha256, dtype)
+        key = (version, dtype)
         if key not in self._staged:
-            validated = self._validated.get(version.sha256)
+            validated = self._validated.get(version)
             if validated is None:  # validated before a restart: reload from the cache, trusting the record
-                record = self.state.validated[version.sha256]
+                record = self.state.validated[_key(version)]
                 path = self.fetcher.cache.path_for(version.sha256)
                 if not path.exists():
                     path = (await asyncio.to_thread(self.fetcher.fetch, version.uri)).weights_path
                 validated = await asyncio.to_thread(load_validated, path, record, self.spec)
-                self._validated[version.sha256] = validated
+                self._validated[version] = validated
             staged = await asyncio.to_thread(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
                                              pin_memory=False)
             self._staged[key] = ray.put(staged)
@@ -500,6 +509,11 @@ class HotswapController:
 
     def _save(self) -> None:
         self.store.save(self.state)
+
+
+def _key(version: Version) -> str:
+    """A version's key in the persisted state (JSON keys are strings)."""
+    return f"{version.sha256}@{version.uri}"
 
 
 def _v(version: Version | None) -> dict | None:

@@ -77,7 +77,7 @@ class ControllerState:
     rollout: Rollout | None = None
     history: list[dict] = field(default_factory=list)
     rejected: dict[str, dict] = field(default_factory=dict)  # sha256 or uri -> {uri, problems, time}
-    validated: dict[str, dict] = field(default_factory=dict)  # sha256 -> {uri, rank, ...}
+    validated: dict[str, dict] = field(default_factory=dict)  # "<sha256>@<uri>" -> {uri, rank, ...}
     initial_adapter: str | None = None  # what the stable version was first taken from
 
     def to_json(self) -> str:

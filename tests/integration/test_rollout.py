@@ -185,6 +185,44 @@ def test_bad_adapter_is_rejected_and_no_replica_is_touched(service, versions):
     assert versions["bad"][0] in client.status()["rejected"]
 
 
+def test_same_weights_under_another_uri_are_another_version(service, versions, make_adapter, store_root,
+                                                            eager_reference):
+    """Identity is URI + sha256: v2's weights with another lora_alpha must serve with that alpha."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from hotswap.store import make_s3_client
+
+    base, client = service
+    v2 = make_adapter("rollout-v2", **VERSIONS["v2"])
+    variant = store_root / "rollout-v2-alpha64"
+    shutil.copytree(v2, variant, dirs_exist_ok=True)
+    config = json.loads((v2 / "adapter_config.json").read_text())
+    config["lora_alpha"] = 64
+    (variant / "adapter_config.json").write_text(json.dumps(config))
+    s3 = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        s3.upload_file(str(variant / f), BUCKET, f"v2-alpha64/{f}")
+    uri = f"s3://{BUCKET}/v2-alpha64"
+
+    client.roll(versions["v2"][0])  # v2 staged and served first
+    client.roll(uri)
+    assert set(_running(client).values()) == {(uri, versions["v2"][1])}  # same sha256, another URI
+    reference = eager_reference(variant)
+    tokenizer = AutoTokenizer.from_pretrained(reference.base_model.model.name_or_path)
+    for prompt in ("Hello", "The quick brown fox"):
+        body = httpx.post(f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0},
+                          timeout=60).json()
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = reference.generate(**ids, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)[0, ids["input_ids"].shape[1]:].tolist()
+        if tokenizer.eos_token_id in out:
+            out = out[: out.index(tokenizer.eos_token_id)]
+        assert body["choices"][0]["text"] == tokenizer.decode(out, skip_special_tokens=True), prompt
+
+
 def test_status_reports_every_field_per_replica(service):
     _, client = service
     status = client.status()
