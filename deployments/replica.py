@@ -134,10 +134,7 @@ class ModelReplica:
         """Long-poll the controller for a new assignment; survive controller restarts."""
         while True:
             try:
-                assignment = await self.controller.watch.remote(
-                    self.replica_id, {"uri": self.engine.identity.uri, "sha256": self.engine.identity.sha256},
-                    dtype, self.stats(),
-                )
+                assignment = await self.controller.watch.remote(self.replica_id, dtype, self.stats())
                 if assignment is not None:
                     await self._apply(assignment)
             except asyncio.CancelledError:

@@ -222,9 +222,8 @@ class HotswapController:
                 f"replica {replica_id} has another model layout than this controller (settings changed without "
                 f"a restart?); restart the application so that controller and replicas agree"
             )
-        replica = self.replicas.get(replica_id) or _Replica(replica_id, dtype, BASE)
-        replica.last_seen, replica.stats = time.monotonic(), stats
-        self.replicas[replica_id] = replica
+        replica = self.replicas.setdefault(replica_id, _Replica(replica_id, dtype, BASE))
+        self._seen(replica, stats)
         if replica_id not in self.state.assignments:
             rollout = self.state.rollout
             moving = rollout is not None and rollout.kind in ("roll", "promote")
@@ -238,14 +237,17 @@ class HotswapController:
         logger.info("replica %s registered; assigned %s", replica_id, self.state.assignments[replica_id].short())
         return await self._assignment(replica_id)
 
-    async def watch(self, replica_id: str, running: dict, dtype: str, stats: dict) -> dict | None:
-        """Long-poll: return the replica's assignment once it differs from what it runs (or None on timeout)."""
+    async def watch(self, replica_id: str, dtype: str, stats: dict) -> dict | None:
+        """Long-poll: return the replica's assignment once it differs from what it runs (or None on timeout).
+
+        ``stats`` (what :meth:`ModelReplica.stats` returns) name the adapter the replica runs.
+        """
         await self._ensure_ready()
         replica = self.replicas.get(replica_id)
         if replica is None:  # known to a previous controller process: adopt it
-            replica = self.replicas[replica_id] = _Replica(replica_id, dtype, Version.of(running))
-            self.state.assignments.setdefault(replica_id, Version.of(running))
-        self._seen(replica, Version.of(running), stats)
+            replica = self.replicas[replica_id] = _Replica(replica_id, dtype, _running(stats))
+            self.state.assignments.setdefault(replica_id, replica.running)
+        self._seen(replica, stats)
         async with self._changed:
             try:
                 await asyncio.wait_for(
@@ -263,11 +265,11 @@ class HotswapController:
             return
         if not ok:
             replica.failure = (Version.of(version), message)
-        running = Version(stats["adapter_uri"], stats["adapter_sha256"])
-        self._seen(replica, running, stats)
+        self._seen(replica, stats)
 
-    def _seen(self, replica: _Replica, running: Version, stats: dict) -> None:
-        replica.running, replica.stats, replica.last_seen = running, stats, time.monotonic()
+    def _seen(self, replica: _Replica, stats: dict) -> None:
+        """A replica reported in: record what it runs (named by its stats), its stats, and when."""
+        replica.running, replica.stats, replica.last_seen = _running(stats), stats, time.monotonic()
         if self._changed is not None:
             asyncio.ensure_future(self._notify())
 
@@ -509,6 +511,11 @@ class HotswapController:
 
     def _save(self) -> None:
         self.store.save(self.state)
+
+
+def _running(stats: dict) -> Version:
+    """The version a replica runs, as its stats name it."""
+    return Version(stats["adapter_uri"], stats["adapter_sha256"])
 
 
 def _key(version: Version) -> str:
