@@ -67,8 +67,25 @@ def _big_base(cache: Path) -> Path:
     return out
 
 
+def _print_profile(name: str, fn, reps: int) -> None:
+    """Where an engine swap spends its time: cProfile over ``reps`` swaps, top entries by own time."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(reps):
+        fn()
+    profiler.disable()
+    print(f"\nprofile of {reps} engine swaps, {name} (ms per swap, own time):")
+    stats = pstats.Stats(profiler).stats
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:8]
+    for (file, line, func), (_, calls, own, _, _) in top:
+        print(f"  {own / reps * 1e3:8.3f}  {calls // reps:5d} calls  {func} ({Path(file).name}:{line})")
+
+
 def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], reps: int, reload_reps: int,
-                cache: Path, compile_model: bool) -> dict:
+                cache: Path, compile_model: bool, profile: bool = False) -> dict:
     from peft import PeftModel
     from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
     from transformers import AutoModelForCausalLM
@@ -114,6 +131,8 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
         ours = _timed(engine_swap, reps, sync=sync)
         engine.last_logits(["still serving"])
     engine_recompiles = engine.compiled_graphs - graphs
+    if profile:
+        _print_profile(name, engine_swap, reps)
 
     _progress(f"{name}: PEFT hotswap_adapter_from_state_dict")
     state_dicts = [s.peft_state_dict(spec, ADAPTER_NAME) for s in staged]
@@ -218,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", required=True, help="where to write the JSON result")
     parser.add_argument("--reps", type=int, default=30, help="timed swaps per method (default 30)")
     parser.add_argument("--cache-dir", default=None, help="models and adapters (default: a temporary folder)")
+    parser.add_argument("--profile", action="store_true", help="also print a cProfile of the engine swaps")
     args = parser.parse_args(argv)
     if args.reps < 20:
         parser.error("--reps must be at least 20")
@@ -229,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         tiny = materialize_builtin_model("tiny-llama", cache_dir=cache)
         results = [bench_model(
             "builtin:tiny-llama", tiny, max_rank=16, cache=cache, compile_model=True, reps=args.reps,
+            profile=args.profile,
             reload_reps=5 if args.quick else 20,
             adapters=[dict(r=8, lora_alpha=16, target_modules=ALL_PROJ, seed=1),
                       dict(r=8, lora_alpha=8, target_modules=ALL_PROJ, seed=2)],
@@ -237,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             big = _big_base(cache)
             results.append(bench_model(
                 "tinyllama-1.1b-shape", big, max_rank=64, cache=cache, reps=args.reps, reload_reps=3,
+                profile=args.profile,
                 compile_model=torch.cuda.is_available(),  # compiling 1.1B on 2 CPU cores takes too long to repeat
                 adapters=[dict(r=16, lora_alpha=32, target_modules=ALL_PROJ, seed=1),
                           dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, seed=2)],
