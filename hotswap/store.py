@@ -153,6 +153,10 @@ def _too_large(uri: str, size: int, limit: int) -> AdapterValidationError:
     )
 
 
+def _config_too_large(uri: str) -> AdapterValidationError:
+    return AdapterValidationError(uri, [f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes"])
+
+
 class LocalStore:
     """Adapters in folders under ``root``. URIs: a path relative to ``root``, an absolute path or ``file://``.
 
@@ -234,7 +238,7 @@ class LocalStore:
 
 def _read_capped(path: Path, uri: str) -> bytes:
     if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise AdapterValidationError(uri, [f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes"])
+        raise _config_too_large(uri)
     return path.read_bytes()
 
 
@@ -305,7 +309,7 @@ class S3Store:
         if config_head is None:
             raise AdapterNotFoundError(f"adapter {uri} has no s3://{bucket}/{config_key}", uri=uri)
         if int(config_head["ContentLength"]) > _MAX_CONFIG_BYTES:
-            raise AdapterValidationError(uri, [f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes"])
+            raise _config_too_large(uri)
         config_buf = bytearray()
         self._download(bucket, config_key, config_head, uri, write=config_buf.extend, reset=config_buf.clear)
         started = time.perf_counter()
