@@ -1,7 +1,8 @@
 """The HTTP ingress: OpenAI-style completions over FastAPI under ``@serve.ingress``.
 
 Every completion, streamed or not, names the adapter that produced it in the headers
-``x-adapter-uri`` / ``x-adapter-sha256`` and in the JSON body. Bad requests get a 4xx with
+``x-adapter-uri`` / ``x-adapter-sha256`` and in the JSON body, and the replica that
+answered in ``x-replica-id`` (the id ``hotswap status`` lists). Bad requests get a 4xx with
 an OpenAI-shaped JSON error body, never a 500.
 """
 
@@ -131,7 +132,8 @@ async def _admin_call(app_name: str, operation: str, request: Request) -> JSONRe
 
 
 def _adapter_headers(item: dict) -> dict[str, str]:
-    return {"x-adapter-uri": item["adapter_uri"], "x-adapter-sha256": item["adapter_sha256"]}
+    return {"x-adapter-uri": item["adapter_uri"], "x-adapter-sha256": item["adapter_sha256"],
+            "x-replica-id": item["replica_id"]}
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)

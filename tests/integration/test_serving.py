@@ -113,6 +113,7 @@ def test_greedy_completions_equal_eager_peft(app, adapter, eager_reference):
         assert body["choices"][0]["finish_reason"] == finish
         assert response.headers["x-adapter-uri"] == uri == body["adapter_uri"]
         assert response.headers["x-adapter-sha256"] == sha == body["adapter_sha256"]
+        assert response.headers["x-replica-id"]  # the replica that answered, as `hotswap status` names it
         assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 12
 
 
@@ -124,6 +125,7 @@ def test_streaming_gives_the_same_text_and_headers(app):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-adapter-uri"] == uri and r.headers["x-adapter-sha256"] == sha
+        assert r.headers["x-replica-id"]
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]

@@ -1,0 +1,90 @@
+"""What the service benchmarks share: a private Ray + Serve on this machine, an S3 server on 127.0.0.1, the
+machine description, progress lines and the JSON writer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+PROMPTS = ("Hello", "The quick brown fox", "Once upon a time", "hotswap swaps adapters", "abc", "A B C D E F",
+           "What is LoRA?", "x")
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> dict:
+    import torch
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available()}
+
+
+def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception:  # the thing polled is still starting
+            value = None
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@contextmanager
+def local_s3():
+    """moto's S3 server on 127.0.0.1; sets the standard AWS_* variables (for this process and Ray's workers)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@contextmanager
+def serve_cluster(cache: Path, *, num_cpus: int = 8):
+    """Ray (``num_cpus`` logical CPUs, so replicas with fractional CPUs and a rolling redeploy fit) and Serve on a
+    free loopback port; yields the HTTP base URL. Workers get the AWS_* variables and ``HOTSWAP_CACHE_DIR``."""
+    import ray
+    from ray import serve
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env.update(HOTSWAP_CACHE_DIR=str(cache), TOKENIZERS_PARALLELISM="false")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env}, logging_level=logging.WARNING,
+             log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def write_json(path: str, payload: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2))

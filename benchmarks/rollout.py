@@ -1,0 +1,224 @@
+"""A new adapter version across replicas under load: ``python -m benchmarks.rollout --json PATH``.
+
+For N = 2 and 3 replicas (tiny built-in model, CPU) and a closed-loop load of 4 clients, side
+by side in one run:
+
+(a) ``hotswap roll`` of a new version from S3 (a real S3 server on 127.0.0.1), repeated with a
+    fresh version each time (each roll fetches, validates and stages a version never seen);
+(b) what a user does with plain Ray Serve: redeploy the app with the new ``initial_adapter``;
+    Serve replaces the replicas, which load the model and compile again.
+
+Reported: time from the command to every replica serving the new version, failed requests,
+and p50/p99 latency in steady state vs during (a) and during (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._cluster import PROMPTS, local_s3, machine, progress, serve_cluster, wait_until, write_json
+from benchmarks.load import ClosedLoop, Sample, latency_summary
+
+BUCKET = "bench-rollout"
+
+
+def _versions(cache: Path, count: int) -> list[tuple[str, str]]:
+    """``count`` distinct adapters for the built-in model, pushed to S3; (uri, sha256) each."""
+    import hashlib
+
+    from hotswap.builtin import materialize_builtin_model, write_random_adapter
+    from hotswap.settings import HotswapSettings
+    from hotswap.store import AdapterFetcher, make_s3_client
+
+    base = materialize_builtin_model("tiny-llama", cache_dir=cache)
+    make_s3_client(connect_timeout_s=5, read_timeout_s=30).create_bucket(Bucket=BUCKET)
+    fetcher = AdapterFetcher.from_settings(HotswapSettings(cache_dir=cache))
+    out = []
+    for i in range(count):
+        folder = write_random_adapter(base, cache / "bench-adapters" / f"v{i}", r=4 + 4 * (i % 4),
+                                      lora_alpha=8 + i, target_modules=("q_proj", "v_proj", "o_proj"), seed=500 + i)
+        uri = f"s3://{BUCKET}/v{i}"
+        fetcher.push(folder, uri)
+        out.append((uri, hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()))
+    return out
+
+
+def _overlapping(samples: list[Sample], windows: list[tuple[float, float]]) -> list[Sample]:
+    return [s for s in samples if any(s.started < t1 and s.finished > t0 for t0, t1 in windows)]
+
+
+def _live_on(client, sha: str, n: int) -> bool:
+    live = [r for r in client.status()["replicas"] if r["live"]]
+    return len(live) == n and all(r["adapter_sha256"] == sha for r in live)
+
+
+def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[str, str]], rolls: int, clients: int,
+                   steady_s: float, max_tokens: int) -> dict:
+    import ray
+    from ray import serve
+
+    from deployments.app import make_app
+    from hotswap.client import HotswapClient
+    from hotswap.controller import get_controller
+
+    app = f"bench-rollout-n{n}"
+    options = {"num_replicas": n, "ray_actor_options": {"num_cpus": 0.5}}
+    args = {"initial_adapter": versions[0][0], "cache_dir": str(cache), "state_uri": str(cache / f"{app}-a.json")}
+    progress(f"N={n}: starting {n} compiled replicas on {versions[0][0]}")
+    serve.run(make_app(args, replica_options=options), name=app, route_prefix=f"/{app}")
+    client = HotswapClient(app)
+    wait_until(lambda: _live_on(client, versions[0][1], n), timeout_s=300, what=f"{n} replicas")
+
+    def body(i: int, k: int) -> dict:
+        return {"prompt": PROMPTS[(i * 7 + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
+
+    with ClosedLoop(f"{base_url}/{app}/v1/completions", clients=clients, body=body) as load:
+        load.wait_for(4 * clients)  # warm: every client has answers, batches have formed
+        progress(f"N={n}: steady state for {steady_s:.0f} s")
+        steady_window = (time.monotonic(), time.monotonic() + steady_s)
+        time.sleep(steady_s)
+
+        progress(f"N={n}: (a) {rolls} rolls, each to a new version from S3")
+        windows, roll_s, swap_phase_ms = [], [], []
+        for j in range(rolls):
+            uri, sha = versions[1 + j]
+            t0 = time.monotonic()
+            result = client.roll(uri)
+            t1 = time.monotonic()
+            assert len(result["swapped"]) == n and _live_on(client, sha, n), result
+            windows.append((t0, t1))
+            roll_s.append(t1 - t0)
+            swap_phase_ms.append(result["ms"])  # the controller's time from first assignment to last ack
+            progress(f"N={n}:   roll {j + 1}/{rolls} to {uri}: {(t1 - t0) * 1e3:.0f} ms")
+            time.sleep(1.0)
+        roll_phase = (windows[0][0], time.monotonic())
+
+        # the same through the console script, as a user types it (adds the CLI's start and Ray connect)
+        uri, sha = versions[1 + rolls]
+        address = ray.get_runtime_context().gcs_address
+        t0 = time.monotonic()
+        cli = subprocess.run([sys.executable, "-m", "hotswap.cli", "roll", uri, "--app", app], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": address})
+        cli_s = time.monotonic() - t0
+        if cli.returncode != 0:
+            raise RuntimeError(f"hotswap roll failed: {cli.stderr}")
+        windows.append((t0, time.monotonic()))
+        time.sleep(2.0)
+
+        progress(f"N={n}: (b) Serve redeploy with the new initial_adapter (replicas restart and compile)")
+        uri, sha = versions[2 + rolls]
+        ray.kill(get_controller(app), no_restart=True)  # no hotswap: the config's initial_adapter decides
+        redeploy_args = {**args, "initial_adapter": uri, "state_uri": str(cache / f"{app}-b.json")}
+        t0 = time.monotonic()
+        serve.run(make_app(redeploy_args, replica_options=options), name=app, route_prefix=f"/{app}")
+        client = HotswapClient(app)
+        wait_until(lambda: _live_on(client, sha, n), timeout_s=600, what=f"{n} redeployed replicas")
+        t1 = time.monotonic()
+        redeploy_window = (t0, t1)
+        time.sleep(2.0)
+    samples = load.samples
+    serve.delete(app)
+    ray.kill(get_controller(app), no_restart=True)
+
+    steady = [s for s in samples if steady_window[0] <= s.started and s.finished <= steady_window[1]]
+    during_roll = _overlapping(samples, windows[:-1])
+    during_redeploy = _overlapping(samples, [redeploy_window])
+    roll_phase_samples = [s for s in samples if roll_phase[0] <= s.started < roll_phase[1]]
+    redeploy_s = t1 - t0
+    result = {
+        "replicas": n,
+        "clients": clients,
+        "max_tokens": max_tokens,
+        "steady": latency_summary(steady),
+        "hotswap_roll": {
+            "time_to_new_version_s": {"median": statistics.median(roll_s), "max": max(roll_s), "n": len(roll_s)},
+            # the rest of a roll is fetching from S3, validating and staging the new version, once
+            "swap_phase_ms": {"median": statistics.median(swap_phase_ms), "max": max(swap_phase_ms)},
+            "cli_roll_s": cli_s,
+            "during": latency_summary(during_roll),
+            "failed_in_roll_phase": sum(not s.ok for s in roll_phase_samples),
+            "requests_in_roll_phase": len(roll_phase_samples),
+        },
+        "serve_redeploy": {
+            "time_to_new_version_s": redeploy_s,
+            "during": latency_summary(during_redeploy),
+        },
+        "errors": sorted({s.error[:200] for s in samples if not s.ok})[:10],
+    }
+    steady_p99 = result["steady"]["p99_ms"]
+    result["ratios"] = {
+        "redeploy_over_roll": redeploy_s / statistics.median(roll_s),
+        "redeploy_over_slowest_roll": redeploy_s / max(roll_s),
+        "redeploy_over_cli_roll": redeploy_s / cli_s,
+        "p99_during_roll_over_steady": (result["hotswap_roll"]["during"]["p99_ms"] / steady_p99)
+        if steady_p99 else None,
+        "p99_during_redeploy_over_steady": ((result["serve_redeploy"]["during"]["p99_ms"] or 0) / steady_p99)
+        if steady_p99 else None,
+    }
+    return result
+
+
+def _print_table(results: list[dict]) -> None:
+    def ms(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    for r in results:
+        a, b, s = r["hotswap_roll"], r["serve_redeploy"], r["steady"]
+        print(f"\nN={r['replicas']} replicas, {r['clients']} closed-loop clients, max_tokens {r['max_tokens']}")
+        print(f"  {'phase':34} {'to new version':>15} {'requests':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}")
+        print(f"  {'steady state':34} {'':>15} {s['requests']:9d} {s['failed']:7d} {ms(s['p50_ms']):>8} "
+              f"{ms(s['p99_ms']):>8}")
+        t = a["time_to_new_version_s"]
+        print(f"  {'(a) hotswap roll (RPC), median':34} {t['median'] * 1e3:12.0f} ms {a['during']['requests']:9d} "
+              f"{a['during']['failed']:7d} {ms(a['during']['p50_ms']):>8} {ms(a['during']['p99_ms']):>8}")
+        print(f"  {'    of which swapping replicas':34} {a['swap_phase_ms']['median']:12.0f} ms  (the rest: fetch, "
+              "validate, stage)")
+        print(f"  {'    slowest roll / CLI roll':34} {t['max'] * 1e3:9.0f} / {a['cli_roll_s']:.1f} s")
+        print(f"  {'(b) Serve redeploy':34} {b['time_to_new_version_s']:13.1f} s {b['during']['requests']:9d} "
+              f"{b['during']['failed']:7d} {ms(b['during']['p50_ms']):>8} {ms(b['during']['p99_ms']):>8}")
+        q = r["ratios"]
+        print(f"  redeploy / roll = {q['redeploy_over_roll']:.0f}x (slowest roll "
+              f"{q['redeploy_over_slowest_roll']:.0f}x, CLI {q['redeploy_over_cli_roll']:.1f}x); "
+              "p99 during roll / steady = "
+              f"{q['p99_during_roll_over_steady']:.2f}x; failed in the whole roll phase: "
+              f"{a['failed_in_roll_phase']} of {a['requests_in_roll_phase']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH", required=True, help="where to write the JSON result")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[2, 3], help="replica counts (default 2 3)")
+    parser.add_argument("--rolls", type=int, default=10, help="rolls per replica count, each a new version")
+    parser.add_argument("--clients", type=int, default=4, help="closed-loop clients (default 4)")
+    parser.add_argument("--steady-s", type=float, default=10.0, help="seconds of steady state measured first")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per request (default 8)")
+    args = parser.parse_args(argv)
+    if args.rolls < 1 or args.clients < 1 or min(args.replicas) < 1:
+        parser.error("--rolls, --clients and --replicas must be at least 1")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp)
+        with local_s3():
+            progress("writing adapter versions to S3")
+            versions = _versions(cache, args.rolls + 3)
+            with serve_cluster(cache) as base_url:
+                results = [bench_replicas(n, base_url=base_url, cache=cache, versions=versions, rolls=args.rolls,
+                                          clients=args.clients, steady_s=args.steady_s, max_tokens=args.max_tokens)
+                           for n in args.replicas]
+    payload = {"benchmark": "rollout", "command": " ".join(["python -m benchmarks.rollout", *(argv or sys.argv[1:])]),
+               "machine": machine(), "results": results}
+    write_json(args.json, payload)
+    _print_table(results)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
