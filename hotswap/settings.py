@@ -92,6 +92,10 @@ class HotswapSettings(BaseModel):
     replica_liveness_s: float = Field(
         30.0, gt=0, description="A replica not heard from for this long is considered gone."
     )
+    s3_endpoint_url: str | None = Field(
+        None, pattern=r"^https?://[^\s/]+(/.*)?$", max_length=2048,
+        description="S3 endpoint (MinIO, a proxy); default: boto3's own (AWS_ENDPOINT_URL_S3, then AWS)."
+    )
     s3_connect_timeout_s: float = Field(5.0, gt=0)
     s3_read_timeout_s: float = Field(30.0, gt=0, description="A read that stalls this long is retried.")
     s3_max_attempts: int = Field(4, ge=1, le=20, description="Attempts per object, including the first.")

@@ -180,7 +180,7 @@ def state_store_for(settings, app_name: str) -> StateStore:
         from hotswap.store import make_s3_client
 
         client = make_s3_client(connect_timeout_s=settings.s3_connect_timeout_s,
-                                read_timeout_s=settings.s3_read_timeout_s)
+                                read_timeout_s=settings.s3_read_timeout_s, endpoint_url=settings.s3_endpoint_url)
         return S3StateStore(uri, client)
     path = Path(uri.removeprefix("file://")) if uri else settings.cache_dir / "state" / f"{app_name}.json"
     return FileStateStore(path)

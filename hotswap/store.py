@@ -242,8 +242,9 @@ def _read_capped(path: Path, uri: str) -> bytes:
     return path.read_bytes()
 
 
-def make_s3_client(*, connect_timeout_s: float, read_timeout_s: float) -> Any:
-    """A boto3 S3 client on the standard credential chain and endpoint settings (``AWS_ENDPOINT_URL_S3``).
+def make_s3_client(*, connect_timeout_s: float, read_timeout_s: float, endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client on the standard credential chain; ``endpoint_url`` or else boto3's own endpoint
+    settings (``AWS_ENDPOINT_URL_S3``).
 
     botocore's own retries are off: :class:`S3Store` retries whole reads itself, body included.
     """
@@ -255,7 +256,7 @@ def make_s3_client(*, connect_timeout_s: float, read_timeout_s: float) -> Any:
         read_timeout=read_timeout_s,
         retries={"total_max_attempts": 1, "mode": "standard"},
     )
-    return boto3.session.Session().client("s3", config=config)
+    return boto3.session.Session().client("s3", config=config, endpoint_url=endpoint_url)
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -505,5 +506,6 @@ class _LazyS3Client:
                 self._client = make_s3_client(
                     connect_timeout_s=self._settings.s3_connect_timeout_s,
                     read_timeout_s=self._settings.s3_read_timeout_s,
+                    endpoint_url=self._settings.s3_endpoint_url,
                 )
         return getattr(self._client, name)

@@ -270,3 +270,22 @@ def test_s3_server_down_is_a_clear_fetch_error(base_settings):
     )
     with pytest.raises(AdapterFetchError, match="AWS_ENDPOINT_URL_S3"):
         _s3_fetcher(base_settings, client).fetch("s3://bucket/adapter")
+
+
+def test_s3_endpoint_url_setting_routes_every_request_through_it(proxied, base_settings, adapter):
+    """``s3_endpoint_url`` wins over AWS_ENDPOINT_URL_S3: the fetch goes through the proxy (which counts it)."""
+    _, proxy, uri, bucket = proxied
+    proxy.add(Fault("truncate", match=f"GET /{bucket}/f/v1/adapter_model.safetensors".encode(), after=700, times=1))
+    settings = base_settings.model_copy(update={"s3_endpoint_url": proxy.url})
+    fetched = AdapterFetcher.from_settings(settings).fetch(uri)
+    assert proxy.injected == 1  # the damaged first attempt went through the proxy, the retry too
+    assert fetched.sha256 == _sha(adapter / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("bad", ["127.0.0.1:9000", "ftp://host", "http://", "http://a b"])
+def test_s3_endpoint_url_must_be_an_http_url(bad):
+    from hotswap.errors import ConfigError
+    from hotswap.settings import HotswapSettings
+
+    with pytest.raises(ConfigError, match="s3_endpoint_url"):
+        HotswapSettings.from_args({"s3_endpoint_url": bad})
