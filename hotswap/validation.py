@@ -371,7 +371,7 @@ def _check_header(path: Path, max_bytes: int, max_header: int, problems: list[st
             problems.append(f"tensor {key!r}: malformed header entry {entry!r}")
             continue
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _ALLOWED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _ALLOWED_DTYPES:
             problems.append(f"tensor {key!r} has dtype {dtype!r}; allowed: {', '.join(_ALLOWED_DTYPES)}")
             continue
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
@@ -453,7 +453,7 @@ def _check_keys(header: dict, spec: ModelSpec, config: dict, rank: int | None, p
     if not header:
         problems.append(f"{WEIGHTS_NAME} holds no tensors")
     targets = config.get("target_modules")
-    if isinstance(targets, list):
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):  # else _check_targets reported it
         outside = sorted({m.rsplit(".", 1)[-1] for m in found} - set(targets))
         if outside:
             problems.append(f"tensors target {outside}, which adapter_config.json's target_modules does not list")
