@@ -95,6 +95,29 @@ def _compiled_peft(tiny_base, folder):
     return model, compiled, ids
 
 
+def test_control_a_swap_mid_generation_gives_a_torn_text(compiled_engine, adapters, stage):
+    """The control of the integration check "every text equals the output of the version it names": decoding
+    straight from the generator (around the request lock) and swapping after the third token yields a text
+    that is neither version's, so a torn response cannot pass that check."""
+    from hotswap.generation import SamplingParams
+
+    engine = compiled_engine
+    first, second = stage(adapters["r16-all"]), stage(adapters["r2-o"])
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)]
+    prompt = ["The quick brown fox jumps over the lazy dog"]
+    engine.apply(second)
+    [whole_second], _ = engine.generate(prompt, params)
+    engine.apply(first)
+    [whole_first], _ = engine.generate(prompt, params)
+    torn = ""
+    for i, event in enumerate(engine.generator.stream(prompt, params)):  # no request lock held
+        torn += event.delta
+        if i == 2:
+            engine.apply(second)  # the writer lock is free: nothing stops the swap mid-generation
+    assert whole_first.text != whole_second.text
+    assert torn not in (whole_first.text, whole_second.text)
+
+
 def test_control_delete_and_load_adapter_recompiles(tiny_base, adapters):
     """The check above can fail: the naive reload on a compiled model trips error_on_recompile."""
     model, compiled, ids = _compiled_peft(tiny_base, adapters["r8-qv"])
