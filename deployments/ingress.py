@@ -20,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from hotswap.settings import HotswapSettings
@@ -27,6 +29,11 @@ from hotswap.settings import HotswapSettings
 __all__ = ["CompletionRequest", "Ingress", "api"]
 
 logger = logging.getLogger(__name__)
+
+# a replica that died (killed, crashed, scaled down) before answering: the completion is sent again, to
+# another replica, since generating has no side effects; the answer names the version that produced it
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+_ATTEMPTS = 3
 
 api = FastAPI(title="hotswap", description="Completions from a base model with hot-swapped LoRA adapters.")
 
@@ -181,7 +188,10 @@ class Ingress:
         created = int(time.time())
         if body.stream:
             return await self._stream(body, request_id, created)
-        result = await self.replica.complete.remote(body.to_replica())
+        try:
+            result = await self._retrying(lambda: self.replica.complete.remote(body.to_replica()))
+        except _REPLICA_GONE as e:
+            return _error(503, f"no model replica could answer ({type(e).__name__}, {_ATTEMPTS} attempts); retry")
         if "error" in result:
             return _error(result["status"], result["error"]["message"])
         payload = self._completion(request_id, created, result["text"], result["finish_reason"], result)
@@ -204,9 +214,27 @@ class Ingress:
             "adapter_sha256": adapter["adapter_sha256"],
         }
 
+    @staticmethod
+    async def _retrying(call):
+        """Await ``call()``; call it again (up to ``_ATTEMPTS`` times) while the replica it reached is gone."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return await call()
+            except _REPLICA_GONE as e:
+                if attempt == _ATTEMPTS:
+                    raise
+                logger.warning("a replica went away before answering (%s); sending the request again (%d/%d)",
+                               type(e).__name__, attempt + 1, _ATTEMPTS)
+
     async def _stream(self, body: CompletionRequest, request_id: str, created: int):
-        events = self.replica.options(stream=True).stream.remote(body.to_replica())
-        first = await events.__anext__()
+        async def start():
+            events = self.replica.options(stream=True).stream.remote(body.to_replica())
+            return events, await events.__anext__()
+
+        try:  # before the first item nothing was sent to the client: a replica gone by then is retried
+            events, first = await self._retrying(start)
+        except _REPLICA_GONE as e:
+            return _error(503, f"no model replica could answer ({type(e).__name__}, {_ATTEMPTS} attempts); retry")
         if "error" in first:
             return _error(first["status"], first["error"]["message"])
 
