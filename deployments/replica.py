@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -172,8 +173,12 @@ class ModelReplica:
             self.engine.reset_to_base(timeout_s=timeout_s)
         else:
             self.engine.apply(staged, timeout_s=timeout_s)
+        swapped = time.perf_counter()
+        # the wait for the batch in flight: the apply's time minus the copy it measured itself
+        self.last_drain_ms = max(0.0, (swapped - started) * 1e3 - (self.engine.last_swap_ms or 0.0))
         try:
             self._smoke_check()
+            self.last_smoke_ms = (time.perf_counter() - swapped) * 1e3
         except Exception as e:
             if previous is None:
                 self.engine.reset_to_base(timeout_s=timeout_s)
@@ -279,7 +284,10 @@ class ModelReplica:
             **s.adapter.as_dict(),
             "swaps": s.swaps,
             "last_swap_ms": s.last_swap_ms,
+            "last_drain_ms": getattr(self, "last_drain_ms", None),
+            "last_smoke_ms": getattr(self, "last_smoke_ms", None),
             "compiled_graphs": s.compiled_graphs,
+            "pid": os.getpid(),
         }
 
     def ping(self) -> str:
