@@ -86,7 +86,8 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
         time.sleep(steady_s)
 
         progress(f"N={n}: (a) {rolls} rolls, each to a new version from S3")
-        windows, roll_s, swap_phase_ms = [], [], []
+        windows, roll_s, swap_phase_ms, prepare_windows, swap_windows = [], [], [], [], []
+        per_replica: dict[str, list[float]] = {"drain_ms": [], "copy_ms": [], "smoke_ms": []}
         for j in range(rolls):
             uri, sha = versions[1 + j]
             t0 = time.monotonic()
@@ -96,6 +97,13 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
             windows.append((t0, t1))
             roll_s.append(t1 - t0)
             swap_phase_ms.append(result["ms"])  # the controller's time from first assignment to last ack
+            prepare_windows.append((t0, t1 - result["ms"] / 1e3))
+            swap_windows.append((t1 - result["ms"] / 1e3, t1))
+            for r in client.status()["replicas"]:  # what each replica's last swap spent, by phase
+                if r["live"]:
+                    per_replica["drain_ms"].append(r.get("last_drain_ms") or 0.0)
+                    per_replica["copy_ms"].append(r.get("last_swap_ms") or 0.0)
+                    per_replica["smoke_ms"].append(r.get("last_smoke_ms") or 0.0)
             progress(f"N={n}:   roll {j + 1}/{rolls} to {uri}: {(t1 - t0) * 1e3:.0f} ms")
             time.sleep(1.0)
         roll_phase = (windows[0][0], time.monotonic())
@@ -141,6 +149,10 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
             "time_to_new_version_s": {"median": statistics.median(roll_s), "max": max(roll_s), "n": len(roll_s)},
             # the rest of a roll is fetching from S3, validating and staging the new version, once
             "swap_phase_ms": {"median": statistics.median(swap_phase_ms), "max": max(swap_phase_ms)},
+            # per replica and swap: waiting for the batch in flight, the copy, the smoke check
+            "replica_phases_ms": {k: {"median": statistics.median(v), "max": max(v)} for k, v in per_replica.items()},
+            "during_prepare": latency_summary(_overlapping(samples, prepare_windows)),
+            "during_swaps": latency_summary(_overlapping(samples, swap_windows)),
             "cli_roll_s": cli_s,
             "during": latency_summary(during_roll),
             "failed_in_roll_phase": sum(not s.ok for s in roll_phase_samples),
@@ -180,6 +192,13 @@ def _print_table(results: list[dict]) -> None:
               f"{a['during']['failed']:7d} {ms(a['during']['p50_ms']):>8} {ms(a['during']['p99_ms']):>8}")
         print(f"  {'    of which swapping replicas':34} {a['swap_phase_ms']['median']:12.0f} ms  (the rest: fetch, "
               "validate, stage)")
+        ph = a["replica_phases_ms"]
+        print(f"  {'    per replica: drain / copy / smoke':34} {ph['drain_ms']['median']:.1f} / "
+              f"{ph['copy_ms']['median']:.2f} / {ph['smoke_ms']['median']:.1f} ms (medians)")
+        for key, label in (("during_prepare", "    p99 during fetch+validate+stage"),
+                           ("during_swaps", "    p99 during the swaps")):
+            print(f"  {label:34} {'':>15} {a[key]['requests']:9d} {a[key]['failed']:7d} "
+                  f"{ms(a[key]['p50_ms']):>8} {ms(a[key]['p99_ms']):>8}")
         print(f"  {'    slowest roll / CLI roll':34} {t['max'] * 1e3:9.0f} / {a['cli_roll_s']:.1f} s")
         print(f"  {'(b) Serve redeploy':34} {b['time_to_new_version_s']:13.1f} s {b['during']['requests']:9d} "
               f"{b['during']['failed']:7d} {ms(b['during']['p50_ms']):>8} {ms(b['during']['p99_ms']):>8}")

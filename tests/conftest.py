@@ -151,3 +151,31 @@ def eager_reference(tiny_base):
         return cache[key]
 
     return load
+
+
+class ReliabilityLog:
+    """What the reliability scenarios tried and what held, for RELIABILITY.md (``python -m tests.reliability``).
+
+    Tests call :meth:`record` with real counts; the session writes them as JSON to
+    ``$HOTSWAP_RELIABILITY_JSON`` when that variable is set.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def record(self, scenario: str, *, held: str, requests: int = 0, failed: int = 0, inputs: int = 0,
+               in_flight: int = 0) -> None:
+        """``in_flight``: client requests in flight when the fault struck."""
+        self.rows.append({"scenario": scenario, "held": held, "requests": requests, "failed": failed,
+                          "inputs": inputs, "in_flight": in_flight})
+
+
+@pytest.fixture(scope="session")
+def reliability():
+    log = ReliabilityLog()
+    yield log
+    target = os.environ.get("HOTSWAP_RELIABILITY_JSON")
+    if target:
+        import json
+
+        Path(target).write_text(json.dumps(log.rows, indent=2))

@@ -178,8 +178,15 @@ def _missing(file: str):
     return build
 
 
+def _outside(root: Path) -> Path:
+    """A folder outside the store root (``root`` is ``<store root>/corpus``)."""
+    out = root.parent.parent / "outside-the-store"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def _symlinked_folder(good: Path, root: Path, name: str) -> str:
-    outside = root.parent / f"outside-{name}"
+    outside = _outside(root) / name
     if not outside.exists():
         shutil.copytree(good, outside)
     link = root / name
@@ -192,7 +199,7 @@ def _symlinked_weights(good: Path, root: Path, name: str) -> str:
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(good / "adapter_config.json", folder)
-    secret = root.parent / f"secret-{name}.safetensors"
+    secret = _outside(root) / f"secret-{name}.safetensors"
     shutil.copy(good / "adapter_model.safetensors", secret)
     if not (folder / "adapter_model.safetensors").is_symlink():
         (folder / "adapter_model.safetensors").symlink_to(secret)

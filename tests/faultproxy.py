@@ -8,6 +8,8 @@ in the budget, the response to that request is damaged:
 - ``stall``: forward ``after`` bytes, then send nothing until the client gives up;
 - ``flip``: flip one bit of response byte ``after`` (past the headers), keep the length;
 - ``status500``: answer ``HTTP/1.1 500`` without asking upstream.
+
+``down = True`` plays the server being down: every connection is closed unanswered.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.injected = 0
         self.matched_requests = 0
+        self.down = False
+        self.refused = 0
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -74,6 +78,10 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        if self.down:
+            self.refused += 1
+            client.close()
+            return
         try:
             upstream = socket.create_connection(self.upstream, timeout=30)
         except OSError:

@@ -1,52 +1,37 @@
-"""Rollouts under faults, on a real Ray Serve with 3 compiled replicas: a replica killed mid-rollout, the
-controller killed mid-rollout, a smoke check failing on one replica; and the authenticated admin API.
+"""Rollouts under faults, on a real Ray Serve with 3 compiled replicas: a replica killed mid-rollout (actor
+killed, process killed) under load, the controller killed at each step boundary of a rollout, a smoke check
+failing on one replica, S3 faults (through a fault-injecting proxy in front of the S3 server) during a roll,
+the whole app restarted; and the authenticated admin API.
 
-Faults are injected through a replica subclass: a marker file ``hold-<replica id>`` makes that replica wait
-before swapping (so a test can act "mid-rollout"), ``fail-<replica id>`` makes its smoke check fail.
+Faults are injected through :mod:`tests.integration.faulty` (marker files make a replica hold before its
+swap or fail its smoke check) and :mod:`tests.faultproxy` (the app's ``s3_endpoint_url`` is the proxy).
 """
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import os
+import signal
+import threading
+import time
 
 import httpx
 import pytest
 import ray
 from ray import serve
 
-from deployments.replica import ModelReplica
+from benchmarks.load import ClosedLoop
 from hotswap.client import HotswapClient
-from hotswap.errors import RolloutConflictError, RolloutError
+from hotswap.errors import AdapterFetchError, RolloutConflictError, RolloutError
+from tests.faultproxy import Fault, FaultProxy
 from tests.integration.conftest import wait_for_condition
+from tests.integration.faulty import HOLD_SEED, FaultyReplica
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 APP = "faults"
 BUCKET = "faults"
 TOKEN = "s3cret-admin-token"
-
-
-class _FaultyReplica(ModelReplica.func_or_class):
-    def _swap_and_check(self, staged):
-        marks = Path(self.settings.cache_dir) / "fault-marks"
-        hold = marks / f"hold-{self.replica_id}"
-        for _ in range(1200):  # at most 60 s
-            if not hold.exists():
-                break
-            import time
-
-            time.sleep(0.05)
-        return super()._swap_and_check(staged)
-
-    def _smoke_check(self):
-        if (Path(self.settings.cache_dir) / "fault-marks" / f"fail-{self.replica_id}").exists():
-            raise RuntimeError("injected smoke-check failure")
-        super()._smoke_check()
-
-
-FaultyReplica = serve.deployment(_FaultyReplica, name="ModelReplica", ray_actor_options={"num_cpus": 0.3},
-                                 health_check_period_s=2, health_check_timeout_s=60)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +53,15 @@ def versions(make_adapter, s3_server):
 
 
 @pytest.fixture(scope="module")
-def service(serve_cluster, versions, tiny_base, tmp_path_factory):
+def proxy(s3_server):
+    """The fault-injecting proxy the app reaches S3 through (``s3_endpoint_url``)."""
+    proxy = FaultProxy("127.0.0.1", int(s3_server.rsplit(":", 1)[1]))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture(scope="module")
+def service(serve_cluster, versions, proxy, tiny_base, tmp_path_factory):
     from deployments.app import make_app
     from hotswap.controller import get_controller
 
@@ -85,6 +78,11 @@ def service(serve_cluster, versions, tiny_base, tmp_path_factory):
         "device": "cpu",
         "replica_liveness_s": 8,
         "swap_timeout_s": 90,
+        "s3_endpoint_url": proxy.url,
+        "s3_connect_timeout_s": 1,
+        "s3_read_timeout_s": 1,
+        "s3_max_attempts": 3,
+        "s3_retry_backoff_s": 0.05,
     }
     app = make_app(args, replica_class=FaultyReplica, replica_options={"num_replicas": 3},
                     ingress_options={"ray_actor_options": {"num_cpus": 0.1, "runtime_env": {
@@ -112,7 +110,7 @@ def _wait_done(client, count: int):
                        timeout_s=60, message=f"{count} replicas done")
 
 
-def test_smoke_check_failure_on_one_replica_rolls_the_others_back(service, versions):
+def test_smoke_check_failure_on_one_replica_rolls_the_others_back(service, versions, reliability):
     _, client, marks, _ = service
     before = _live(client)
     order = sorted(before)
@@ -130,44 +128,108 @@ def test_smoke_check_failure_on_one_replica_rolls_the_others_back(service, versi
     assert status["stable"]["sha256"] == versions["v1"][1]
     assert "smoke check failed" in status["rejected"][versions["v3"][1]]["problems"][0]
     assert status["history"][-1]["result"] == "reverted"
+    reliability.record("a smoke check failing on one replica mid-rollout", inputs=1,
+                       held="the rollout stopped; the replica already moved was reverted, the rest never touched; "
+                            "the version recorded as rejected")
 
 
-def test_replica_killed_mid_rollout_comes_back_on_its_assigned_version(service, versions):
+def _load(base: str) -> ClosedLoop:
+    return ClosedLoop(f"{base}/v1/completions", clients=4, max_seconds=300,
+                      body=lambda i, k: {"prompt": f"load {i} {k}", "max_tokens": 4, "temperature": 0})
+
+
+def _kill_process(replica_id: str) -> None:
+    pid = ray.get(_replica_actor(replica_id).__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["actor", "process"])
+def test_replica_killed_mid_rollout_under_load(service, versions, how, reliability):
+    """A replica dies mid-rollout with a request deliberately held in flight on it, under 4 clients: the held
+    request is answered anyway (the ingress sends it again to another replica), no other request fails, the
+    replacement starts on its assigned version before it serves, and nothing is swapped twice."""
     base, client, marks, _ = service
-    order = sorted(_live(client))
-    victim = order[1]
-    (marks / f"hold-{victim}").touch()
-    rolling = client.actor.roll.remote(versions["v2"][0])
-    try:
-        _wait_done(client, 1)  # the first replica moved; the second is held before its swap
-        ray.kill(_replica_actor(victim), no_restart=True)
-    finally:
-        (marks / f"hold-{victim}").unlink()
-    result = HotswapClient._get(rolling)
-    assert victim in result["swapped"]  # counted as gone; its replacement starts on the assigned version
-    def replacement_on_v2():
-        live = _live(client)
-        fresh = [r for r in live.values() if r["id"] not in order]
-        return fresh and all(r["adapter_sha256"] == versions["v2"][1] for r in fresh) and len(live) >= 3
+    before = _live(client)
+    order = sorted(before)
+    current = {r["adapter_sha256"] for r in before.values()}
+    target = next(v for v in ("v2", "v4") if versions[v][1] not in current)
+    held: dict = {}
+    with _load(base) as load:
+        load.wait_for(8)
+        (marks / "hold-request").touch()
+        try:
+            request = threading.Thread(target=lambda: held.update(r=httpx.post(
+                f"{base}/v1/completions", json={"prompt": "held", "max_tokens": 4, "temperature": 0,
+                                                "seed": HOLD_SEED}, timeout=120)))
+            request.start()
+            holding = wait_for_condition(lambda: list(marks.glob("holding-*")), timeout_s=30,
+                                         message="a held request")
+            victim = holding[0].name.removeprefix("holding-")
+            rolling = client.actor.roll.remote(versions[target][0])
+            # the replicas before the victim move; the victim's swap waits for the request it holds
+            _wait_done(client, order.index(victim))
+            wait_for_condition(lambda: client.status()["rollout"] is not None, timeout_s=30, message="rollout")
+            if how == "actor":
+                ray.kill(_replica_actor(victim), no_restart=True)
+            else:
+                _kill_process(victim)
+            killed_at = time.monotonic()
+        finally:
+            (marks / "hold-request").unlink()
+            (marks / f"holding-{victim}").unlink(missing_ok=True)
+        request.join(timeout=120)
+        result = HotswapClient._get(rolling)
+        assert victim in result["swapped"]  # counted as gone; its replacement starts on the assigned version
 
-    wait_for_condition(replacement_on_v2, timeout_s=180, message="the replacement on v2")
-    assert {r["adapter_sha256"] for r in _live(client).values()} == {versions["v2"][1]}
-    for _ in range(6):  # and it serves v2 from the first request
-        r = httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=60)
-        assert r.status_code == 200 and r.headers["x-adapter-sha256"] == versions["v2"][1]
+        def replacement_on_target():
+            live = _live(client)
+            fresh = [r for r in live.values() if r["id"] not in order]
+            return fresh and len(live) >= 3 and all(r["adapter_sha256"] == versions[target][1] for r in live.values())
+
+        wait_for_condition(replacement_on_target, timeout_s=180, message=f"the replacement on {target}")
+        fresh_ids = {rid for rid in _live(client) if rid not in order}
+        wait_for_condition(lambda: any(s.replica_id in fresh_ids for s in list(load.samples)), timeout_s=60,
+                           message="traffic on the replacement")  # once Serve's router knows it
+    samples = load.samples
+    answer = held["r"]
+    assert answer.status_code == 200, answer.text  # the request in flight on the killed replica was answered
+    assert answer.headers["x-replica-id"] != victim
+    in_flight = [s for s in samples if s.started <= killed_at <= s.finished]
+    failed = [s for s in samples if not s.ok]
+    assert not failed, failed[:3]
+    after = _live(client)
+    fresh = [r for r in after.values() if r["id"] not in order]
+    assert all(r["swaps"] <= 1 for r in fresh)  # it started on its version: at most the one startup apply
+    for rid in order:
+        if rid != victim:
+            assert after[rid]["swaps"] == before[rid]["swaps"] + 1, rid  # each survivor swapped exactly once
+    served_by_fresh = [s for s in samples if s.replica_id in fresh_ids]
+    assert served_by_fresh and {s.adapter_sha256 for s in served_by_fresh} == {versions[target][1]}
+    reliability.record(f"a replica killed mid-rollout ({how}), one request held in flight on it, 4 clients",
+                       requests=len(samples) + 1, failed=len(failed), inputs=1, in_flight=len(in_flight) + 1,
+                       held="the held request was answered by another replica (ingress retry); 0 other failures; "
+                            "the replacement served only its assigned version; survivors swapped once")
 
 
-def test_controller_killed_mid_rollout_resumes_without_swapping_twice(service, versions):
+@pytest.mark.parametrize("boundary", [0, 1, 2], ids=["before-any-swap", "after-1-of-3", "after-2-of-3"])
+def test_controller_killed_at_each_step_of_a_rollout_resumes_and_converges(service, versions, boundary, reliability):
+    """Killed while replica ``boundary`` (in rolling order) waits before its swap: the restarted controller
+    reloads its state, finishes the rollout, swaps nobody twice and leaves no replica on an unrecorded version."""
     _, client, marks, _ = service
     before = _live(client)
     order = sorted(before)
-    (marks / f"hold-{order[1]}").touch()
-    rolling = client.actor.roll.remote(versions["v4"][0])
+    current = {r["adapter_sha256"] for r in before.values()}
+    assert len(current) == 1
+    target = next(v for v in ("v4", "v2", "v3", "v1") if versions[v][1] not in current)
+    (marks / f"hold-{order[boundary]}").touch()
+    rolling = client.actor.roll.remote(versions[target][0])
     try:
-        _wait_done(client, 1)
+        _wait_done(client, boundary)
+        wait_for_condition(lambda: (client.status()["rollout"] or {}).get("targets"), timeout_s=60,
+                           message="the rollout recorded")
         ray.kill(client.actor, no_restart=False)  # the actor restarts and reloads its state
     finally:
-        (marks / f"hold-{order[1]}").unlink()
+        (marks / f"hold-{order[boundary]}").unlink()
     with pytest.raises(Exception):  # noqa: B017 - the caller of the killed actor sees it die
         HotswapClient._get(rolling)
 
@@ -175,13 +237,18 @@ def test_controller_killed_mid_rollout_resumes_without_swapping_twice(service, v
         status = client.status()
         live = _live(client)
         return status["rollout"] is None and len(live) == 3 and all(
-            r["adapter_sha256"] == versions["v4"][1] for r in live.values())
+            r["adapter_sha256"] == versions[target][1] for r in live.values())
 
     wait_for_condition(converged, timeout_s=120, message="the resumed rollout to converge")
     after = _live(client)
     for rid in order:
         assert after[rid]["swaps"] == before[rid]["swaps"] + 1, rid  # each replica swapped exactly once
-    assert client.status()["stable"]["sha256"] == versions["v4"][1]
+    status = client.status()
+    assert status["stable"]["sha256"] == versions[target][1]
+    assert status["history"][-1]["result"] == "ok"
+    reliability.record("the controller killed at a rollout step boundary (before any / after 1 / after 2 of 3)",
+                       inputs=1, held="restarted, reloaded its state, finished the rollout; every replica "
+                                      "swapped exactly once and runs the recorded stable version")
 
 
 def test_a_second_rollout_is_refused_while_one_runs(service, versions):
@@ -208,12 +275,15 @@ def test_a_second_rollout_is_refused_while_one_runs(service, versions):
      ({"authorization": f"Bearer {TOKEN}"}, 200)],
     ids=["missing", "wrong", "not-bearer", "right"],
 )
-def test_admin_status_needs_the_token(service, headers, status):
+def test_admin_status_needs_the_token(service, headers, status, reliability):
     base = service[0]
     response = httpx.get(f"{base}/admin/status", headers=headers, timeout=30)
     assert response.status_code == status
     if status == 200:
         assert response.json()["stable"]["uri"].startswith("s3://")
+    reliability.record("admin API: missing, wrong, non-bearer and right token", requests=1, inputs=1,
+                       held="401 for every wrong token, 200 for the right one; without a token configured the "
+                            "routes are 404 (test_rollout)")
 
 
 def test_admin_roll_and_rejection_over_http(service, versions):
@@ -231,7 +301,74 @@ def test_admin_roll_and_rejection_over_http(service, versions):
     assert httpx.post(f"{base}/admin/roll", json={"uri": versions["v2"][0]}, timeout=60).status_code == 401
 
 
-def test_whole_app_restart_comes_back_on_the_last_stable_version(service, versions):
+def _new_version(make_adapter, name: str, seed: int) -> tuple[str, str]:
+    """A version never fetched before, uploaded straight to S3 (not through the proxy)."""
+    from hotswap.store import make_s3_client
+
+    folder = make_adapter(f"faults-{name}", r=8, lora_alpha=4 + seed % 13, seed=seed)
+    s3 = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        s3.upload_file(str(folder / f), BUCKET, f"{name}/{f}")
+    return f"s3://{BUCKET}/{name}", hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def _snapshot(client) -> tuple:
+    status = client.status()
+    return status["stable"], status["canary"], {rid: (r["adapter_sha256"], r["swaps"])
+                                                for rid, r in _live(client).items()}
+
+
+@pytest.mark.parametrize(
+    ("kind", "after"), [("stall", 700), ("truncate", 700), ("flip", 3000), ("status500", 0)],
+    ids=["stalled-body", "truncated-body", "flipped-byte", "server-error"],
+)
+def test_s3_fault_during_a_roll_is_retried_and_the_roll_succeeds(service, proxy, make_adapter, kind, after,
+                                                                 reliability):
+    _, client, _, _ = service
+    name = f"s3-{kind}"
+    uri, sha = _new_version(make_adapter, name, seed=200 + len(kind))
+    injected = proxy.injected
+    proxy.add(Fault(kind, match=f"GET /{BUCKET}/{name}/adapter_model.safetensors".encode(), after=after, times=2))
+    result = client.roll(uri)
+    assert proxy.injected - injected == 2  # two damaged attempts, the third (the last allowed) succeeded
+    assert len(result["swapped"]) == 3 and {r["adapter_sha256"] for r in _live(client).values()} == {sha}
+    reliability.record("S3 fault during a roll, transient (stall, truncated body, flipped byte, 5xx)", inputs=1,
+                       held="retried within s3_max_attempts=3; the roll succeeded; the damaged bytes never "
+                            "reached a replica")
+
+
+def test_s3_persistent_fault_or_s3_down_fails_clearly_touches_nothing_then_recovers(service, proxy, make_adapter,
+                                                                                     reliability):
+    _, client, _, _ = service
+    uri, sha = _new_version(make_adapter, "s3-persistent", seed=300)
+    before = _snapshot(client)
+    fault = Fault("truncate", match=f"GET /{BUCKET}/s3-persistent/adapter_model.safetensors".encode(), after=700,
+                  times=99)
+    proxy.add(fault)
+    try:
+        with pytest.raises(AdapterFetchError, match="failed 3 times") as info:
+            client.roll(uri)
+        assert uri in str(info.value)
+        assert _snapshot(client) == before
+    finally:
+        fault.times = 0
+    proxy.down = True
+    try:
+        refused = proxy.refused
+        with pytest.raises(AdapterFetchError) as info:
+            client.roll(uri)
+        assert uri in str(info.value) and proxy.refused - refused >= 3
+        assert _snapshot(client) == before
+    finally:
+        proxy.down = False
+    result = client.roll(uri)  # S3 is back: the same version now rolls
+    assert len(result["swapped"]) == 3 and {r["adapter_sha256"] for r in _live(client).values()} == {sha}
+    reliability.record("S3 persistently damaged, then down, then back", inputs=3,
+                       held="bounded retries, then an AdapterFetchError naming the URI; no replica touched and "
+                            "stable/canary unchanged; the same roll succeeded once S3 was back")
+
+
+def test_whole_app_restart_comes_back_on_the_last_stable_version(service, versions, reliability):
     """After serve stops and starts again, the state file wins over initial_adapter in the config."""
     from deployments.app import make_app
     from hotswap.controller import get_controller
@@ -247,3 +384,6 @@ def test_whole_app_restart_comes_back_on_the_last_stable_version(service, versio
     wait_for_condition(lambda: len(_live(restarted)) == 1, timeout_s=120, message="the restarted replica")
     assert restarted.status()["stable"] == stable
     assert [r["adapter_sha256"] for r in _live(restarted).values()] == [stable["sha256"]]
+    reliability.record("the whole app stopped and started again", inputs=1,
+                       held="the replica came back on the last stable version from the state store, not on "
+                            "initial_adapter")

@@ -1,0 +1,322 @@
+"""Under load and under hostile input, on a real Ray Serve with 2 compiled replicas and adapters on a real S3
+server on 127.0.0.1:
+
+- 4 closed-loop clients while the controller rolls, canaries, promotes and rolls back through 4 versions:
+  no failed request, every text equals what an eager PEFT reference gives for the version the response
+  names (no torn response), and every replica's version changes only inside an operation that swapped it;
+- a request held inside a replica across a swap finishes on the old version, and the swap waits for it;
+- every case of the bad-adapter corpus is refused through the controller, naming the problem, with no
+  replica touched and the controller state unchanged;
+- fuzzed ``/v1/completions`` bodies (hypothesis) get 2xx or 4xx, never 5xx, and the service keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ray import serve
+
+from benchmarks.load import ClosedLoop
+from hotswap.client import HotswapClient
+from hotswap.errors import HotswapError
+from tests.corpus import HUGE_CAP_BYTES, write_corpus
+from tests.integration.conftest import wait_for_condition
+from tests.integration.faulty import HOLD_SEED, FaultyReplica
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+APP = "load"
+BUCKET = "load"
+MAX_TOKENS = 6
+VERSIONS = {
+    "v1": dict(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), seed=91),
+    "v2": dict(r=16, lora_alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"), seed=92),
+    "v3": dict(r=4, lora_alpha=64, target_modules=("o_proj", "down_proj"), seed=93),
+    "v4": dict(r=12, lora_alpha=24, target_modules=("gate_proj", "up_proj"), seed=94),
+}
+CANDIDATE_PROMPTS = ["Hello", "The quick brown fox", "Once upon a time", "ünïcödé ✓", "a b c d e f g", "0123456789",
+                     "What is LoRA?", "zzz", "Swap me in place", "x y"]
+MIN_LOGIT_GAP = 1e-4  # greedy choices closer than this could flip between eager and compiled arithmetic
+
+
+@pytest.fixture(scope="module")
+def versions(make_adapter, s3_server):
+    """Upload every version to S3; name -> (uri, sha256, folder)."""
+    from hotswap.store import make_s3_client
+
+    client = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
+    client.create_bucket(Bucket=BUCKET)
+    out = {}
+    for name, params in VERSIONS.items():
+        folder = make_adapter(f"load-{name}", **params)
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            client.upload_file(str(folder / f), BUCKET, f"{name}/{f}")
+        out[name] = (f"s3://{BUCKET}/{name}",
+                     hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest(), folder)
+    return out
+
+
+def _greedy(model, tokenizer, prompt: str) -> tuple[str, float]:
+    """Greedy text of ``MAX_TOKENS`` tokens (stopping at EOS, as the service does) and the smallest top-2 gap."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out, gap = [], float("inf")
+    with torch.no_grad():
+        for _ in range(MAX_TOKENS):
+            top = torch.topk(model(input_ids=ids).logits[0, -1].float(), 2)
+            gap = min(gap, float(top.values[0] - top.values[1]))
+            token = int(top.indices[0])
+            if token == tokenizer.eos_token_id:
+                break
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokenizer.decode(out, skip_special_tokens=True), gap
+
+
+@pytest.fixture(scope="module")
+def expected(versions, eager_reference):
+    """sha256 -> prompt -> the eager PEFT reference's greedy text, for prompts that tell every version apart."""
+    from transformers import AutoTokenizer
+
+    texts: dict[str, dict[str, str]] = {}
+    usable = set(CANDIDATE_PROMPTS)
+    for _, sha, folder in versions.values():
+        reference = eager_reference(folder)
+        tokenizer = AutoTokenizer.from_pretrained(reference.base_model.model.name_or_path)
+        texts[sha] = {}
+        for prompt in CANDIDATE_PROMPTS:
+            texts[sha][prompt], gap = _greedy(reference, tokenizer, prompt)
+            if gap < MIN_LOGIT_GAP:
+                usable.discard(prompt)
+    # a prompt is only useful if each version answers it differently (a mislabelled answer would show)
+    usable = [p for p in CANDIDATE_PROMPTS if p in usable and len({texts[s][p] for s in texts}) == len(texts)]
+    assert len(usable) >= 3, f"only {usable} tell the 4 versions apart with a safe margin; change the seeds"
+    return {sha: {p: by_prompt[p] for p in usable} for sha, by_prompt in texts.items()}
+
+
+@pytest.fixture(scope="module")
+def service(serve_cluster, versions, tiny_base, store_root, tmp_path_factory):
+    from deployments.app import make_app
+    from hotswap.controller import get_controller
+
+    cache = tmp_path_factory.mktemp("load-cache")
+    (cache / "fault-marks").mkdir()
+    args = {
+        "base_model": str(tiny_base),
+        "initial_adapter": versions["v1"][0],
+        "cache_dir": str(cache),
+        "local_store_root": str(store_root),
+        "max_adapter_bytes": HUGE_CAP_BYTES,
+        "max_rank": 16,
+        "max_batch_size": 4,
+        "prefill_chunk_tokens": 8,
+        "max_seq_len": 64,
+        "device": "cpu",
+    }
+    serve.run(make_app(args, replica_class=FaultyReplica, replica_options={"num_replicas": 2}), name=APP,
+              route_prefix=f"/{APP}")
+    client = HotswapClient(APP)
+    wait_for_condition(lambda: len(_live(client)) == 2, timeout_s=180, message="2 live replicas")
+    yield f"{serve_cluster}/{APP}", client, cache / "fault-marks"
+    serve.delete(APP)
+    ray.kill(get_controller(APP))
+
+
+def _live(client) -> dict[str, dict]:
+    return {r["id"]: r for r in client.status()["replicas"] if r["live"]}
+
+
+def _allowed(changes: list[tuple[float, float, str, str]], initial: str, started: float, finished: float) -> set[str]:
+    """Versions a replica may have served a request with, given the operations that swapped it: the version it
+    held when the request was sent, and both sides of every operation that overlapped the request."""
+    held = initial
+    allowed = set()
+    for t0, t1, old, new in changes:
+        if t1 <= started:
+            held = new
+        elif t0 < finished:
+            allowed |= {old, new}
+    return allowed | {held}
+
+
+def test_no_failed_or_torn_response_while_rolling_through_versions(service, versions, expected, reliability):
+    base, client, _ = service
+    sha = {name: v[1] for name, v in versions.items()}
+    uri = {name: v[0] for name, v in versions.items()}
+    before = _live(client)
+    held = {rid: r["adapter_sha256"] for rid, r in before.items()}
+    initial = dict(held)
+    changes: dict[str, list] = {rid: [] for rid in before}
+    prompts = sorted(expected[sha["v1"]])
+    cycle = [("roll", "v2"), ("canary", "v3"), ("promote", None), ("canary", "v4"), ("rollback", None),
+             ("rollback", None), ("roll", "v1")]
+    operations = 0
+
+    def body(i: int, k: int) -> dict:
+        return {"prompt": prompts[(i + k) % len(prompts)], "max_tokens": MAX_TOKENS, "temperature": 0}
+
+    with ClosedLoop(f"{base}/v1/completions", clients=4, body=body, max_seconds=600) as load:
+        load.wait_for(8)
+        for _ in range(2):
+            for kind, name in cycle:
+                t0 = time.monotonic()
+                if kind == "roll":
+                    result = client.roll(uri[name])
+                elif kind == "canary":
+                    result = client.roll(uri[name], canary=50)
+                else:
+                    result = getattr(client, kind)()
+                t1 = time.monotonic()
+                operations += 1
+                new = result["version"]["sha256"]
+                for rid in result["swapped"]:
+                    changes[rid].append((t0, t1, held[rid], new))
+                    held[rid] = new
+                load.wait_for(load.count() + 8)  # traffic between operations, on whatever each replica runs
+    samples = load.samples
+
+    failed = [s for s in samples if not s.ok]
+    assert not failed, failed[:3]
+    torn = [s for s in samples if s.text != expected[s.adapter_sha256][s.prompt]]
+    assert not torn, [(s.prompt, s.adapter_sha256[:8], s.text) for s in torn[:3]]
+    unexplained = [s for s in samples
+                   if s.adapter_sha256 not in _allowed(changes[s.replica_id], initial[s.replica_id], s.started,
+                                                        s.finished)]
+    assert not unexplained, [(s.replica_id, s.adapter_sha256[:8]) for s in unexplained[:3]]
+    after = _live(client)
+    for rid in before:  # every swap a replica made was one an operation ordered
+        assert after[rid]["swaps"] - before[rid]["swaps"] == len(changes[rid]), rid
+    assert {s.adapter_sha256 for s in samples} == set(sha.values())  # every version did serve traffic
+    reliability.record(
+        "4 clients during 14 roll/canary/promote/rollback operations (2 replicas)",
+        requests=len(samples), failed=len(failed), inputs=operations,
+        held="0 failed; 0 torn (each text equals the eager reference of the version it names); every version "
+             "change inside an operation that swapped that replica; swap counts match")
+
+
+def test_a_request_held_across_a_swap_finishes_on_the_old_version(service, versions, expected, reliability):
+    base, client, marks = service
+    live = _live(client)
+    old = next(iter(live.values()))["adapter_sha256"]
+    assert {r["adapter_sha256"] for r in live.values()} == {old}
+    target = next(name for name, v in versions.items() if v[1] != old)
+    prompt = sorted(expected[old])[0]
+    answer: dict = {}
+    (marks / "hold-request").touch()
+    try:
+        request = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            f"{base}/v1/completions", json={"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                                            "seed": HOLD_SEED}, timeout=120)))
+        request.start()
+        holding = wait_for_condition(lambda: list(marks.glob("holding-*")), timeout_s=30, message="a held request")
+        victim = holding[0].name.removeprefix("holding-")
+        rolling = client.actor.roll.remote(versions[target][0])
+        time.sleep(2.0)  # long enough for the other replica to swap; the held one must still wait
+        ready, _ = ray.wait([rolling], timeout=0)
+        assert not ready, "the rollout finished while a request was still in flight on a replica"
+        assert _live(client)[victim]["adapter_sha256"] == old
+        assert _live(client)[victim]["swaps"] == live[victim]["swaps"]
+    finally:
+        (marks / "hold-request").unlink(missing_ok=True)
+    request.join(timeout=120)
+    response = answer["r"]
+    assert response.status_code == 200, response.text
+    assert response.headers["x-replica-id"] == victim
+    assert response.headers["x-adapter-sha256"] == old
+    assert response.json()["choices"][0]["text"] == expected[old][prompt]
+    result = HotswapClient._get(rolling)
+    assert victim in result["swapped"]
+    assert _live(client)[victim]["adapter_sha256"] == versions[target][1]
+    reliability.record("a request held in flight across a swap", requests=1, failed=0, inputs=1,
+                       held="the request finished on the old version with its exact text; the swap waited for it")
+
+
+def test_every_corpus_adapter_is_refused_and_nothing_moves(service, make_adapter, store_root, reliability):
+    _, client, _ = service
+    good = make_adapter("valid-r8", r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), seed=11)
+    cases = write_corpus(good, store_root)
+    assert len(cases) >= 25
+
+    def snapshot():
+        status = client.status()
+        return (status["stable"], status["canary"],
+                {rid: (r["adapter_sha256"], r["swaps"]) for rid, r in _live(client).items()})
+
+    before = snapshot()
+    history = len(client.status()["history"])
+    for case_id, case_uri, words in cases:
+        with pytest.raises(HotswapError) as info:
+            result = client.roll(case_uri)
+            pytest.fail(f"corpus case {case_id} was rolled: {result}")
+        message = str(info.value) + " ".join(getattr(info.value, "problems", []))
+        assert words in message, (case_id, message)
+        assert snapshot() == before, case_id  # stable, canary, every replica's version and swap count
+    added = client.status()["history"][history:]
+    assert {h["kind"] for h in added} == {"rejected"}  # refusals of fetched adapters are recorded; no rollout
+    reliability.record("bad-adapter corpus rolled through the controller", inputs=len(cases),
+                       held=f"all {len(cases)} refused with the expected words; stable, canary and every replica's "
+                            "version and swap count unchanged; no rollout started")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = {
+    "prompt": st.text(max_size=200) | st.lists(st.text(max_size=20), max_size=3) | _JSON,
+    "max_tokens": st.integers(min_value=-10, max_value=80) | st.integers() | _JSON,
+    "temperature": st.floats() | _JSON,
+    "top_p": st.floats() | _JSON,
+    "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=6) | _JSON,
+    "seed": st.integers() | _JSON,
+    "stream": st.booleans() | _JSON,
+    "n": st.integers() | _JSON,
+    "model": st.text(max_size=20) | _JSON,
+    "user": st.text(max_size=300) | _JSON,
+    "logprobs": _JSON,
+}
+_BODIES = st.fixed_dictionaries({}, optional=_FIELDS) | _JSON
+
+
+def test_fuzzed_completion_bodies_never_get_a_5xx(service, reliability):
+    base, client, _ = service
+    replicas = set(_live(client))
+    seen: dict[int, int] = {}
+
+    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(body=_BODIES)
+    def check_json(body):
+        raw = json.dumps(body).encode()  # NaN and Infinity go out as the non-standard tokens Python writes
+        response = httpx.post(f"{base}/v1/completions", content=raw, headers={"content-type": "application/json"},
+                              timeout=120)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (body, response.text[:300])
+
+    @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(raw=st.binary(max_size=300), content_type=st.sampled_from(["application/json", "text/plain", ""]))
+    def check_bytes(raw, content_type):
+        response = httpx.post(f"{base}/v1/completions", content=raw, headers={"content-type": content_type},
+                              timeout=120)
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (raw, response.text[:300])
+
+    check_json()
+    check_bytes()
+    assert 200 in seen and 400 in seen  # both valid and invalid bodies were generated
+    ok = httpx.post(f"{base}/v1/completions", json={"prompt": "still here", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+    assert set(_live(client)) == replicas  # no replica died or restarted
+    reliability.record("fuzzed /v1/completions bodies (hypothesis)", requests=sum(seen.values()), failed=0,
+                       inputs=sum(seen.values()),
+                       held="never a 5xx (statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(seen.items()))
+                            + "); the same replicas kept serving")
