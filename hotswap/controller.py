@@ -479,7 +479,11 @@ class HotswapController:
                 "adapter_sha256": r.running.sha256,
                 "swaps": r.stats.get("swaps"),
                 "last_swap_ms": r.stats.get("last_swap_ms"),
+                # the rest of the last swap: waiting for the batch in flight, then the smoke check
+                "last_drain_ms": r.stats.get("last_drain_ms"),
+                "last_smoke_ms": r.stats.get("last_smoke_ms"),
                 "compiled_graphs": r.stats.get("compiled_graphs"),
+                "pid": r.stats.get("pid"),
                 "assigned_uri": assigned.uri if assigned else None,
                 "assigned_sha256": assigned.sha256 if assigned else None,
                 "live": r.id in live,

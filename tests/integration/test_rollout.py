@@ -228,8 +228,10 @@ def test_status_reports_every_field_per_replica(service):
     status = client.status()
     assert {"stable", "canary", "rollout", "history", "replicas"} <= set(status)
     for r in status["replicas"]:
-        assert {"id", "adapter_uri", "adapter_sha256", "swaps", "last_swap_ms", "compiled_graphs"} <= set(r)
+        assert {"id", "adapter_uri", "adapter_sha256", "swaps", "last_swap_ms", "last_drain_ms", "last_smoke_ms",
+                "compiled_graphs", "pid"} <= set(r)
         assert r["compiled_graphs"] >= 2 and r["swaps"] >= 1
+        assert r["last_drain_ms"] >= 0 and r["last_smoke_ms"] > 0 and r["pid"] > 0
 
 
 def test_cli_against_the_running_service(service, versions):

@@ -25,3 +25,4 @@ def test_swap_benchmark_quick_writes_its_json(tmp_path):
     assert tiny["engine_swap_ms"]["n"] >= 20
     assert tiny["engine_recompiles"] == 0
     assert tiny["reload_recompiles"] >= 1  # the naive path does recompile (the control of the line above)
+
