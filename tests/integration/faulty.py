@@ -2,6 +2,7 @@
 replicas share the file system):
 
 - ``hold-<replica id>``: the replica waits before its next swap (a test can act "mid-rollout");
+- it writes ``swapping-<replica id>`` while a swap runs (including its wait for requests in flight);
 - ``fail-<replica id>``: its smoke check fails;
 - ``hold-request``: a request sent with ``seed == HOLD_SEED`` stops inside the engine's request
   lock, before its first token, and writes ``holding-<replica id>`` while it waits.
@@ -50,8 +51,14 @@ class _FaultyReplica(ModelReplica.func_or_class):
         generator.stream = stream
 
     def _swap_and_check(self, staged):
-        _wait_while(Path(self.settings.cache_dir) / "fault-marks" / f"hold-{self.replica_id}")
-        return super()._swap_and_check(staged)
+        marks = Path(self.settings.cache_dir) / "fault-marks"
+        _wait_while(marks / f"hold-{self.replica_id}")
+        swapping = marks / f"swapping-{self.replica_id}"
+        swapping.touch()
+        try:
+            return super()._swap_and_check(staged)
+        finally:
+            swapping.unlink(missing_ok=True)
 
     def _smoke_check(self):
         if (Path(self.settings.cache_dir) / "fault-marks" / f"fail-{self.replica_id}").exists():

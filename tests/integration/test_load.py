@@ -220,8 +220,10 @@ def test_a_request_held_across_a_swap_finishes_on_the_old_version(service, versi
         holding = wait_for_condition(lambda: list(marks.glob("holding-*")), timeout_s=30, message="a held request")
         victim = holding[0].name.removeprefix("holding-")
         rolling = client.actor.roll.remote(versions[target][0])
-        time.sleep(2.0)  # long enough for the other replica to swap; the held one must still wait
-        ready, _ = ray.wait([rolling], timeout=0)
+        # the victim has entered its swap, which must wait for the request it holds
+        wait_for_condition(lambda: (marks / f"swapping-{victim}").exists(), timeout_s=60,
+                           message="the held replica's swap to start")
+        ready, _ = ray.wait([rolling], timeout=0.5)
         assert not ready, "the rollout finished while a request was still in flight on a replica"
         assert _live(client)[victim]["adapter_sha256"] == old
         assert _live(client)[victim]["swaps"] == live[victim]["swaps"]
@@ -285,7 +287,18 @@ _FIELDS = {
     "user": st.text(max_size=300) | _JSON,
     "logprobs": _JSON,
 }
-_BODIES = st.fixed_dictionaries({}, optional=_FIELDS) | _JSON
+_VALID = {  # in range: these reach generation, with odd but legal values (tiny temperatures, top_p, seeds)
+    "prompt": st.text(min_size=1, max_size=40).filter(str.strip),
+    "max_tokens": st.integers(min_value=1, max_value=24),
+    "temperature": st.floats(min_value=0, max_value=2),
+    "top_p": st.floats(min_value=1e-9, max_value=1),
+    "seed": st.integers(min_value=0, max_value=2**63 - 1),
+    "stop": st.text(min_size=1, max_size=4),
+    "stream": st.booleans(),
+}
+_BODIES = (st.fixed_dictionaries({"prompt": _VALID["prompt"]},
+                                 optional={k: v for k, v in _VALID.items() if k != "prompt"})
+           | st.fixed_dictionaries({}, optional=_FIELDS) | _JSON)
 
 
 def test_fuzzed_completion_bodies_never_get_a_5xx(service, reliability):
