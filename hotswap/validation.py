@@ -364,6 +364,8 @@ def _check_header(path: Path, max_bytes: int, max_header: int, problems: list[st
         problems.append(f"{WEIGHTS_NAME} header is not a JSON object; the file is corrupt")
         return None
     header.pop("__metadata__", None)
+    if not header:
+        problems.append(f"{WEIGHTS_NAME} holds no tensors")
     data_len = size - 8 - n
     spans = []
     for key, entry in header.items():
@@ -387,7 +389,9 @@ def _check_header(path: Path, max_bytes: int, max_header: int, problems: list[st
             continue
         spans.append((offsets[0], offsets[1], key))
     if len(spans) != len(header):
-        return header  # layout checks below would only echo the entries already reported
+        # the layout checks below would only echo the entries already reported; the key checks get the
+        # well-formed entries only
+        return {key: header[key] for _, _, key in spans}
     spans.sort()
     end = 0
     for start, stop, key in spans:
@@ -450,8 +454,6 @@ def _check_keys(header: dict, spec: ModelSpec, config: dict, rank: int | None, p
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             problems.append(f"module {module!r} has no {missing}.weight; the adapter file is incomplete")
-    if not header:
-        problems.append(f"{WEIGHTS_NAME} holds no tensors")
     targets = config.get("target_modules")
     if isinstance(targets, list) and all(isinstance(t, str) for t in targets):  # else _check_targets reported it
         outside = sorted({m.rsplit(".", 1)[-1] for m in found} - set(targets))

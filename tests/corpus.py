@@ -146,6 +146,9 @@ FILE_CASES = [
     # found by the hypothesis fuzzing: a non-string dtype once raised TypeError instead of a validation error
     ("dtype-not-a-string", lambda raw: _edit_header(raw, lambda h: next(
         e for k, e in h.items() if k != "__metadata__").update(dtype=["F32"])), "has dtype ['F32']"),
+    # found by the hypothesis fuzzing: a null shape once reached the key checks and raised TypeError
+    ("shape-null", lambda raw: _edit_header(raw, lambda h: next(
+        e for k, e in h.items() if k != "__metadata__").update(shape=None)), "has an invalid shape None"),
 ]
 
 def _edit_header(raw: bytes, edit) -> bytes:
