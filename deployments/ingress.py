@@ -138,6 +138,10 @@ async def _admin_call(app_name: str, operation: str, request: Request) -> JSONRe
         return JSONResponse(body, status_code=status)
 
 
+def _no_replica(error: BaseException) -> JSONResponse:
+    return _error(503, f"no model replica could answer ({type(error).__name__}, {_ATTEMPTS} attempts); retry")
+
+
 def _adapter_headers(item: dict) -> dict[str, str]:
     return {"x-adapter-uri": item["adapter_uri"], "x-adapter-sha256": item["adapter_sha256"],
             "x-replica-id": item["replica_id"]}
@@ -191,7 +195,7 @@ class Ingress:
         try:
             result = await self._retrying(lambda: self.replica.complete.remote(body.to_replica()))
         except _REPLICA_GONE as e:
-            return _error(503, f"no model replica could answer ({type(e).__name__}, {_ATTEMPTS} attempts); retry")
+            return _no_replica(e)
         if "error" in result:
             return _error(result["status"], result["error"]["message"])
         payload = self._completion(request_id, created, result["text"], result["finish_reason"], result)
@@ -234,7 +238,7 @@ class Ingress:
         try:  # before the first item nothing was sent to the client: a replica gone by then is retried
             events, first = await self._retrying(start)
         except _REPLICA_GONE as e:
-            return _error(503, f"no model replica could answer ({type(e).__name__}, {_ATTEMPTS} attempts); retry")
+            return _no_replica(e)
         if "error" in first:
             return _error(first["status"], first["error"]["message"])
 

@@ -110,6 +110,8 @@ class ModelReplica:
 
         started = time.perf_counter()
         self.settings = settings
+        self.last_drain_ms: float | None = None  # the last swap's wait for the batch in flight
+        self.last_smoke_ms: float | None = None  # ... and its smoke check
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
@@ -284,8 +286,8 @@ class ModelReplica:
             **s.adapter.as_dict(),
             "swaps": s.swaps,
             "last_swap_ms": s.last_swap_ms,
-            "last_drain_ms": getattr(self, "last_drain_ms", None),
-            "last_smoke_ms": getattr(self, "last_smoke_ms", None),
+            "last_drain_ms": self.last_drain_ms,
+            "last_smoke_ms": self.last_smoke_ms,
             "compiled_graphs": s.compiled_graphs,
             "pid": os.getpid(),
         }
