@@ -44,3 +44,15 @@ def serve_cluster(s3_server, hotswap_home):
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+def upload_adapter(folder, bucket: str, prefix: str) -> tuple[str, str]:
+    """Upload an adapter folder straight to the test S3 server under ``s3://bucket/prefix``; (uri, sha256)."""
+    import hashlib
+
+    from hotswap.store import make_s3_client
+
+    client = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        client.upload_file(str(folder / f), bucket, f"{prefix}/{f}")
+    return f"s3://{bucket}/{prefix}", hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()

@@ -9,7 +9,6 @@ swap or fail its smoke check) and :mod:`tests.faultproxy` (the app's ``s3_endpoi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import threading
@@ -24,7 +23,7 @@ from benchmarks.load import ClosedLoop
 from hotswap.client import HotswapClient
 from hotswap.errors import AdapterFetchError, RolloutConflictError, RolloutError
 from tests.faultproxy import Fault, FaultProxy
-from tests.integration.conftest import wait_for_condition
+from tests.integration.conftest import upload_adapter, wait_for_condition
 from tests.integration.faulty import HOLD_SEED, FaultyReplica
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -44,11 +43,7 @@ def versions(make_adapter, s3_server):
     for name, params in {"v1": dict(r=8, seed=81), "v2": dict(r=16, lora_alpha=4, seed=82),
                          "v3": dict(r=4, target_modules=("o_proj",), seed=83),
                          "v4": dict(r=2, lora_alpha=8, seed=84)}.items():
-        folder = make_adapter(f"faults-{name}", **params)
-        for f in ("adapter_model.safetensors", "adapter_config.json"):
-            client.upload_file(str(folder / f), BUCKET, f"{name}/{f}")
-        out[name] = (f"s3://{BUCKET}/{name}",
-                     hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest())
+        out[name] = upload_adapter(make_adapter(f"faults-{name}", **params), BUCKET, name)
     return out
 
 
@@ -303,13 +298,7 @@ def test_admin_roll_and_rejection_over_http(service, versions):
 
 def _new_version(make_adapter, name: str, seed: int) -> tuple[str, str]:
     """A version never fetched before, uploaded straight to S3 (not through the proxy)."""
-    from hotswap.store import make_s3_client
-
-    folder = make_adapter(f"faults-{name}", r=8, lora_alpha=4 + seed % 13, seed=seed)
-    s3 = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
-    for f in ("adapter_model.safetensors", "adapter_config.json"):
-        s3.upload_file(str(folder / f), BUCKET, f"{name}/{f}")
-    return f"s3://{BUCKET}/{name}", hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+    return upload_adapter(make_adapter(f"faults-{name}", r=8, lora_alpha=4 + seed % 13, seed=seed), BUCKET, name)
 
 
 def _snapshot(client) -> tuple:

@@ -12,7 +12,6 @@ server on 127.0.0.1:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -29,7 +28,7 @@ from benchmarks.load import ClosedLoop
 from hotswap.client import HotswapClient
 from hotswap.errors import HotswapError
 from tests.corpus import HUGE_CAP_BYTES, write_corpus
-from tests.integration.conftest import wait_for_condition
+from tests.integration.conftest import upload_adapter, wait_for_condition
 from tests.integration.faulty import HOLD_SEED, FaultyReplica
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -59,10 +58,7 @@ def versions(make_adapter, s3_server):
     out = {}
     for name, params in VERSIONS.items():
         folder = make_adapter(f"load-{name}", **params)
-        for f in ("adapter_model.safetensors", "adapter_config.json"):
-            client.upload_file(str(folder / f), BUCKET, f"{name}/{f}")
-        out[name] = (f"s3://{BUCKET}/{name}",
-                     hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest(), folder)
+        out[name] = (*upload_adapter(folder, BUCKET, name), folder)
     return out
 
 

@@ -3,7 +3,6 @@ S3 server on 127.0.0.1: roll, canary, promote, both rollbacks, rejection, confli
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import httpx
@@ -12,7 +11,7 @@ import ray
 
 from hotswap.client import HotswapClient
 from hotswap.errors import AdapterNotFoundError, AdapterValidationError, RolloutConflictError
-from tests.integration.conftest import wait_for_condition
+from tests.integration.conftest import upload_adapter, wait_for_condition
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -36,11 +35,7 @@ def versions(make_adapter, s3_server):
     client.create_bucket(Bucket=BUCKET)
     out = {}
     for name, params in VERSIONS.items():
-        folder = make_adapter(f"rollout-{name}", **params)
-        for f in ("adapter_model.safetensors", "adapter_config.json"):
-            client.upload_file(str(folder / f), BUCKET, f"{name}/{f}")
-        out[name] = (f"s3://{BUCKET}/{name}", hashlib.sha256((folder / "adapter_model.safetensors").read_bytes())
-                     .hexdigest())
+        out[name] = upload_adapter(make_adapter(f"rollout-{name}", **params), BUCKET, name)
     bad = make_adapter("rollout-bad-src", r=8, seed=79)
     import json
 
