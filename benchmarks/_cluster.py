@@ -1,5 +1,6 @@
-"""What the service benchmarks share: a private Ray + Serve on this machine, an S3 server on 127.0.0.1, the
-machine description, progress lines and the JSON writer."""
+"""What the benchmarks share: progress lines and the JSON writer; for the service benchmarks also a private
+Ray + Serve on this machine, an S3 server on 127.0.0.1 and the machine description (the tests use
+``free_port`` too)."""
 
 from __future__ import annotations
 

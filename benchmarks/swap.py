@@ -14,7 +14,6 @@ projections and ``max_rank`` 64 is measured too.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks._cluster import progress, write_json
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -44,10 +45,6 @@ def _timed(fn, reps: int, *, sync) -> list[float]:
     return out
 
 
-def _progress(message: str) -> None:
-    print(f"  .. {message}", file=sys.stderr, flush=True)
-
-
 def _big_base(cache: Path) -> Path:
     """A TinyLlama-1.1B-shaped Llama with random weights, saved once (about 4.4 GB in float32)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -57,7 +54,7 @@ def _big_base(cache: Path) -> Path:
     out = cache / "models" / "tinyllama-1.1b-shape-v1"
     if (out / "config.json").exists():
         return out
-    _progress("building the 1.1B-shaped model (random init, once)")
+    progress("building the 1.1B-shaped model (random init, once)")
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
     torch.manual_seed(0)
@@ -102,10 +99,10 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
     for i, params in enumerate(adapters):
         folder = settings.store_root / f"{name}-{i}"
         if not (folder / "adapter_model.safetensors").exists():
-            _progress(f"writing adapter {folder.name}")
+            progress(f"writing adapter {folder.name}")
             write_random_adapter(base, folder, **params)
         folders.append(folder)
-    _progress(f"{name}: building and compiling the engine")
+    progress(f"{name}: building and compiling the engine")
     engine = SwapEngine.build(settings)
     device = engine.device
     sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
@@ -125,7 +122,7 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
         flip[0] ^= 1
         engine.apply(staged[flip[0]])
 
-    _progress(f"{name}: engine swaps")
+    progress(f"{name}: engine swaps")
     with torch._dynamo.config.patch(error_on_recompile=True):
         engine_swap()  # warm-up
         ours = _timed(engine_swap, reps, sync=sync)
@@ -134,7 +131,7 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
     if profile:
         _print_profile(name, engine_swap, reps)
 
-    _progress(f"{name}: PEFT hotswap_adapter_from_state_dict")
+    progress(f"{name}: PEFT hotswap_adapter_from_state_dict")
     state_dicts = [s.peft_state_dict(spec, ADAPTER_NAME) for s in staged]
     configs = [s.lora_config() for s in staged]
 
@@ -146,7 +143,7 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
     peft_swap()
     peft_sd = _timed(peft_swap, reps, sync=sync)
 
-    _progress(f"{name}: PEFT hotswap_adapter from disk")
+    progress(f"{name}: PEFT hotswap_adapter from disk")
 
     def peft_disk():
         flip[0] ^= 1
@@ -165,7 +162,7 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
             if not (folder / "adapter_model.safetensors").exists():
                 write_random_adapter(base, folder, **{**adapters[0], "lora_alpha": 3 + i, "seed": 100 + i})
             fresh.append(folder)
-        _progress(f"{name}: delete_adapter + load_adapter + first compiled forward ({reload_reps} times)")
+        progress(f"{name}: delete_adapter + load_adapter + first compiled forward ({reload_reps} times)")
         from torch._dynamo.testing import CompileCounterWithBackend
 
         model = PeftModel.from_pretrained(
@@ -267,8 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
                            "torch": torch.__version__, "cuda": torch.cuda.is_available()},
                "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(payload, indent=2))
+    write_json(args.json, payload)
     _print_table(results)
     print(f"\nwrote {args.json}")
     return 0

@@ -9,13 +9,13 @@ slices, and the copy into the strided ``lora_B`` column slices, each as one ``_f
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from benchmarks._cluster import write_json
 
 LAYERS = 22
 DIMS = [(2048, 2048), (2048, 256), (2048, 256), (2048, 2048), (2048, 5632), (2048, 5632), (5632, 2048)]  # (in, out)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key:24} {result[key]:8.2f} ms")
     print(f"  A rows + B columns = {both:.2f} ms = {result['layout_over_flat']:.2f}x the flat copy")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 

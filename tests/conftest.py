@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
+from benchmarks._cluster import free_port  # noqa: F401 - tests import it from here
 from hotswap.builtin import materialize_builtin_model, write_random_adapter
 from hotswap.settings import HotswapSettings
 
@@ -64,12 +64,6 @@ def base_settings(hotswap_home, store_root) -> HotswapSettings:
         s3_max_attempts=3,
         s3_retry_backoff_s=0.01,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
