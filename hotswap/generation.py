@@ -119,6 +119,12 @@ class StaticBatchGenerator:
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids for a prompt (text is tokenized with the tokenizer's special tokens)."""
+        if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ('\ud800') crashes the tokenizer with a TypeError
+                raise RequestError(f"prompt is not valid unicode ({e.reason} at character {e.start}); "
+                                   "send UTF-8 text") from None
         ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer(prompt)["input_ids"]
         if not ids:
             raise RequestError("prompt is empty after tokenization; send at least one character")
@@ -242,7 +248,10 @@ class StaticBatchGenerator:
             if p.temperature == 0 or row.finish_reason is not None:
                 chosen.append(greedy[i])
                 continue
-            probs = torch.softmax(logits[i].cpu() / p.temperature, dim=-1)
+            # Shift so the top logit is 0, then scale in float64: a temperature that rounds to 0 in float32
+            # (the API allows any float >= 0) would give inf - inf = NaN; this way it tends to greedy.
+            row_logits = logits[i].cpu().double()
+            probs = torch.softmax((row_logits - row_logits.max()) / p.temperature, dim=-1)
             if p.top_p < 1:
                 sorted_probs, order = probs.sort(descending=True)
                 keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import ray
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
@@ -304,6 +304,7 @@ def test_fuzzed_completion_bodies_never_get_a_5xx(service, reliability):
 
     @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(body=_BODIES)
+    @example(body={"prompt": "0", "temperature": 1.7265425952315139e-77})  # a 500 once: NaN in the softmax
     def check_json(body):
         raw = json.dumps(body).encode()  # NaN and Infinity go out as the non-standard tokens Python writes
         response = httpx.post(f"{base}/v1/completions", content=raw, headers={"content-type": "application/json"},
@@ -313,6 +314,7 @@ def test_fuzzed_completion_bodies_never_get_a_5xx(service, reliability):
 
     @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(raw=st.binary(max_size=300), content_type=st.sampled_from(["application/json", "text/plain", ""]))
+    @example(raw=b'{"prompt": "lone \\ud800 surrogate"}', content_type="application/json")
     def check_bytes(raw, content_type):
         response = httpx.post(f"{base}/v1/completions", content=raw, headers={"content-type": content_type},
                               timeout=120)

@@ -85,6 +85,18 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(compiled_engine
     assert first[0].token_ids != greedy[0].token_ids
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1.7265425952315139e-77, 5e-324])
+def test_a_vanishing_temperature_samples_like_greedy(compiled_engine, temperature):
+    # Found by the HTTP fuzzer: 1.7e-77 rounds to 0 in float32, logits / 0 gave inf - inf = NaN in the
+    # softmax and the request failed with a 500. As the temperature goes to 0, sampling becomes greedy.
+    engine = compiled_engine
+    greedy, _ = engine.generate([PROMPTS[2]], [GREEDY])
+    params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=temperature, top_p=0.5, seed=3,
+                            ignore_eos=True)
+    cold, _ = engine.generate([PROMPTS[2]], [params])
+    assert cold[0].token_ids == greedy[0].token_ids
+
+
 def test_max_tokens_stop_strings_and_eos(compiled_engine, adapters, stage):
     engine = compiled_engine
     engine.apply(stage(adapters["a"]))
@@ -126,6 +138,7 @@ def test_streamed_deltas_add_up_to_the_text(compiled_engine):
     [
         ("x" * 70, SamplingParams(max_tokens=1), "exceeds the context window of 64 tokens"),
         ("hello", SamplingParams(max_tokens=60), "exceeds the context window"),
+        ("lone \ud800 surrogate", SamplingParams(max_tokens=1), "prompt is not valid unicode"),
         ("hello", SamplingParams(max_tokens=0), "max_tokens must be >= 1"),
         ("hello", SamplingParams(temperature=-1), "temperature must be >= 0"),
         ("hello", SamplingParams(top_p=0), "top_p must be in"),
