@@ -20,7 +20,7 @@ import httpx
 import pytest
 import ray
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from ray import serve
 
@@ -28,6 +28,7 @@ from benchmarks.load import ClosedLoop
 from hotswap.client import HotswapClient
 from hotswap.errors import HotswapError
 from tests.corpus import HUGE_CAP_BYTES, write_corpus
+from tests.fuzzing import fuzz_settings
 from tests.integration.conftest import upload_adapter, wait_for_condition
 from tests.integration.faulty import HOLD_SEED, FaultyReplica
 
@@ -302,7 +303,7 @@ def test_fuzzed_completion_bodies_never_get_a_5xx(service, reliability):
     replicas = set(_live(client))
     seen: dict[int, int] = {}
 
-    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @fuzz_settings(150)
     @given(body=_BODIES)
     @example(body={"prompt": "0", "temperature": 1.7265425952315139e-77})  # a 500 once: NaN in the softmax
     def check_json(body):
@@ -312,7 +313,7 @@ def test_fuzzed_completion_bodies_never_get_a_5xx(service, reliability):
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         assert response.status_code < 500, (body, response.text[:300])
 
-    @settings(max_examples=50, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @fuzz_settings(50)
     @given(raw=st.binary(max_size=300), content_type=st.sampled_from(["application/json", "text/plain", ""]))
     @example(raw=b'{"prompt": "lone \\ud800 surrogate"}', content_type="application/json")
     def check_bytes(raw, content_type):

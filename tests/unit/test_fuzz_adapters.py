@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from hotswap.adapters import model_spec_for
@@ -20,11 +20,11 @@ from hotswap.errors import AdapterError
 from hotswap.staging import stage_adapter
 from hotswap.store import AdapterFetcher
 from hotswap.validation import validate_adapter
+from tests.fuzzing import fuzz_settings
 
 pytestmark = pytest.mark.slow
 
-FUZZ = settings(max_examples=200, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz_settings(200)
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
