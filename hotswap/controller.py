@@ -11,6 +11,10 @@ long-polls :meth:`HotswapController.watch`, which returns as soon as its assignm
 (and doubles as a heartbeat carrying its stats). A rollout step is therefore "change one
 replica's assignment, persist, wait until that replica reports running it".
 
+A canary keeps its share when its replicas die: once a canary replica is gone, the controller
+moves a live stable replica to the canary (a one-replica canary step, swapped in place like any
+other); replicas that start meanwhile start on stable.
+
 Every state change is persisted before it is acted on, so a restarted controller resumes a
 rollout: replicas that already run the target version are not swapped again, and versions
 already validated are reloaded from the content-addressed cache without validating them again.
@@ -49,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER_NAMESPACE = "hotswap"
 _WATCH_TIMEOUT_S = 5.0
+_UPKEEP_S = 2.0  # how often the controller checks that an active canary still has its replicas
 
 
 def canary_count(percent: float, replicas: int) -> int:
@@ -123,6 +128,8 @@ class HotswapController:
         self._changed: asyncio.Condition | None = None
         self._busy: asyncio.Lock | None = None
         self._ready: asyncio.Task | None = None
+        self._upkeeper: asyncio.Task | None = None
+        self._refill_failed: Version | None = None
         logger.info("controller for %s started; state at %s", app_name, self.store.describe())
 
     # --- start-up --------------------------------------------------------------------------------------
@@ -150,6 +157,7 @@ class HotswapController:
             logger.info("resuming rollout %s (%s to %s), %d of %d done", rollout.id, rollout.kind,
                         rollout.version.short(), len(rollout.done), len(rollout.targets))
             asyncio.ensure_future(self._resume(rollout))
+        self._upkeeper = asyncio.ensure_future(self._upkeep())
 
     async def _resume(self, rollout: Rollout) -> None:
         async with self._busy:
@@ -285,6 +293,46 @@ class HotswapController:
     def _live(self) -> list[str]:
         horizon = time.monotonic() - self.settings.replica_liveness_s
         return sorted(r.id for r in self.replicas.values() if r.last_seen >= horizon)
+
+    def _canary_vacancies(self) -> list[str]:
+        """Canary replicas not heard from for ``replica_liveness_s`` (none until this process has run that long,
+        since replicas known to a previous controller process report in only at their next heartbeat)."""
+        if time.monotonic() - self.started <= self.settings.replica_liveness_s:
+            return []
+        live = set(self._live())
+        return [r for r in self.state.canary_replicas if r not in live]
+
+    async def _upkeep(self) -> None:
+        """Forever: keep an active canary's share (see :meth:`_refill_canary`)."""
+        while True:
+            await asyncio.sleep(_UPKEEP_S)
+            try:
+                await self._refill_canary()
+            except RolloutError as e:  # reverted and recorded; _refill_failed stops it trying other replicas
+                logger.error("could not restore the canary's share: %s", e)
+            except Exception:
+                logger.exception("canary upkeep failed; retrying in %.0f s", _UPKEEP_S)
+
+    async def _refill_canary(self) -> dict | None:
+        """If canary replicas are gone, move as many live stable replicas to the canary."""
+        s = self.state
+        if s.canary is None or s.rollout is not None or self._busy.locked():
+            return None
+        if s.canary == self._refill_failed:
+            return None  # a refill of this canary failed and was reverted: do not try it on replica after replica
+        async with self._busy:
+            vacant = self._canary_vacancies()
+            stable = [r for r in self._live() if self.state.assignments.get(r) == s.stable]
+            if not vacant or not stable or s.rollout is not None:
+                return None
+            moved = stable[-len(vacant):]
+            logger.info("canary replicas %s are gone; moving %s to the canary %s", vacant, moved, s.canary.short())
+            s.canary_replicas = [r for r in s.canary_replicas if r not in vacant]
+            try:
+                return await self._start_rollout("canary", s.canary, moved)
+            except RolloutError:
+                self._refill_failed = s.canary
+                raise
 
     # --- operations ----------------------------------------------------------------------------------
 

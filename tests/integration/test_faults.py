@@ -357,6 +357,54 @@ def test_s3_persistent_fault_or_s3_down_fails_clearly_touches_nothing_then_recov
                             "stable/canary unchanged; the same roll succeeded once S3 was back")
 
 
+def test_a_killed_canary_replica_is_replaced_and_the_split_kept(service, versions, reliability):
+    """The canary's only replica dies: the split comes back by itself (the controller moves a live stable replica,
+    a survivor or the replacement, to the canary), traffic shows both versions again, and rollback still works.
+    Control: without the refill (before this test existed) ``canary_replicas`` kept naming the dead replica and
+    every answer came from stable, so the first wait below timed out."""
+    base, client, _, _ = service
+    stable = client.status()["stable"]["sha256"]
+    target = next(v for v in ("v2", "v4") if versions[v][1] != stable)
+    before = _live(client)
+    client.roll(versions[target][0], canary=34)
+    victim = client.status()["canary_replicas"]
+    assert len(victim) == 1 and before[victim[0]]["live"]
+    victim = victim[0]
+    ray.kill(_replica_actor(victim), no_restart=True)
+
+    def split_restored():
+        status = client.status()
+        live = {r["id"]: r for r in status["replicas"] if r["live"]}
+        on = [r["adapter_sha256"] for r in live.values()]
+        return (status["rollout"] is None and len(live) == 3 and on.count(versions[target][1]) == 1
+                and on.count(stable) == 2 and status["canary_replicas"] != [victim]
+                and all(r in live and live[r]["adapter_sha256"] == versions[target][1]
+                        for r in status["canary_replicas"]))
+
+    wait_for_condition(split_restored, timeout_s=180, message="the canary's share restored")
+    status = client.status()
+    assert status["canary"]["sha256"] == versions[target][1] and status["stable"]["sha256"] == stable
+    (holder,) = status["canary_replicas"]
+    how = f"{'a survivor' if holder in before else 'the replacement'} moved to the canary"
+    after = _live(client)
+    for rid, r in after.items():
+        if rid in before:  # a survivor swapped at most once more (the one moved to the canary)
+            assert r["swaps"] == before[rid]["swaps"] + (rid == holder), rid
+    seen, sent = set(), 0
+    while len(seen) < 2 and sent < 60:  # a third of the traffic goes to the canary; 60 misses: p < 1e-10
+        answer = httpx.post(f"{base}/v1/completions", json={"prompt": f"split {sent}", "max_tokens": 2}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        seen.add(answer.headers["x-adapter-sha256"])
+        sent += 1
+    assert seen == {stable, versions[target][1]}
+    client.rollback()
+    assert {r["adapter_sha256"] for r in _live(client).values()} == {stable}
+    assert client.status()["canary"] is None
+    reliability.record("the canary's only replica killed", requests=sent, failed=0, inputs=1,
+                       held=f"the 1-of-3 split came back by itself ({how}); both versions answered again; "
+                            "survivors swapped at most once; rollback returned every replica to stable")
+
+
 def test_whole_app_restart_comes_back_on_the_last_stable_version(service, versions, reliability):
     """After serve stops and starts again, the state file wins over initial_adapter in the config."""
     from deployments.app import make_app
