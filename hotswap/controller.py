@@ -128,7 +128,7 @@ class HotswapController:
         self._changed: asyncio.Condition | None = None
         self._busy: asyncio.Lock | None = None
         self._ready: asyncio.Task | None = None
-        self._upkeeper: asyncio.Task | None = None
+        self._upkeeper: asyncio.Task | None = None  # held so the running task is not garbage-collected
         self._refill_failed: Version | None = None
         logger.info("controller for %s started; state at %s", app_name, self.store.describe())
 
