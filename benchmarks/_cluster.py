@@ -89,3 +89,13 @@ def serve_cluster(cache: Path, *, num_cpus: int = 8):
 def write_json(path: str, payload: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def write_result(benchmark: str, path: str, argv: list[str] | None, fields: dict, *,
+                 machine_info: dict | None = None) -> dict:
+    """Write a benchmark's JSON: its name, the command that reproduces it, the machine, then ``fields``."""
+    payload = {"benchmark": benchmark,
+               "command": " ".join([f"python -m benchmarks.{benchmark}", *(argv or sys.argv[1:])]),
+               "machine": machine_info if machine_info is not None else machine(), **fields}
+    write_json(path, payload)
+    return payload

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._cluster import PROMPTS, local_s3, machine, progress, serve_cluster, wait_until, write_json
+from benchmarks._cluster import PROMPTS, local_s3, progress, serve_cluster, wait_until, write_result
 from benchmarks.load import ClosedLoop, Sample, latency_summary
 
 BUCKET = "bench-rollout"
@@ -231,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = [bench_replicas(n, base_url=base_url, cache=cache, versions=versions, rolls=args.rolls,
                                           clients=args.clients, steady_s=args.steady_s, max_tokens=args.max_tokens)
                            for n in args.replicas]
-    payload = {"benchmark": "rollout", "command": " ".join(["python -m benchmarks.rollout", *(argv or sys.argv[1:])]),
-               "machine": machine(), "results": results}
-    write_json(args.json, payload)
+    write_result("rollout", args.json, argv, {"results": results})
     _print_table(results)
     print(f"\nwrote {args.json}")
     return 0

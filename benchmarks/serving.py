@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._cluster import PROMPTS, machine, progress, serve_cluster, wait_until, write_json
+from benchmarks._cluster import PROMPTS, progress, serve_cluster, wait_until, write_result
 from benchmarks.load import ClosedLoop, latency_summary
 
 
@@ -152,10 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if key.startswith("batch_"):
             ratios[f"engine {key.replace('_', ' ')}"] = (results["compiled"]["engine"][key]["tokens_per_s"]
                                                          / results["eager"]["engine"][key]["tokens_per_s"])
-    payload = {"benchmark": "serving", "command": " ".join(["python -m benchmarks.serving", *(argv or sys.argv[1:])]),
-               "machine": machine(), "base_model": args.base_model, "device": args.device,
-               "max_tokens": args.max_tokens, "seconds": args.seconds, "results": results, "ratios": ratios}
-    write_json(args.json, payload)
+    payload = write_result("serving", args.json, argv, {
+        "base_model": args.base_model, "device": args.device, "max_tokens": args.max_tokens, "seconds": args.seconds,
+        "results": results, "ratios": ratios})
     _print_table(payload)
     print(f"\nwrote {args.json}")
     return 0

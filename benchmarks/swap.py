@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._cluster import progress, write_json
+from benchmarks._cluster import progress, write_result
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -260,11 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                 adapters=[dict(r=16, lora_alpha=32, target_modules=ALL_PROJ, seed=1),
                           dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, seed=2)],
             ))
-    payload = {"benchmark": "swap", "command": " ".join(["python -m benchmarks.swap", *(argv or sys.argv[1:])]),
-               "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                           "torch": torch.__version__, "cuda": torch.cuda.is_available()},
-               "results": results}
-    write_json(args.json, payload)
+    # "cpus" is the threads torch uses, as in the swap results recorded so far
+    write_result("swap", args.json, argv, {"results": results},
+                 machine_info={"platform": platform.platform(), "cpus": torch.get_num_threads(),
+                               "torch": torch.__version__, "cuda": torch.cuda.is_available()})
     _print_table(results)
     print(f"\nwrote {args.json}")
     return 0

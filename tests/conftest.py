@@ -113,14 +113,21 @@ def compiled_engine(base_settings, tiny_base):
 
 
 @pytest.fixture(scope="session")
-def stage(base_settings, tiny_base):
+def spec(base_settings, tiny_base):
+    """The tiny base model's layout (``ModelSpec``) that adapters are validated and staged against."""
+    from hotswap.adapters import model_spec_for
+
+    return model_spec_for(base_settings)
+
+
+@pytest.fixture(scope="session")
+def stage(base_settings, spec):
     """``stage(folder_or_uri)`` -> StagedAdapter for the session's settings (float32)."""
     import torch
 
-    from hotswap.adapters import model_spec_for, prepare_adapter
+    from hotswap.adapters import prepare_adapter
     from hotswap.store import AdapterFetcher
 
-    spec = model_spec_for(base_settings)
     fetcher = AdapterFetcher.from_settings(base_settings)
 
     def run(uri) -> object:

@@ -56,3 +56,11 @@ def upload_adapter(folder, bucket: str, prefix: str) -> tuple[str, str]:
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         client.upload_file(str(folder / f), bucket, f"{prefix}/{f}")
     return f"s3://{bucket}/{prefix}", hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def upload_versions(bucket: str, folders: dict) -> dict[str, tuple[str, str]]:
+    """Create ``bucket`` on the test S3 server and upload each adapter folder under its name; name -> (uri, sha256)."""
+    from hotswap.store import make_s3_client
+
+    make_s3_client(connect_timeout_s=2, read_timeout_s=2).create_bucket(Bucket=bucket)
+    return {name: upload_adapter(folder, bucket, name) for name, folder in folders.items()}

@@ -23,7 +23,7 @@ from benchmarks.load import ClosedLoop
 from hotswap.client import HotswapClient
 from hotswap.errors import AdapterFetchError, RolloutConflictError, RolloutError
 from tests.faultproxy import Fault, FaultProxy
-from tests.integration.conftest import upload_adapter, wait_for_condition
+from tests.integration.conftest import upload_adapter, upload_versions, wait_for_condition
 from tests.integration.faulty import HOLD_SEED, FaultyReplica
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -35,16 +35,9 @@ TOKEN = "s3cret-admin-token"
 
 @pytest.fixture(scope="module")
 def versions(make_adapter, s3_server):
-    from hotswap.store import make_s3_client
-
-    client = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
-    client.create_bucket(Bucket=BUCKET)
-    out = {}
-    for name, params in {"v1": dict(r=8, seed=81), "v2": dict(r=16, lora_alpha=4, seed=82),
-                         "v3": dict(r=4, target_modules=("o_proj",), seed=83),
-                         "v4": dict(r=2, lora_alpha=8, seed=84)}.items():
-        out[name] = upload_adapter(make_adapter(f"faults-{name}", **params), BUCKET, name)
-    return out
+    return upload_versions(BUCKET, {name: make_adapter(f"faults-{name}", **params) for name, params in {
+        "v1": dict(r=8, seed=81), "v2": dict(r=16, lora_alpha=4, seed=82),
+        "v3": dict(r=4, target_modules=("o_proj",), seed=83), "v4": dict(r=2, lora_alpha=8, seed=84)}.items()})
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from hotswap.client import HotswapClient
 from hotswap.errors import HotswapError
 from tests.corpus import HUGE_CAP_BYTES, write_corpus
 from tests.fuzzing import fuzz_settings
-from tests.integration.conftest import upload_adapter, wait_for_condition
+from tests.integration.conftest import upload_versions, wait_for_condition
 from tests.integration.faulty import HOLD_SEED, FaultyReplica
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -52,15 +52,8 @@ MIN_LOGIT_GAP = 1e-4  # greedy choices closer than this could flip between eager
 @pytest.fixture(scope="module")
 def versions(make_adapter, s3_server):
     """Upload every version to S3; name -> (uri, sha256, folder)."""
-    from hotswap.store import make_s3_client
-
-    client = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
-    client.create_bucket(Bucket=BUCKET)
-    out = {}
-    for name, params in VERSIONS.items():
-        folder = make_adapter(f"load-{name}", **params)
-        out[name] = (*upload_adapter(folder, BUCKET, name), folder)
-    return out
+    folders = {name: make_adapter(f"load-{name}", **params) for name, params in VERSIONS.items()}
+    return {name: (*uploaded, folders[name]) for name, uploaded in upload_versions(BUCKET, folders).items()}
 
 
 def _greedy(model, tokenizer, prompt: str) -> tuple[str, float]:

@@ -11,7 +11,7 @@ import ray
 
 from hotswap.client import HotswapClient
 from hotswap.errors import AdapterNotFoundError, AdapterValidationError, RolloutConflictError
-from tests.integration.conftest import upload_adapter, wait_for_condition
+from tests.integration.conftest import upload_versions, wait_for_condition
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -31,11 +31,9 @@ def versions(make_adapter, s3_server):
     """Upload every version to S3; return name -> (uri, sha256)."""
     from hotswap.store import make_s3_client
 
+    out = upload_versions(BUCKET, {name: make_adapter(f"rollout-{name}", **params)
+                                   for name, params in VERSIONS.items()})
     client = make_s3_client(connect_timeout_s=2, read_timeout_s=2)
-    client.create_bucket(Bucket=BUCKET)
-    out = {}
-    for name, params in VERSIONS.items():
-        out[name] = upload_adapter(make_adapter(f"rollout-{name}", **params), BUCKET, name)
     bad = make_adapter("rollout-bad-src", r=8, seed=79)
     import json
 

@@ -15,7 +15,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hotswap.adapters import model_spec_for
 from hotswap.errors import AdapterError
 from hotswap.staging import stage_adapter
 from hotswap.store import AdapterFetcher
@@ -51,11 +50,6 @@ def _report(reliability):
                 f"fuzzed {what} (hypothesis)", inputs=sum(outcomes.values()),
                 held=f"only the project's adapter errors came out ({outcomes['refused']} refused with a message, "
                      f"{outcomes['passed']} valid and staged); no other exception")
-
-
-@pytest.fixture(scope="module")
-def spec(base_settings, tiny_base):
-    return model_spec_for(base_settings)
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from hotswap.adapters import model_spec_for
 from hotswap.errors import AdapterValidationError
 from hotswap.store import AdapterFetcher
 from hotswap.validation import validate_adapter
 from tests.corpus import CONFIG_CASES, FILE_CASES, Q0, TENSOR_CASES, _load, _raw_weights, _write
-
-
-@pytest.fixture(scope="module")
-def spec(base_settings, tiny_base):
-    return model_spec_for(base_settings)
 
 
 @pytest.fixture(scope="module")
