@@ -4,8 +4,11 @@ The constructor builds and warms up the engine, registers with the application's
 controller and applies the adapter the controller assigns (from the staged tensors in the
 object store, never from S3), smoke-checks it and acks, all before Serve routes traffic to
 it: a replica that starts late (crash, autoscaling) never serves a stale version. Then a
-background task long-polls the controller and applies each new assignment: drain (the
-engine's lock), swap, smoke check, ack; a failed smoke check restores the previous adapter.
+background task long-polls the controller (each poll is also its heartbeat) and applies each
+new assignment: drain, swap and smoke check under one hold of the engine's swap lock (no request
+runs on an unchecked adapter), heartbeating meanwhile, then report. A failed smoke check restores
+the previous adapter; a failed restore takes the replica out of rotation (its health check
+fails, so Serve replaces it and the replacement starts on its assignment).
 
 Non-streaming requests are batched with ``@serve.batch``; a streaming request runs alone,
 holding the engine's request lock from its first token to its last, like any batch.
@@ -18,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -25,12 +29,15 @@ from ray import serve
 
 from hotswap.errors import RequestError
 from hotswap.generation import SamplingParams
+from hotswap.messages import Assignment, ReplicaPhase, ReplicaReport
 from hotswap.settings import HotswapSettings
+from hotswap.versions import AdapterVersion
 
 __all__ = ["ModelReplica", "ReplicaMetrics"]
 
 logger = logging.getLogger(__name__)
 
+_RETRY_S = 10.0  # a replica asks again for a steady-state assignment it failed to apply, this long after
 _LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 
 
@@ -89,6 +96,12 @@ def _params(request: dict) -> SamplingParams:
     )
 
 
+def _internal(incident: str) -> dict:
+    """A 500 body: no exception text for an unauthenticated client; the replica's log has it under ``incident``."""
+    return _error(f"internal error while generating (incident {incident}; the replica's log has the details); "
+                  "retry", 500)
+
+
 def _error(message: str, status: int = 400) -> dict:
     return {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error"},
             "status": status}
@@ -112,86 +125,115 @@ class ModelReplica:
         self.settings = settings
         self.last_drain_ms: float | None = None  # the last swap's wait for the batch in flight
         self.last_smoke_ms: float | None = None  # ... and its smoke check
+        self.phase = ReplicaPhase.IDLE
+        self._failed: tuple[AdapterVersion, str, str, float] | None = None  # version, token, why, when
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
         self.engine = await asyncio.to_thread(SwapEngine.build, settings)
+        self.dtype = str(self.engine.dtype).removeprefix("torch.")
         self.metrics = ReplicaMetrics()
         self._batched.set_max_batch_size(settings.max_batch_size)
         self.controller = get_or_create_controller(settings, self.app_name)
-        dtype = str(self.engine.dtype).removeprefix("torch.")
-        assignment = await self.controller.register.remote(self.replica_id, dtype, self.engine.spec.fingerprint,
-                                                           self.stats())
+        assignment = await self._register()
         await self._apply(assignment)
-        if self.engine.identity.sha256 != assignment["sha256"]:
+        if self.engine.identity != assignment.version:
             raise RuntimeError(f"replica {self.replica_id} could not start on its assigned adapter "
-                               f"{assignment['uri']}; see the log above")
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(dtype))
+                               f"{assignment.version.short()}: {self._failed and self._failed[2]}")
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
         logger.info(
             "replica %s ready in %.1f s on %s (sha256 %s), %d compiled graphs",
             self.replica_id, time.perf_counter() - started, self.engine.identity.uri,
             self.engine.identity.sha256[:12], self.engine.compiled_graphs,
         )
 
-    async def _watch(self, dtype: str) -> None:
-        """Long-poll the controller for a new assignment; survive controller restarts."""
+    async def _register(self) -> Assignment:
+        """Register with the controller; while it is not ready (its initial adapter missing, S3 down) wait and
+        retry, saying what it waits for: the replica starts once the controller can answer."""
+        from hotswap.errors import unwrap
+
         while True:
             try:
-                assignment = await self.controller.watch.remote(self.replica_id, dtype, self.stats())
+                return await self.controller.register.remote(self._report())
+            except Exception as e:  # noqa: BLE001 - retried; the log says why
+                logger.warning("replica %s waits for its controller: %s", self.replica_id, unwrap(e))
+                await asyncio.sleep(1.0)
+
+    def _report(self) -> ReplicaReport:
+        failed = self._failed
+        if failed is not None and not failed[1] and time.monotonic() - failed[3] > _RETRY_S:
+            self._failed = failed = None  # a failed steady-state assignment is asked for again after a while
+        return ReplicaReport(
+            self.replica_id, self.engine.identity, self.phase,
+            failed=failed[0] if failed else None, failure=failed[2] if failed else None,
+            failed_token=failed[1] if failed else "", dtype=self.dtype,
+            settings_fingerprint=self.settings.fingerprint, stats=self.stats(),
+        )
+
+    async def _watch(self) -> None:
+        """Long-poll the controller for a new assignment; survive controller restarts."""
+        from hotswap.errors import unwrap
+
+        while True:
+            try:
+                assignment = await self.controller.watch.remote(self._report())
                 if assignment is not None:
                     await self._apply(assignment)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # controller restarting or unreachable: keep serving, retry
                 logger.warning("replica %s cannot reach the controller (%s); retrying", self.replica_id,
-                               type(e).__name__)
+                               type(unwrap(e)).__name__)
                 await asyncio.sleep(0.5)
 
-    async def _apply(self, assignment: dict) -> None:
-        """Swap to the assigned version (if not already on it), smoke-check, and ack to the controller."""
+    async def _apply(self, assignment: Assignment) -> None:
+        """Swap to the assigned version (if not already on it) with the smoke check, heartbeating meanwhile;
+        then report what it runs."""
         from hotswap.controller import describe_error
+        from hotswap.engine import RestoreError
 
-        version = {"uri": assignment["uri"], "sha256": assignment["sha256"]}
-        ok, message = True, "already running it"
-        if (self.engine.identity.uri, self.engine.identity.sha256) != (version["uri"], version["sha256"]):
+        version = assignment.version
+        if self.engine.identity != version:
+            self.phase = ReplicaPhase.SWAPPING
+            beats = asyncio.get_running_loop().create_task(self._heartbeat_while_busy())
             try:
-                ref = assignment["staged"][0]
+                ref = assignment.staged[0] if assignment.staged else None
                 staged = await ref if ref is not None else None
-                swap_ms = await asyncio.to_thread(self._swap_and_check, staged)
-                message = f"swapped in {swap_ms:.2f} ms"
-            except Exception as e:
-                ok, message = False, describe_error(e)
-                logger.error("replica %s could not apply %s: %s", self.replica_id, version["uri"], message)
-        await self.controller.ack.remote(self.replica_id, version, ok, message, self.stats())
+                await asyncio.to_thread(self._swap_and_check, staged)
+                self._failed = None
+                self.phase = ReplicaPhase.IDLE
+            except Exception as e:  # noqa: BLE001 - reported to the controller, which reverts the rollout
+                message = describe_error(e)
+                self._failed = (version, assignment.token, message, time.monotonic())
+                self.phase = ReplicaPhase.FAILED if isinstance(e, RestoreError) else ReplicaPhase.IDLE
+                logger.error("replica %s could not apply %s: %s", self.replica_id, version.short(), message)
+            finally:
+                beats.cancel()
+        try:
+            await self.controller.heartbeat.remote(self._report())
+        except Exception as e:  # noqa: BLE001 - the next watch reports it again
+            logger.warning("replica %s could not report to the controller: %s", self.replica_id, e)
+
+    async def _heartbeat_while_busy(self) -> None:
+        """While draining and swapping, tell the controller this replica is alive (and busy)."""
+        while True:
+            await asyncio.sleep(self.settings.watch_timeout_s / 2)
+            try:
+                await self.controller.heartbeat.remote(self._report())
+            except Exception:  # noqa: BLE001 - best effort
+                pass
 
     def _swap_and_check(self, staged) -> float:
-        """Drain, swap, smoke-check; on a failed check put the previous adapter back and raise."""
-        from hotswap.errors import SwapError
-
-        previous = self.engine.current
-        timeout_s = self.settings.swap_timeout_s
-        started = time.perf_counter()
-        if staged is None:
-            self.engine.reset_to_base(timeout_s=timeout_s)
-        else:
-            self.engine.apply(staged, timeout_s=timeout_s)
-        swapped = time.perf_counter()
-        # the wait for the batch in flight: the apply's time minus the copy it measured itself
-        self.last_drain_ms = max(0.0, (swapped - started) * 1e3 - (self.engine.last_swap_ms or 0.0))
-        try:
-            self._smoke_check()
-            self.last_smoke_ms = (time.perf_counter() - swapped) * 1e3
-        except Exception as e:
-            if previous is None:
-                self.engine.reset_to_base(timeout_s=timeout_s)
-            else:
-                self.engine.apply(previous, timeout_s=timeout_s)
-            raise SwapError(f"smoke check failed on replica {self.replica_id}: {e}; previous adapter restored") from e
-        return (time.perf_counter() - started) * 1e3
+        """Drain, swap and smoke-check under one hold of the swap lock; a failed check restores the previous
+        adapter before any request runs on the new one."""
+        timings = self.engine.swap_checked(staged, check=self._smoke_check, timeout_s=self.settings.swap_timeout_s)
+        self.last_drain_ms, self.last_smoke_ms = timings.drain_ms, timings.smoke_ms
+        return timings.drain_ms + timings.swap_ms + timings.smoke_ms
 
     def _smoke_check(self) -> None:
-        """A short greedy generation with finite logits (a seam: tests override it to inject a failure)."""
-        self.engine.smoke_check()
+        """A short greedy generation with finite logits, run with the swap lock held (a seam: tests override
+        it to inject a failure)."""
+        self.engine.smoke_check_unlocked()
 
     def _prepare(self, request: dict) -> _Job:
         params = _params(request)
@@ -203,7 +245,7 @@ class ModelReplica:
         """One completion: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens", adapter...}`` or
         ``{"error": ..., "status": 4xx}``."""
         try:
-            job = self._prepare(request)
+            job = await asyncio.to_thread(self._prepare, request)  # a 1 MB prompt tokenizes for ~1 s: not here
         except RequestError as e:
             self.metrics.error(self.engine.identity, "invalid")
             return _error(str(e))
@@ -216,10 +258,11 @@ class ModelReplica:
                 self.engine.generate, [j.token_ids for j in jobs], [j.params for j in jobs]
             )
         except Exception as e:  # the batch failed as a whole: answer every request in it
-            logger.exception("batch of %d failed", len(jobs))
+            incident = uuid.uuid4().hex[:8]
+            logger.exception("batch of %d failed (incident %s): %s", len(jobs), incident, e)
             for _ in jobs:
                 self.metrics.error(self.engine.identity, "internal")
-            return [_error(f"generation failed: {e}", 500) for _ in jobs]
+            return [_internal(incident) for _ in jobs]
         done = time.perf_counter()
         out = []
         for job, c in zip(jobs, completions):
@@ -237,7 +280,7 @@ class ModelReplica:
     async def stream(self, request: dict) -> AsyncIterator[dict]:
         """Yield the adapter identity first, then ``{"delta", "finish_reason"}`` items; or one error item."""
         try:
-            job = self._prepare(request)
+            job = await asyncio.to_thread(self._prepare, request)
         except RequestError as e:
             self.metrics.error(self.engine.identity, "invalid")
             yield _error(str(e))
@@ -272,7 +315,9 @@ class ModelReplica:
                 elif kind == "event":
                     yield {"delta": item.delta, "finish_reason": item.finish_reason}
                 elif kind == "error":
-                    yield _error(f"generation failed: {item}", 500)
+                    incident = uuid.uuid4().hex[:8]
+                    logger.error("stream failed (incident %s): %s", incident, item)
+                    yield _internal(incident)
                 else:
                     return
         finally:
@@ -288,6 +333,7 @@ class ModelReplica:
             "last_swap_ms": s.last_swap_ms,
             "last_drain_ms": self.last_drain_ms,
             "last_smoke_ms": self.last_smoke_ms,
+            "phase": self.phase.value,
             "compiled_graphs": s.compiled_graphs,
             "pid": os.getpid(),
         }
@@ -296,5 +342,8 @@ class ModelReplica:
         return self.replica_id
 
     def check_health(self) -> None:
+        if self.phase == ReplicaPhase.FAILED:  # out of rotation: Serve replaces it, the new one converges
+            raise RuntimeError(f"replica {self.replica_id} could not restore its adapter after a failed swap: "
+                               f"{self._failed and self._failed[2]}")
         if self._watcher.done() and not self._watcher.cancelled():
             raise RuntimeError(f"the controller watch task stopped: {self._watcher.exception()!r}")

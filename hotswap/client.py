@@ -75,11 +75,13 @@ class HotswapClient:
     @staticmethod
     def _get(ref):
         import ray
-        from ray.exceptions import RayTaskError
+
+        from hotswap.errors import unwrap
 
         try:
             return ray.get(ref)
-        except RayTaskError as e:
-            if isinstance(e.cause, HotswapError):
-                raise e.cause from None
+        except Exception as e:  # noqa: BLE001 - Ray's wrappers: our own error inside, or a dead controller
+            cause = unwrap(e)
+            if isinstance(cause, HotswapError):
+                raise cause from None
             raise

@@ -1,50 +1,52 @@
-"""The rollout controller: one named, detached Ray actor per application, the single source of truth.
+"""The controller actor: a thin Ray wrapper that feeds events to the rollout state machine.
 
-It fetches and validates an adapter version once, stages its tensors once per replica dtype
-in the Ray object store, and moves replicas to it in a stable rolling order, one replica (or
-``rollout_batch_size``) at a time, waiting for each to drain, swap, smoke-check and ack. On
-any failure it puts the replicas already moved back on their previous version and records
-the version as rejected.
+One named, detached actor per application *and settings generation*
+(``hotswap-controller-<app>@<settings fingerprint>``): a redeploy with changed settings starts a
+new controller with those settings, which takes over the persisted state (its first save fences
+the old one) and retires the controllers of older generations. What it does:
 
-Replicas pull: a replica registers before it serves and gets its assignment; afterwards it
-long-polls :meth:`HotswapController.watch`, which returns as soon as its assignment changes
-(and doubles as a heartbeat carrying its stats). A rollout step is therefore "change one
-replica's assignment, persist, wait until that replica reports running it".
+- start-up: load the state, claim it, resume an operation in progress, and make the initial
+  adapter stable, retrying with backoff until it can (``status`` says what it waits for);
+- replicas: ``register`` (before a replica serves), ``watch`` (the long-poll that is also the
+  heartbeat), ``heartbeat`` (sent while a replica drains and swaps); each call carries a
+  :class:`~hotswap.messages.ReplicaReport` and answers an :class:`~hotswap.messages.Assignment`;
+- users: ``roll`` / ``promote`` / ``rollback`` / ``status``; an operation's version is resolved by
+  the :class:`~hotswap.catalog.VersionCatalog` (fetch, pin, signature, validate), then handed to
+  :class:`~hotswap.rollout.RolloutMachine`, which drives it from there;
+- a one-second tick for deadlines, liveness and the canary's share.
 
-A canary keeps its share when its replicas die: once a canary replica is gone, the controller
-moves a live stable replica to the canary (a one-replica canary step, swapped in place like any
-other); replicas that start meanwhile start on stable.
-
-Every state change is persisted before it is acted on, so a restarted controller resumes a
-rollout: replicas that already run the target version are not swapped again, and versions
-already validated are reloaded from the content-addressed cache without validating them again.
+Every transition the machine proposes is persisted before it is committed (write-ahead); a failed
+save leaves memory equal to the persisted state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from hotswap.errors import (
     AdapterError,
     AdapterValidationError,
     ControllerNotFoundError,
+    ControllerUnavailableError,
     HotswapError,
     RolloutConflictError,
-    RolloutError,
+    unwrap,
 )
+from hotswap.messages import Assignment, OpKind, ReplicaReport
+from hotswap.rollout import Notify, Reply, RolloutMachine, Transition, canary_count
 from hotswap.settings import HotswapSettings
-from hotswap.state import BASE, ControllerState, Rollout, Version, state_store_for
+from hotswap.state import DesiredState, state_store_for
+from hotswap.versions import AdapterVersion
 
 __all__ = [
     "CONTROLLER_NAMESPACE",
     "HotswapController",
     "canary_count",
     "controller_name",
+    "describe_error",
     "get_controller",
     "get_or_create_controller",
 ]
@@ -52,30 +54,22 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CONTROLLER_NAMESPACE = "hotswap"
-_WATCH_TIMEOUT_S = 5.0
-_UPKEEP_S = 2.0  # how often the controller checks that an active canary still has its replicas
+_PREFIX = "hotswap-controller-"
+_TICK_S = 1.0
+_START_BACKOFF_S = (0.5, 10.0)  # first and longest wait between start-up attempts
 
 
-def canary_count(percent: float, replicas: int) -> int:
-    """Replicas a canary of ``percent`` moves: the most whose share does not exceed ``percent``, at least one.
-
-    34% of 3 replicas is one replica (33%), never two (67%): a canary never gets more
-    traffic than asked for, except the minimum of one replica.
-    """
-    return min(replicas, max(1, math.floor(percent * replicas / 100 + 1e-9)))
-
-
-def controller_name(app_name: str) -> str:
-    return f"hotswap-controller-{app_name}"
+def controller_name(app_name: str, settings: HotswapSettings) -> str:
+    return f"{_PREFIX}{app_name}@{settings.fingerprint}"
 
 
 def get_or_create_controller(settings: HotswapSettings, app_name: str):
-    """The application's controller actor, created (detached, restarted on failure) if it does not exist."""
+    """The controller of ``app_name`` for exactly these settings, created (detached, restarted on failure)."""
     import ray
 
     cls = ray.remote(HotswapController)
     return cls.options(
-        name=controller_name(app_name),
+        name=controller_name(app_name, settings),
         namespace=CONTROLLER_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
@@ -85,503 +79,398 @@ def get_or_create_controller(settings: HotswapSettings, app_name: str):
     ).remote(settings, app_name)
 
 
-def get_controller(app_name: str):
-    """The running controller of ``app_name``; :class:`ControllerNotFoundError` if there is none."""
+def _controllers(app_name: str) -> list[str]:
     import ray
 
-    try:
-        return ray.get_actor(controller_name(app_name), namespace=CONTROLLER_NAMESPACE)
-    except ValueError as e:
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(n["name"] for n in names if n["namespace"] == CONTROLLER_NAMESPACE
+                  and n["name"].startswith(_PREFIX) and n["name"][len(_PREFIX):].rpartition("@")[0] == app_name)
+
+
+def get_controller(app_name: str):
+    """The current controller of ``app_name``; :class:`ControllerNotFoundError` if there is none.
+
+    While a redeploy overlaps two settings generations, the one that is neither retired nor fenced and
+    started last is the current one.
+    """
+    import ray
+
+    handles = []
+    for name in _controllers(app_name):
+        try:
+            handles.append(ray.get_actor(name, namespace=CONTROLLER_NAMESPACE))
+        except ValueError:
+            continue
+    if not handles:
         raise ControllerNotFoundError(
             f"no hotswap controller for application '{app_name}' in this Ray cluster; start the service "
             "(serve run serve_config.yaml) or pass the application name with --app"
-        ) from e
-
-
-@dataclass
-class _Replica:
-    id: str
-    dtype: str
-    running: Version
-    stats: dict = field(default_factory=dict)
-    last_seen: float = field(default_factory=time.monotonic)
-    failure: tuple[Version, str] | None = None  # the last failed swap reported
-
-
-class HotswapController:
-    """Rollout logic; run as a Ray actor (:func:`get_or_create_controller`). Methods are its RPC surface."""
-
-    def __init__(self, settings: HotswapSettings, app_name: str) -> None:
-        from hotswap.adapters import model_spec_for
-        from hotswap.store import AdapterFetcher
-
-        self.settings = settings
-        self.app_name = app_name
-        self.store = state_store_for(settings, app_name)
-        self.state = self.store.load() or ControllerState()
-        self.spec = model_spec_for(settings)
-        self.fetcher = AdapterFetcher.from_settings(settings)
-        self.replicas: dict[str, _Replica] = {}
-        self.started = time.monotonic()
-        self._validated: dict[Version, object] = {}  # version -> ValidatedAdapter (this process)
-        self._staged: dict[tuple[Version, str], object] = {}  # (version, dtype) -> ObjectRef of StagedAdapter
-        self._changed: asyncio.Condition | None = None
-        self._busy: asyncio.Lock | None = None
-        self._ready: asyncio.Task | None = None
-        self._upkeeper: asyncio.Task | None = None  # held so the running task is not garbage-collected
-        self._refill_failed: Version | None = None
-        logger.info("controller for %s started; state at %s", app_name, self.store.describe())
-
-    # --- start-up --------------------------------------------------------------------------------------
-
-    async def _ensure_ready(self) -> None:
-        if self._ready is None:
-            self._changed = asyncio.Condition()
-            self._busy = asyncio.Lock()
-            self._ready = asyncio.ensure_future(self._start())
-        await asyncio.shield(self._ready)
-
-    async def _start(self) -> None:
-        initial = self.settings.initial_adapter
-        if self.state.stable == BASE and not self.state.history and initial and self.state.initial_adapter is None:
-            version = await self._validate(initial)  # a bad initial adapter fails every replica's start, loudly
-            self.state.stable = version
-            self.state.initial_adapter = initial
-            self._record("initial", version, "ok", [], 0.0)
-            self._save()
-        elif initial and self.state.initial_adapter not in (None, initial):
-            logger.warning("config initial_adapter %s ignored: the state says stable is %s", initial,
-                           self.state.stable.short())
-        if self.state.rollout is not None:
-            rollout = self.state.rollout
-            logger.info("resuming rollout %s (%s to %s), %d of %d done", rollout.id, rollout.kind,
-                        rollout.version.short(), len(rollout.done), len(rollout.targets))
-            asyncio.ensure_future(self._resume(rollout))
-        self._upkeeper = asyncio.ensure_future(self._upkeep())
-
-    async def _resume(self, rollout: Rollout) -> None:
-        async with self._busy:
-            try:
-                await self._run(rollout)
-            except HotswapError as e:
-                logger.error("resumed rollout %s failed: %s", rollout.id, e)
-
-    # --- versions ------------------------------------------------------------------------------------
-
-    async def _validate(self, uri: str) -> Version:
-        """Fetch ``uri`` and validate it, once per version (URI + sha256); remember rejections in the state.
-
-        The fetch always runs (the content at a URI may have changed; its sha256 says so);
-        validation is skipped for a version that was already validated.
-        """
-        from hotswap.adapters import resolve_adapter_uri, validate_fetched
-
-        fetched = await asyncio.to_thread(self.fetcher.fetch, resolve_adapter_uri(uri, self.settings))
-        version = Version(fetched.uri, fetched.sha256)
-        if version in self._validated or _key(version) in self.state.validated:
-            return version
-        try:
-            validated = await asyncio.to_thread(validate_fetched, fetched, settings=self.settings, spec=self.spec)
-        except AdapterValidationError as e:
-            self.state.rejected[uri] = {"uri": uri, "problems": e.problems, "time": time.time()}
-            self._record("rejected", Version(uri, ""), "rejected", [], 0.0, reason=str(e))
-            self._save()
-            raise
-        self._validated[version] = validated
-        self.state.validated[_key(version)] = validated.record()
-        return version
-
-    async def _staged_ref(self, version: Version, dtype: str):
-        """The object-store ref of ``version`` staged for ``dtype``; staged at most once per (version, dtype).
-
-        Keyed by the whole identity, URI and sha256: the same weights under another URI may come with
-        another adapter_config.json (another alpha), so they are another version.
-        """
-        import ray
-        import torch
-
-        from hotswap.staging import stage_adapter
-        from hotswap.validation import load_validated
-
-        if version == BASE:
-            return None
-        key = (version, dtype)
-        if key not in self._staged:
-            validated = self._validated.get(version)
-            if validated is None:  # validated before a restart: reload from the cache, trusting the record
-                record = self.state.validated[_key(version)]
-                path = self.fetcher.cache.path_for(version.sha256)
-                if not path.exists():
-                    path = (await asyncio.to_thread(self.fetcher.fetch, version.uri)).weights_path
-                validated = await asyncio.to_thread(load_validated, path, record, self.spec)
-                self._validated[version] = validated
-            staged = await asyncio.to_thread(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
-                                             pin_memory=False)
-            self._staged[key] = ray.put(staged)
-        return self._staged[key]
-
-    # --- replica protocol ------------------------------------------------------------------------------
-
-    async def register(self, replica_id: str, dtype: str, spec_fingerprint: str, stats: dict) -> dict:
-        """A replica starting: record it and return the assignment it must run before it serves."""
-        await self._ensure_ready()
-        if spec_fingerprint != self.spec.fingerprint:
-            raise RolloutConflictError(
-                f"replica {replica_id} has another model layout than this controller (settings changed without "
-                f"a restart?); restart the application so that controller and replicas agree"
-            )
-        replica = self.replicas.setdefault(replica_id, _Replica(replica_id, dtype, BASE))
-        self._seen(replica, stats)
-        if replica_id not in self.state.assignments:
-            rollout = self.state.rollout
-            moving = rollout is not None and rollout.kind in ("roll", "promote")
-            version = rollout.version if moving else self.state.stable
-            if moving:  # joins the rollout as already done, so a revert covers it too
-                rollout.previous[replica_id] = self.state.stable
-                rollout.targets.append(replica_id)
-                rollout.done.append(replica_id)
-            self.state.assignments[replica_id] = version
-            self._save()
-        logger.info("replica %s registered; assigned %s", replica_id, self.state.assignments[replica_id].short())
-        return await self._assignment(replica_id)
-
-    async def watch(self, replica_id: str, dtype: str, stats: dict) -> dict | None:
-        """Long-poll: return the replica's assignment once it differs from what it runs (or None on timeout).
-
-        ``stats`` (what :meth:`ModelReplica.stats` returns) name the adapter the replica runs.
-        """
-        await self._ensure_ready()
-        replica = self.replicas.get(replica_id)
-        if replica is None:  # known to a previous controller process: adopt it
-            replica = self.replicas[replica_id] = _Replica(replica_id, dtype, _running(stats))
-            self.state.assignments.setdefault(replica_id, replica.running)
-        self._seen(replica, stats)
-        async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.state.assignments.get(replica_id) != replica.running),
-                    timeout=_WATCH_TIMEOUT_S,
-                )
-            except asyncio.TimeoutError:
-                return None
-        return await self._assignment(replica_id)
-
-    async def ack(self, replica_id: str, version: dict, ok: bool, message: str, stats: dict) -> None:
-        """A replica reports the outcome of applying ``version``; ``stats`` say what it runs now."""
-        replica = self.replicas.get(replica_id)
-        if replica is None:
-            return
-        if not ok:
-            replica.failure = (Version.of(version), message)
-        self._seen(replica, stats)
-
-    def _seen(self, replica: _Replica, stats: dict) -> None:
-        """A replica reported in: record what it runs (named by its stats), its stats, and when."""
-        replica.running, replica.stats, replica.last_seen = _running(stats), stats, time.monotonic()
-        if self._changed is not None:
-            asyncio.ensure_future(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _assignment(self, replica_id: str) -> dict:
-        version = self.state.assignments[replica_id]
-        dtype = self.replicas[replica_id].dtype
-        return {"uri": version.uri, "sha256": version.sha256, "staged": [await self._staged_ref(version, dtype)]}
-
-    def _live(self) -> list[str]:
-        horizon = time.monotonic() - self.settings.replica_liveness_s
-        return sorted(r.id for r in self.replicas.values() if r.last_seen >= horizon)
-
-    def _canary_vacancies(self) -> list[str]:
-        """Canary replicas not heard from for ``replica_liveness_s`` (none until this process has run that long,
-        since replicas known to a previous controller process report in only at their next heartbeat)."""
-        if time.monotonic() - self.started <= self.settings.replica_liveness_s:
-            return []
-        live = set(self._live())
-        return [r for r in self.state.canary_replicas if r not in live]
-
-    async def _upkeep(self) -> None:
-        """Forever: keep an active canary's share (see :meth:`_refill_canary`)."""
-        while True:
-            await asyncio.sleep(_UPKEEP_S)
-            try:
-                await self._refill_canary()
-            except RolloutError as e:  # reverted and recorded; _refill_failed stops it trying other replicas
-                logger.error("could not restore the canary's share: %s", e)
-            except Exception:
-                logger.exception("canary upkeep failed; retrying in %.0f s", _UPKEEP_S)
-
-    async def _refill_canary(self) -> dict | None:
-        """If canary replicas are gone, move as many live stable replicas to the canary."""
-        s = self.state
-        if s.canary is None or s.rollout is not None or self._busy.locked():
-            return None
-        if s.canary == self._refill_failed:
-            return None  # a refill of this canary failed and was reverted: do not try it on replica after replica
-        async with self._busy:
-            vacant = self._canary_vacancies()
-            stable = [r for r in self._live() if self.state.assignments.get(r) == s.stable]
-            if not vacant or not stable or s.rollout is not None:
-                return None
-            moved = stable[-len(vacant):]
-            logger.info("canary replicas %s are gone; moving %s to the canary %s", vacant, moved, s.canary.short())
-            s.canary_replicas = [r for r in s.canary_replicas if r not in vacant]
-            try:
-                return await self._start_rollout("canary", s.canary, moved)
-            except RolloutError:
-                self._refill_failed = s.canary
-                raise
-
-    # --- operations ----------------------------------------------------------------------------------
-
-    async def roll(self, uri: str, canary_percent: float | None = None) -> dict:
-        """Validate ``uri`` once, then move every replica (or a canary share of them) to it."""
-        await self._ensure_ready()
-        self._refuse_if_busy()
-        async with self._busy:
-            if canary_percent is not None:
-                if not 0 < canary_percent <= 100:
-                    raise RolloutConflictError(f"--canary must be in (0, 100], got {canary_percent}")
-                if self.state.canary is not None:
-                    raise RolloutConflictError(
-                        f"canary {self.state.canary.short()} is active; promote or rollback it first"
-                    )
-            version = await self._validate(uri)
-            live = self._live()
-            if not live:
-                raise RolloutConflictError("no live replicas are registered; is the service running?")
-            if canary_percent is None:
-                return await self._start_rollout("roll", version, live)
-            return await self._start_rollout("canary", version, live[: canary_count(canary_percent, len(live))])
-
-    async def promote(self) -> dict:
-        """Move every replica to the canary version, which becomes stable."""
-        await self._ensure_ready()
-        self._refuse_if_busy()
-        async with self._busy:
-            if self.state.canary is None:
-                raise RolloutConflictError("no canary is active; start one with 'hotswap roll URI --canary PERCENT'")
-            return await self._start_rollout("promote", self.state.canary, self._live())
-
-    async def rollback(self) -> dict:
-        """Canary active: its replicas return to stable. Otherwise every replica returns to the previous stable."""
-        await self._ensure_ready()
-        self._refuse_if_busy()
-        async with self._busy:
-            if self.state.canary is not None:
-                return await self._start_rollout("rollback", self.state.stable, self._live())
-            if not self.state.previous_stable:
-                raise RolloutConflictError(
-                    f"nothing to roll back to: {self.state.stable.short()} is the first stable version"
-                )
-            return await self._start_rollout("rollback", self.state.previous_stable[-1], self._live())
-
-    def _refuse_if_busy(self) -> None:
-        rollout = self.state.rollout
-        if rollout is not None or self._busy.locked():
-            what = f"{rollout.kind} of {rollout.version.short()} ({len(rollout.done)}/{len(rollout.targets)} " \
-                   f"replicas done)" if rollout else "another operation"
-            raise RolloutConflictError(f"a rollout is in progress: {what}; wait for it to finish")
-
-    async def _start_rollout(self, kind: str, version: Version, replicas: list[str]) -> dict:
-        targets = [r for r in replicas if self.state.assignments.get(r) != version]
-        rollout = Rollout(
-            id=uuid.uuid4().hex[:8], kind=kind, version=version, targets=targets,
-            previous={r: self.state.assignments.get(r, self.state.stable) for r in targets},
         )
-        self.state.rollout = rollout
-        self._save()
-        return await self._run(rollout)
-
-    async def _run(self, rollout: Rollout) -> dict:
-        started = time.monotonic()
-        step = self.settings.rollout_batch_size
-        pending = [r for r in rollout.targets if r not in rollout.done]
+    if len(handles) == 1:
+        return handles[0]
+    ranked = []
+    for handle in handles:
         try:
-            for i in range(0, len(pending), step):
-                await self._move(rollout, pending[i : i + step])
-        except RolloutError as e:
-            await self._revert(rollout, str(e))
-            raise
-        elapsed_ms = (time.monotonic() - started) * 1e3
-        self._finish(rollout, elapsed_ms)
-        return {"id": rollout.id, "kind": rollout.kind, "version": _v(rollout.version), "swapped": rollout.done,
-                "ms": round(elapsed_ms, 1), "events": rollout.events}
-
-    async def _move(self, rollout: Rollout, batch: list[str]) -> None:
-        for r in batch:
-            self.state.assignments[r] = rollout.version
-            if r in self.replicas:
-                self.replicas[r].failure = None
-        self._save()
-        await self._notify()
-        started = time.monotonic()
-        outcome = await self._await_running(batch, rollout.version)
-        for r, result in outcome.items():
-            if result == "ok":
-                rollout.done.append(r)
-                self._event(rollout, f"{r}: {rollout.version.short()} in {(time.monotonic() - started) * 1e3:.0f} ms"
-                                     f" (swap {self.replicas[r].stats.get('last_swap_ms') or 0:.2f} ms)")
-            elif result == "gone":
-                rollout.done.append(r)  # its replacement registers and is assigned the right version
-                self._event(rollout, f"{r}: gone (replica stopped); its replacement will start on the "
-                                     "assigned version")
-        self._save()
-        failed = {r: v for r, v in outcome.items() if v not in ("ok", "gone")}
-        if failed:
-            reasons = "; ".join(f"replica {r}: {v}" for r, v in failed.items())
-            raise RolloutError(f"{rollout.kind} of {rollout.version.short()} failed: {reasons}")
-
-    async def _await_running(self, replicas: list[str], version: Version) -> dict[str, str]:
-        """Wait until each replica reports running ``version``, reports a failure, is gone, or times out."""
-        deadline = time.monotonic() + self.settings.swap_timeout_s
-        outcome: dict[str, str] = {}
-
-        def settle() -> bool:
-            now = time.monotonic()
-            liveness = self.settings.replica_liveness_s
-            for r in replicas:
-                if r in outcome:
-                    continue
-                replica = self.replicas.get(r)
-                if replica is not None and replica.running == version:
-                    outcome[r] = "ok"
-                elif replica is not None and replica.failure and replica.failure[0] == version:
-                    outcome[r] = replica.failure[1]
-                elif (replica is None and now - self.started > liveness) or (
-                        replica is not None and now - replica.last_seen > liveness):
-                    outcome[r] = "gone"
-                elif now > deadline:
-                    outcome[r] = f"no answer within swap_timeout_s={self.settings.swap_timeout_s}"
-            return len(outcome) == len(replicas)
-
-        async with self._changed:
-            while not settle():
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    pass
-        return outcome
-
-    async def _revert(self, rollout: Rollout, reason: str) -> None:
-        """Put every replica the rollout moved (or tried to) back on its previous version."""
-        moved = [r for r in rollout.targets if self.state.assignments.get(r) == rollout.version]
-        for r in moved:
-            self.state.assignments[r] = rollout.previous.get(r, self.state.stable)
-        self._event(rollout, f"reverting {len(moved)} replicas: {reason}")
-        self._save()
-        await self._notify()
-        by_version: dict[Version, list[str]] = {}
-        for r in moved:
-            by_version.setdefault(self.state.assignments[r], []).append(r)
-        for version, replicas in by_version.items():
-            outcome = await self._await_running(replicas, version)
-            bad = {r: v for r, v in outcome.items() if v not in ("ok", "gone")}
-            if bad:
-                logger.error("revert of %s left replicas %s: %s", rollout.version.short(), list(bad), bad)
-        if rollout.kind in ("roll", "canary"):
-            self.state.rejected[rollout.version.sha256 or rollout.version.uri] = {
-                "uri": rollout.version.uri, "problems": [reason], "time": time.time()}
-        self._record(rollout.kind, rollout.version, "reverted", rollout.targets, 0.0, reason=reason)
-        self.state.rollout = None
-        self._save()
-
-    def _finish(self, rollout: Rollout, elapsed_ms: float) -> None:
-        s = self.state
-        if rollout.kind == "roll":
-            if s.stable != rollout.version:
-                s.previous_stable.append(s.stable)
-            s.stable, s.canary, s.canary_replicas = rollout.version, None, []
-        elif rollout.kind == "canary":
-            s.canary = rollout.version
-            # the canary share: the replicas moved now plus live ones that already ran it
-            s.canary_replicas = sorted(r for r in set(rollout.targets) | set(self._live())
-                                       if s.assignments.get(r) == rollout.version)
-        elif rollout.kind == "promote":
-            s.previous_stable.append(s.stable)
-            s.stable, s.canary, s.canary_replicas = rollout.version, None, []
-        elif rollout.kind == "rollback":
-            if s.canary is not None:
-                s.canary, s.canary_replicas = None, []
-            else:
-                s.stable = s.previous_stable.pop()
-        self._record(rollout.kind, rollout.version, "ok", rollout.targets, elapsed_ms)
-        s.rollout = None
-        self._save()
-        logger.info("%s of %s done: %d replicas in %.0f ms", rollout.kind, rollout.version.short(),
-                    len(rollout.targets), elapsed_ms)
-
-    # --- status and bookkeeping --------------------------------------------------------------------------
-
-    async def status(self) -> dict:
-        await self._ensure_ready()
-        live = set(self._live())
-        replicas = []
-        for r in sorted(self.replicas.values(), key=lambda x: x.id):
-            assigned = self.state.assignments.get(r.id)
-            replicas.append({
-                "id": r.id,
-                "adapter_uri": r.running.uri,
-                "adapter_sha256": r.running.sha256,
-                "swaps": r.stats.get("swaps"),
-                "last_swap_ms": r.stats.get("last_swap_ms"),
-                # the rest of the last swap: waiting for the batch in flight, then the smoke check
-                "last_drain_ms": r.stats.get("last_drain_ms"),
-                "last_smoke_ms": r.stats.get("last_smoke_ms"),
-                "compiled_graphs": r.stats.get("compiled_graphs"),
-                "pid": r.stats.get("pid"),
-                "assigned_uri": assigned.uri if assigned else None,
-                "assigned_sha256": assigned.sha256 if assigned else None,
-                "live": r.id in live,
-            })
-        s = self.state
-        return {
-            "app": self.app_name,
-            "state_store": self.store.describe(),
-            "stable": _v(s.stable),
-            "canary": _v(s.canary),
-            "canary_replicas": s.canary_replicas,
-            "rollout": s.rollout.to_dict() if s.rollout else None,
-            "replicas": replicas,
-            "history": s.history[-50:],
-            "rejected": s.rejected,
-        }
-
-    def _event(self, rollout: Rollout, message: str) -> None:
-        rollout.events.append(message)
-        logger.info("rollout %s: %s", rollout.id, message)
-
-    def _record(self, kind: str, version: Version, result: str, replicas: list[str], ms: float,
-                reason: str | None = None) -> None:
-        entry = {"time": time.time(), "kind": kind, "uri": version.uri, "sha256": version.sha256,
-                 "result": result, "replicas": list(replicas), "ms": round(ms, 1)}
-        if reason:
-            entry["reason"] = reason
-        self.state.history.append(entry)
-
-    def _save(self) -> None:
-        self.store.save(self.state)
-
-
-def _running(stats: dict) -> Version:
-    """The version a replica runs, as its stats name it."""
-    return Version(stats["adapter_uri"], stats["adapter_sha256"])
-
-
-def _key(version: Version) -> str:
-    """A version's key in the persisted state (JSON keys are strings)."""
-    return f"{version.sha256}@{version.uri}"
-
-
-def _v(version: Version | None) -> dict | None:
-    return None if version is None else {"uri": version.uri, "sha256": version.sha256}
+            info = ray.get(handle.whoami.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - a dead or stuck generation is simply not the current one
+            continue
+        ranked.append((not info["retired"] and not info["fenced"], info["started"], handle))
+    if not ranked:
+        return handles[0]
+    return max(ranked, key=lambda t: t[:2])[2]
 
 
 def describe_error(error: BaseException) -> str:
-    """One line for a CLI or HTTP error body, unwrapping Ray's task error around our own errors."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, (HotswapError, AdapterError)):
-        return str(cause)
+    """One line for a CLI or HTTP error body, unwrapping Ray's wrappers around our own errors."""
+    error = unwrap(error)
+    if isinstance(error, (HotswapError, AdapterError)):
+        return str(error)
     return str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+
+
+class HotswapController:
+    """Run as a Ray actor (:func:`get_or_create_controller`); its public methods are the RPC surface."""
+
+    def __init__(self, settings: HotswapSettings, app_name: str) -> None:
+        from hotswap.adapters import model_spec_for
+        from hotswap.catalog import VersionCatalog
+
+        self.settings = settings
+        self.app_name = app_name
+        self.name = controller_name(app_name, settings)
+        self.store = state_store_for(settings, app_name)
+        self.spec = model_spec_for(settings)
+        self.catalog = VersionCatalog(settings, self.spec)
+        self.started = time.time()
+        self.sm: RolloutMachine | None = None
+        self.waiting_for = "loading the state"
+        self.retired: str | None = None
+        self._dtypes: dict[str, str] = {}  # replica id -> dtype
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._loop_objects: tuple[asyncio.Lock, asyncio.Condition, asyncio.Event] | None = None
+        self._tasks: list[asyncio.Task] = []  # held so the running tasks are not garbage-collected
+
+    # --- start-up ----------------------------------------------------------------------------------
+
+    def _objects(self) -> tuple[asyncio.Lock, asyncio.Condition, asyncio.Event]:
+        if self._loop_objects is None:  # created on the actor's event loop, on first use
+            self._loop_objects = (asyncio.Lock(), asyncio.Condition(), asyncio.Event())
+            self._tasks.append(asyncio.ensure_future(self._start()))
+        return self._loop_objects
+
+    async def _ready(self, timeout_s: float | None = None) -> None:
+        _, _, ready = self._objects()
+        try:
+            await asyncio.wait_for(ready.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise ControllerUnavailableError(
+                f"the hotswap controller of '{self.app_name}' is not ready: {self.waiting_for}"
+            ) from None
+
+    async def _start(self) -> None:
+        """Load and claim the state, resume, make the initial adapter stable; retried until it works."""
+        lock, _, ready = self._objects()
+        delay = _START_BACKOFF_S[0]
+        while True:
+            try:
+                await self._start_once()
+                break
+            except Exception as e:  # noqa: BLE001 - anything: retried, and shown by status
+                self.waiting_for = f"{describe_error(e)} (retrying in {delay:.0f} s)"
+                logger.warning("controller %s not ready: %s", self.name, self.waiting_for)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _START_BACKOFF_S[1])
+        self.waiting_for = ""
+        ready.set()
+        self._tasks.append(asyncio.ensure_future(self._tick_forever()))
+        self._tasks.append(asyncio.ensure_future(self._retire_others()))
+        logger.info("controller %s ready; state at %s", self.name, self.store.describe())
+
+    async def _start_once(self) -> None:
+        lock, _, _ = self._objects()
+        async with lock:
+            if self.sm is None:
+                self.waiting_for = f"the state at {self.store.describe()}"
+                state = await asyncio.to_thread(self.store.load) or DesiredState()
+                sm = RolloutMachine(state, batch_size=self.settings.rollout_batch_size,
+                                    swap_timeout_s=self.settings.swap_timeout_s,
+                                    liveness_s=self.settings.replica_liveness_s,
+                                    forget_after_s=self.settings.replica_liveness_s * 4, now=time.time(),
+                                    new_id=lambda: uuid.uuid4().hex[:8])
+                # claim the state: this save fences any other controller that still writes it
+                await self._persist(sm, sm.resume(time.time()) or Transition(sm.state.copy()), raise_errors=True)
+                self.sm = sm
+        initial = self.settings.initial_adapter
+        if initial and self.sm.needs_initial(initial):
+            self.waiting_for = f"the initial adapter {initial}"
+            version, record = await self.catalog.resolve(initial, known=self.sm.state.validated)
+            async with lock:
+                transition = self.sm.initialize(version, initial, time.time())
+                if transition is not None:
+                    transition.state.validated[version.key] = record
+                    await self._persist(self.sm, transition, raise_errors=True)
+        elif initial and self.sm.state.initial_adapter not in (None, initial):
+            logger.warning("config initial_adapter %s ignored: the state says stable is %s", initial,
+                           self.sm.state.stable.short())
+
+    async def _retire_others(self) -> None:
+        """Retire the controllers of this application's other settings generations (an older deploy)."""
+        import ray
+
+        for name in _controllers(self.app_name):
+            if name == self.name:
+                continue
+            try:
+                old = ray.get_actor(name, namespace=CONTROLLER_NAMESPACE)
+                await old.retire.remote(f"superseded by {self.name} (a redeploy with other settings)")
+            except Exception as e:  # noqa: BLE001 - already gone
+                logger.info("could not retire %s: %s", name, e)
+
+    async def _tick_forever(self) -> None:
+        lock, _, _ = self._objects()
+        while True:
+            await asyncio.sleep(_TICK_S)
+            try:
+                async with lock:
+                    await self._persist(self.sm, self.sm.tick(time.time()))
+                    s = self.sm.state
+                    in_use = {s.stable, *([s.canary] if s.canary else [])}
+                    if s.operation is not None:
+                        in_use |= {s.operation.version, *s.operation.previous.values()}
+                    self.catalog.keep(in_use)
+            except Exception:  # noqa: BLE001 - the next tick tries again
+                logger.exception("controller tick failed")
+
+    # --- driving the machine -----------------------------------------------------------------------
+
+    async def _persist(self, sm: RolloutMachine, transition: Transition | None, *, raise_errors: bool = False):
+        """Save ``transition``'s state, then commit it (or fail it), then carry out the actions. Under the lock."""
+        if transition is None:
+            return
+        try:
+            await asyncio.to_thread(self.store.save, transition.state)
+        except Exception as e:  # noqa: BLE001 - any save failure: the state stays as last persisted
+            logger.error("controller %s could not save its state to %s: %s", self.name, self.store.describe(), e)
+            actions = sm.fail(transition, e)
+            self._carry_out(actions)
+            if raise_errors:
+                raise
+            return
+        self._carry_out(sm.commit(transition))
+
+    def _carry_out(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Reply):
+                waiter = self._waiters.pop(action.op_id, None)
+                if action.outcome.value not in ("ok", "preempted"):
+                    logger.error("operation %s: %s", action.op_id, action.error or action.outcome.value)
+                else:
+                    logger.info("operation %s %s: %s in %.0f ms", action.op_id, action.result.get("kind"),
+                                action.outcome.value, action.result.get("ms", 0))
+                if waiter is not None and not waiter.done():
+                    if action.error is not None:
+                        waiter.set_exception(action.error)
+                    else:
+                        waiter.set_result(action.result)
+            elif isinstance(action, Notify):
+                self._tasks.append(asyncio.ensure_future(self._notify()))
+        self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _notify(self) -> None:
+        _, changed, _ = self._objects()
+        async with changed:
+            changed.notify_all()
+
+    async def _heard(self, report: ReplicaReport) -> None:
+        if report.settings_fingerprint and report.settings_fingerprint != self.settings.fingerprint:
+            raise RolloutConflictError(
+                f"replica {report.replica_id} runs settings {report.settings_fingerprint}, this controller "
+                f"{self.settings.fingerprint}; each settings generation has its own controller"
+            )
+        lock, _, _ = self._objects()
+        self._dtypes[report.replica_id] = report.dtype
+        async with lock:
+            await self._persist(self.sm, self.sm.heard(report, time.time()))
+
+    async def _assignment(self, replica_id: str) -> Assignment:
+        version = self.sm.assignment(replica_id)
+        token = self.sm.token(replica_id)
+        record = self.sm.state.validated.get(version.key)
+        ref = await self.catalog.staged_ref(version, self._dtypes.get(replica_id, "float32"), record)
+        return Assignment(version, [ref], token)
+
+    # --- replica protocol -----------------------------------------------------------------------------
+
+    async def register(self, report: ReplicaReport) -> Assignment:
+        """A replica starting: record it and return what it must run before it serves.
+
+        Waits up to one watch timeout for the controller to be ready, then raises
+        :class:`ControllerUnavailableError` naming what it waits for (the replica retries).
+        """
+        await self._ready(self.settings.watch_timeout_s)
+        await self._heard(report)
+        assignment = await self._assignment(report.replica_id)
+        logger.info("replica %s registered; assigned %s", report.replica_id, assignment.version.short())
+        return assignment
+
+    async def heartbeat(self, report: ReplicaReport) -> None:
+        """A replica that is draining or swapping is alive (also its report after an apply)."""
+        await self._ready(self.settings.watch_timeout_s)
+        await self._heard(report)
+
+    async def watch(self, report: ReplicaReport) -> Assignment | None:
+        """Long-poll: the replica's assignment once it differs from what it runs, else ``None`` after the timeout.
+
+        An assignment the replica reported failing (for the same token) is not offered again; the
+        replica clears its failure report to ask for a retry.
+        """
+        await self._ready(self.settings.watch_timeout_s)
+        if self.retired:
+            await asyncio.sleep(self.settings.watch_timeout_s)
+            return None
+        await self._heard(report)
+        _, changed, _ = self._objects()
+        rid = report.replica_id
+
+        def differs() -> bool:
+            version = self.sm.assignment(rid)
+            failed_it = report.failed == version and report.failed_token == self.sm.token(rid)
+            return version != report.running and not failed_it
+
+        async with changed:
+            try:
+                await asyncio.wait_for(changed.wait_for(differs), timeout=self.settings.watch_timeout_s)
+            except asyncio.TimeoutError:
+                return None
+        try:
+            return await self._assignment(rid)
+        except Exception as e:  # noqa: BLE001 - staging failed: logged, retried at the next watch
+            logger.error("could not stage %s for replica %s: %s", self.sm.assignment(rid).short(), rid,
+                         describe_error(e))
+            return None
+
+    # --- operations -----------------------------------------------------------------------------------
+
+    async def roll(self, uri: str, canary_percent: float | None = None, *,
+                   expected_sha256: str | None = None) -> dict:
+        """Resolve ``uri`` once, then move every replica (or a canary share of them) to it."""
+        kind = OpKind.ROLL if canary_percent is None else OpKind.CANARY
+        return await self._operate(kind, uri, canary_percent, expected_sha256)
+
+    async def promote(self) -> dict:
+        """Move every replica to the canary version, which becomes stable."""
+        return await self._operate(OpKind.PROMOTE, None, None, None)
+
+    async def rollback(self) -> dict:
+        """Canary active: its replicas return to stable. Otherwise every replica returns to the previous stable."""
+        return await self._operate(OpKind.ROLLBACK, None, None, None)
+
+    async def _operate(self, kind: OpKind, uri: str | None, percent: float | None, pin: str | None) -> dict:
+        await self._ready(self.settings.watch_timeout_s)
+        if self.retired:
+            raise RolloutConflictError(f"controller {self.name} is retired: {self.retired}")
+        lock, _, _ = self._objects()
+        async with lock:
+            self.sm.check_can_start()
+            self.sm.pending = f"{kind.value} of {uri}" if uri else kind.value
+        version, record = None, None
+        try:
+            if uri is not None:
+                if kind == OpKind.CANARY and not 0 < percent <= 100:
+                    raise RolloutConflictError(f"--canary must be in (0, 100], got {percent}")
+                try:
+                    version, record = await self.catalog.resolve(uri, known=self.sm.state.validated,
+                                                                 expected_sha256=pin)
+                except AdapterValidationError as e:
+                    async with lock:
+                        rejected = getattr(e, "version", None) or AdapterVersion(uri, "?", "?")
+                        await self._persist(self.sm, self.sm.reject(rejected, e.problems, time.time(), kind=kind))
+                    raise
+            async with lock:
+                self.sm.pending = None
+                transition = self.sm.request(kind, version, time.time(), percent=percent)
+                if version is not None:
+                    transition.state.validated[version.key] = record
+                op_id = transition.state.operation.id
+                waiter = self._waiters[op_id] = asyncio.get_running_loop().create_future()
+                await self._persist(self.sm, transition)
+        finally:
+            self.sm.pending = None
+        if version is not None:  # stage once now, for every dtype the replicas run, before they ask
+            for dtype in set(self._dtypes.values()) or {"float32"}:
+                self._tasks.append(asyncio.ensure_future(self._prestage(version, dtype, record)))
+        result = await waiter
+        if version is not None and version.key in self.catalog.signers:
+            result["signer"] = self.catalog.signers[version.key]
+        return result
+
+    async def _prestage(self, version: AdapterVersion, dtype: str, record: dict) -> None:
+        try:
+            await self.catalog.staged_ref(version, dtype, record)
+        except Exception as e:  # noqa: BLE001 - the replicas' watch stages (and reports) it again
+            logger.error("could not stage %s for %s: %s", version.short(), dtype, describe_error(e))
+
+    async def retire(self, reason: str) -> None:
+        """A newer settings generation took over: serve no more operations; replicas keep what they run."""
+        self.retired = reason
+        logger.warning("controller %s retired: %s", self.name, reason)
+
+    async def whoami(self) -> dict:
+        return {"name": self.name, "started": self.started, "retired": self.retired,
+                "fenced": self.sm.fenced if self.sm else None}
+
+    # --- status ---------------------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        """Everything ``hotswap status`` shows; available while the controller is still starting."""
+        self._objects()
+        if self.sm is None or self.waiting_for:
+            return {"app": self.app_name, "controller": self.name, "ready": False, "waiting_for": self.waiting_for,
+                    "state_store": self.store.describe(), "replicas": [], "history": [], "rollout": None,
+                    "stable": None, "canary": None, "canary_replicas": [], "rejected": {}}
+        now = time.time()
+        sm, s = self.sm, self.sm.state
+        replicas = []
+        for rid in sm.registry.known():
+            report = sm.registry.report(rid)
+            assigned = sm.assignment(rid)
+            stats = report.stats or {}
+            replicas.append({
+                "id": rid,
+                "adapter_uri": report.running.uri,
+                "adapter_sha256": report.running.sha256,
+                "adapter_config_sha256": report.running.config_sha256,
+                "phase": report.phase.value,
+                "failure": report.failure,
+                "swaps": stats.get("swaps"),
+                "last_swap_ms": stats.get("last_swap_ms"),
+                "last_drain_ms": stats.get("last_drain_ms"),
+                "last_smoke_ms": stats.get("last_smoke_ms"),
+                "compiled_graphs": stats.get("compiled_graphs"),
+                "pid": stats.get("pid"),
+                "assigned_uri": assigned.uri,
+                "assigned_sha256": assigned.sha256,
+                "live": sm.registry.is_live(rid, now),
+            })
+        op = s.operation
+        rollout = None
+        if op is not None:
+            rollout = {**op.to_dict(), "version": op.version.to_dict()}
+        return {
+            "app": self.app_name,
+            "controller": self.name,
+            "ready": True,
+            "fenced": sm.fenced,
+            "retired": self.retired,
+            "state_store": self.store.describe(),
+            "stable": s.stable.to_dict(),
+            "canary": s.canary.to_dict() if s.canary else None,
+            "canary_percent": s.canary_percent,
+            "canary_replicas": s.canary_replicas,
+            "rollout": rollout,
+            "replicas": replicas,
+            "history": s.history[-50:],
+            "rejected": s.rejected,
+            "staged": self.catalog.staged_versions(),
+            "signers": dict(self.catalog.signers),
+        }

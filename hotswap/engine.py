@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -30,13 +30,14 @@ from hotswap.generation import Completion, SamplingParams, StaticBatchGenerator,
 from hotswap.settings import HotswapSettings
 from hotswap.staging import AdapterIdentity, StagedAdapter
 from hotswap.validation import ModelSpec
+from hotswap.versions import BASE
 
 __all__ = ["BASE_IDENTITY", "EngineStats", "SwapEngine", "SwapLock", "resolve_device_dtype"]
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"  # a substring of no module path (peft#3780)
-BASE_IDENTITY = AdapterIdentity("base", "")
+BASE_IDENTITY = BASE
 
 
 def resolve_device_dtype(settings: HotswapSettings) -> tuple[torch.device, torch.dtype]:
@@ -110,6 +111,17 @@ class _CountingBackend:
         self.graphs += 1
         logger.info("compiling graph %d (%d nodes)", self.graphs, len(gm.graph.nodes))
         return self._inductor(gm, example_inputs)
+
+
+class RestoreError(SwapError):
+    """A failed swap could not be undone: the model is in an unknown state and must not serve."""
+
+
+@dataclass(frozen=True)
+class SwapTimings:
+    drain_ms: float  # waiting for the requests in flight
+    swap_ms: float  # the copy
+    smoke_ms: float  # the smoke check, with new requests still held back
 
 
 @dataclass(frozen=True)
@@ -238,24 +250,74 @@ class SwapEngine:
                 'peft' calls PEFT's ``hotswap_adapter_from_state_dict`` (same result, for comparison).
             timeout_s: how long to wait for in-flight requests before giving up (nothing changed).
         """
+        self._check_fits(staged)
+        with self.lock.swap(timeout_s=timeout_s):
+            elapsed_ms = self._swap_locked(staged, method)
+        return elapsed_ms
+
+    def _check_fits(self, staged: StagedAdapter) -> None:
         if staged.spec_fingerprint != self.spec.fingerprint:
             raise SwapError(
                 f"adapter {staged.identity.uri} was staged for another model layout (spec "
                 f"{staged.spec_fingerprint[:12]}, this replica {self.spec.fingerprint[:12]}); stage it again "
                 "against this service's settings"
             )
+
+    def reset_to_base(self, *, timeout_s: float | None = None) -> None:
+        """Zero every LoRA weight (serve the base model), under the swap lock."""
         with self.lock.swap(timeout_s=timeout_s):
-            started = time.perf_counter()
+            self._swap_locked(None)
+
+    def swap_checked(self, staged: StagedAdapter | None, *, check: Callable[[], None],
+                     timeout_s: float | None = None) -> SwapTimings:
+        """Swap to ``staged`` (``None``: the base model) and run ``check`` under one hold of the swap lock.
+
+        No request runs on the new adapter before ``check`` passes: requests queue behind the lock
+        from the moment the swap waits until the check is done. If ``check`` raises, the previous
+        adapter is put back (still under the lock) and :class:`SwapError` is raised; if putting it
+        back fails too, :class:`RestoreError` is raised and the model must not serve.
+        ``check`` runs with the lock held: it must use :meth:`smoke_check_unlocked`, not :meth:`smoke_check`.
+        """
+        if staged is not None:
+            self._check_fits(staged)
+        asked = time.perf_counter()
+        with self.lock.swap(timeout_s=timeout_s):
+            got = time.perf_counter()
+            previous = self._current
+            swap_ms = self._swap_locked(staged)
+            checked = time.perf_counter()
             try:
-                self._copy(staged, method)
+                check()
             except Exception as e:
-                logger.error("swap to %s failed (%s); restoring %s", staged.identity.uri, e, self.identity.uri)
-                self._restore()
-                raise SwapError(f"swap to adapter {staged.identity.uri} failed and was undone: {e}") from e
-            elapsed_ms = (time.perf_counter() - started) * 1e3
-            previous, self.identity, self._current = self.identity, staged.identity, staged
+                name = staged.identity.uri if staged is not None else "the base model"
+                try:
+                    self._swap_locked(previous)
+                except Exception as restore_error:
+                    raise RestoreError(f"smoke check of {name} failed ({e}) and the previous adapter could not be "
+                                       f"put back ({restore_error})") from restore_error
+                raise SwapError(f"smoke check failed on {name}: {e}; previous adapter restored") from e
+            done = time.perf_counter()
+        return SwapTimings(drain_ms=(got - asked) * 1e3, swap_ms=swap_ms, smoke_ms=(done - checked) * 1e3)
+
+    def _swap_locked(self, staged: StagedAdapter | None, method: str = "foreach") -> float:
+        """Copy ``staged`` in (or zero every LoRA weight); the caller holds the swap lock. Returns ms."""
+        started = time.perf_counter()
+        if staged is None:
+            self._swapper.zero()
+            previous, self.identity, self._current = self.identity, BASE_IDENTITY, None
             self.swaps += 1
-            self.last_swap_ms = elapsed_ms
+            logger.info("swapped %s -> the base model (all LoRA weights zero)", previous.uri)
+            return (time.perf_counter() - started) * 1e3
+        try:
+            self._copy(staged, method)
+        except Exception as e:
+            logger.error("swap to %s failed (%s); restoring %s", staged.identity.uri, e, self.identity.uri)
+            self._restore()
+            raise SwapError(f"swap to adapter {staged.identity.uri} failed and was undone: {e}") from e
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        previous, self.identity, self._current = self.identity, staged.identity, staged
+        self.swaps += 1
+        self.last_swap_ms = elapsed_ms
         logger.info(
             "swapped %s -> %s (sha256 %s, r=%d) in %.2f ms",
             previous.uri,
@@ -265,14 +327,6 @@ class SwapEngine:
             elapsed_ms,
         )
         return elapsed_ms
-
-    def reset_to_base(self, *, timeout_s: float | None = None) -> None:
-        """Zero every LoRA weight (serve the base model), under the swap lock."""
-        with self.lock.swap(timeout_s=timeout_s):
-            self._swapper.zero()
-            self.identity, self._current = BASE_IDENTITY, None
-            self.swaps += 1
-        logger.info("swapped to the base model (all LoRA weights zero)")
 
     @property
     def current(self) -> StagedAdapter | None:
@@ -322,10 +376,14 @@ class SwapEngine:
     def smoke_check(self, prompt: str = "Hello, world") -> None:
         """A short greedy generation that must give finite logits; raise :class:`SwapError` otherwise."""
         with self.lock.request():
-            logits = self.generator.last_logits([prompt])
-            if not torch.isfinite(logits).all():
-                raise SwapError(f"smoke check failed on adapter {self.identity.uri}: non-finite logits")
-            self.generator.generate([prompt], [SamplingParams(max_tokens=2, ignore_eos=True)])
+            self.smoke_check_unlocked(prompt)
+
+    def smoke_check_unlocked(self, prompt: str = "Hello, world") -> None:
+        """:meth:`smoke_check` for a caller that already holds the lock (the ``check`` of :meth:`swap_checked`)."""
+        logits = self.generator.last_logits([prompt])
+        if not torch.isfinite(logits).all():
+            raise SwapError(f"smoke check failed on adapter {self.identity.uri}: non-finite logits")
+        self.generator.generate([prompt], [SamplingParams(max_tokens=2, ignore_eos=True)])
 
     @contextmanager
     def stream(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> Iterator[

@@ -90,7 +90,16 @@ class HotswapSettings(BaseModel):
         "is stopped and reverted."
     )
     replica_liveness_s: float = Field(
-        30.0, gt=0, description="A replica not heard from for this long is considered gone."
+        30.0, gt=0, description="A replica not heard from for this long is considered gone; must exceed 1.5 x "
+        "watch_timeout_s (replicas report at least once per watch)."
+    )
+    watch_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="How long a replica's long-poll waits for a new assignment; it is also "
+        "the replicas' heartbeat interval (they heartbeat while they drain and swap, too)."
+    )
+    adapter_cache_max_bytes: int = Field(
+        20 << 30, ge=1, description="Byte cap of the controller's download cache (LRU eviction; the versions in "
+        "use are always kept)."
     )
     s3_endpoint_url: str | None = Field(
         None, pattern=r"^https?://[^\s/]+(/.*)?$", max_length=2048,
@@ -114,9 +123,22 @@ class HotswapSettings(BaseModel):
             raise ValueError(
                 f"prefill_chunk_tokens ({self.prefill_chunk_tokens}) must not exceed max_seq_len ({self.max_seq_len})"
             )
+        if self.replica_liveness_s < 1.5 * self.watch_timeout_s:
+            raise ValueError(
+                f"replica_liveness_s ({self.replica_liveness_s:g}) must be at least 1.5 x watch_timeout_s "
+                f"({self.watch_timeout_s:g}): replicas report once per watch, so a shorter liveness makes idle "
+                f"replicas look dead; raise replica_liveness_s to {1.5 * self.watch_timeout_s:g} or more"
+            )
         if self.compile_mode == "reduce-overhead" and self.device == "cpu":
             raise ValueError("compile_mode 'reduce-overhead' uses CUDA graphs; use 'default' with device 'cpu'")
         return self
+
+    @property
+    def fingerprint(self) -> str:
+        """Names one settings generation: a redeploy with other settings gets another controller."""
+        import hashlib
+
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
     @property
     def store_root(self) -> Path:

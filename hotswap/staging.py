@@ -3,7 +3,7 @@
 A :class:`StagedAdapter` is what travels to replicas (through the Ray object store):
 the LoRA matrices in the model's dtype, on CPU (pinned when CUDA is present), ordered as
 the :class:`~hotswap.validation.ModelSpec` orders its layers, plus the adapter's identity
-(URI + sha256) and the spec fingerprint it was staged for. Staging happens once per
+(an :class:`~hotswap.versions.AdapterVersion`) and the spec fingerprint it was staged for. Staging happens once per
 adapter version, however many replicas apply it.
 """
 
@@ -14,19 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from hotswap.validation import ModelSpec, ValidatedAdapter
+from hotswap.versions import AdapterVersion
 
 __all__ = ["AdapterIdentity", "StagedAdapter", "stage_adapter"]
 
 
-@dataclass(frozen=True)
-class AdapterIdentity:
-    """An adapter version's stable identity: its URI and the sha256 of its safetensors file."""
-
-    uri: str
-    sha256: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"adapter_uri": self.uri, "adapter_sha256": self.sha256}
+AdapterIdentity = AdapterVersion  # the name engine and replica code used before there was one version type
 
 
 @dataclass(frozen=True)
@@ -105,7 +98,7 @@ def stage_adapter(
         lora_a.append(a)
         lora_b.append(b)
     return StagedAdapter(
-        identity=AdapterIdentity(validated.uri, validated.sha256),
+        identity=AdapterVersion(validated.uri, validated.sha256, validated.config_sha256),
         spec_fingerprint=spec.fingerprint,
         rank=validated.rank,
         lora_alpha=validated.lora_alpha,

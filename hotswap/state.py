@@ -1,173 +1,254 @@
-"""The controller's persisted state, and where it is kept (a local file by default, an S3 object if configured).
+"""The controller's desired state, persisted before it is acted on, and the fenced stores that keep it.
 
-The state is the single source of truth for which adapter each replica should run. It is
-written (atomically) after every change, before the change is acted on, so a restarted
-controller resumes a rollout without swapping any replica twice.
+:class:`DesiredState` is everything a controller needs to derive every replica's assignment:
+the stable and canary versions, the canary's share, and the operation in progress (with its
+phase and per-replica progress). Nothing about replicas' liveness is stored: that is
+observed again after a restart.
+
+Stores are *fenced*: a save succeeds only if nobody else wrote since this store last read or
+wrote the object (S3: ``If-Match`` on the ETag / ``If-None-Match: *`` for the first write;
+file: a generation counter checked under an exclusive lock). A stale controller's save
+raises :class:`~hotswap.errors.StateConflictError` and that controller stops serving
+operations, so two controllers on one state object never overwrite each other silently.
 """
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import json
 import os
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-__all__ = ["ControllerState", "FileStateStore", "Rollout", "S3StateStore", "StateStore", "Version", "state_store_for"]
+from hotswap.errors import StateConflictError
+from hotswap.messages import OpKind, Phase
+from hotswap.versions import BASE, AdapterVersion
 
+__all__ = ["DesiredState", "FileStateStore", "Operation", "S3StateStore", "StateStore", "state_store_for"]
 
-@dataclass(frozen=True)
-class Version:
-    """An adapter version: its URI and the sha256 of its weights (``base`` with no sha: LoRA all zero)."""
-
-    uri: str
-    sha256: str
-
-    @classmethod
-    def of(cls, data: dict | None) -> Version | None:
-        return None if data is None else cls(data["uri"], data["sha256"])
-
-    def short(self) -> str:
-        return f"{self.uri} ({self.sha256[:12]})" if self.sha256 else self.uri
-
-
-BASE = Version("base", "")
+_HISTORY_KEPT = 200
+_REJECTED_KEPT = 50
+_VALIDATED_KEPT = 64
 
 
 @dataclass
-class Rollout:
-    """A rollout in progress: ``targets`` move to ``version`` in order; ``done`` have acked it."""
+class Operation:
+    """An operation in progress: ``targets`` move to ``version`` in order, ``batch`` at a time.
+
+    ``moving`` are assigned ``version`` and not yet heard running it; ``done`` reported running it;
+    ``dropped`` went away while targeted. In the REVERT phase every target that was moving or done
+    is assigned its ``previous`` version again.
+    """
 
     id: str
-    kind: str  # roll | canary | promote | rollback
-    version: Version
+    kind: OpKind
+    version: AdapterVersion
     targets: list[str]
-    previous: dict[str, Version]
+    previous: dict[str, AdapterVersion]
+    everyone: bool  # replicas that appear mid-operation join it (roll, promote, rollback to previous stable)
+    phase: Phase = Phase.FORWARD
+    moving: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
+    dropped: list[str] = field(default_factory=list)
+    reverted: list[str] = field(default_factory=list)
+    reason: str | None = None
+    started: float = 0.0
+    deadline: float = 0.0  # the current step (or the revert) fails after this time
+    percent: float | None = None  # for a canary
     events: list[str] = field(default_factory=list)
 
+    def touched(self) -> list[str]:
+        return [r for r in self.targets if r in self.moving or r in self.done]
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["version"] = asdict(self.version)
-        d["previous"] = {k: asdict(v) for k, v in self.previous.items()}
-        return d
+        return {
+            "id": self.id, "kind": self.kind.value, "version": self.version.to_dict(), "targets": self.targets,
+            "previous": {k: v.to_dict() for k, v in self.previous.items()}, "everyone": self.everyone,
+            "phase": self.phase.value, "moving": self.moving, "done": self.done, "dropped": self.dropped,
+            "reverted": self.reverted, "reason": self.reason, "started": self.started, "deadline": self.deadline,
+            "percent": self.percent, "events": self.events[-100:],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> Rollout | None:
+    def from_dict(cls, d: dict | None) -> Operation | None:
         if d is None:
             return None
         return cls(
-            id=d["id"], kind=d["kind"], version=Version.of(d["version"]), targets=list(d["targets"]),
-            previous={k: Version.of(v) for k, v in d["previous"].items()}, done=list(d["done"]),
-            started=d["started"], events=list(d.get("events", [])),
+            id=d["id"], kind=OpKind(d["kind"]), version=AdapterVersion.of(d["version"]), targets=list(d["targets"]),
+            previous={k: AdapterVersion.of(v) for k, v in d["previous"].items()}, everyone=d["everyone"],
+            phase=Phase(d["phase"]), moving=list(d["moving"]), done=list(d["done"]), dropped=list(d["dropped"]),
+            reverted=list(d.get("reverted", [])), reason=d.get("reason"), started=d["started"],
+            deadline=d["deadline"], percent=d.get("percent"), events=list(d.get("events", [])),
         )
 
 
 @dataclass
-class ControllerState:
-    stable: Version = BASE
-    previous_stable: list[Version] = field(default_factory=list)  # for rollback, most recent last
-    canary: Version | None = None
+class DesiredState:
+    """What every replica should run, and the operation that is changing it."""
+
+    stable: AdapterVersion = BASE
+    previous_stable: list[AdapterVersion] = field(default_factory=list)  # for rollback, most recent last
+    canary: AdapterVersion | None = None
+    canary_percent: float | None = None
     canary_replicas: list[str] = field(default_factory=list)
-    assignments: dict[str, Version] = field(default_factory=dict)
-    rollout: Rollout | None = None
+    operation: Operation | None = None
     history: list[dict] = field(default_factory=list)
-    rejected: dict[str, dict] = field(default_factory=dict)  # sha256 or uri -> {uri, problems, time}
-    validated: dict[str, dict] = field(default_factory=dict)  # "<sha256>@<uri>" -> {uri, rank, ...}
-    initial_adapter: str | None = None  # what the stable version was first taken from
+    rejected: dict[str, dict] = field(default_factory=dict)  # AdapterVersion.key -> {uri, sha256, problems, time}
+    validated: dict[str, dict] = field(default_factory=dict)  # AdapterVersion.key -> ValidatedAdapter.record()
+    initial_adapter: str | None = None  # the URI the first stable version came from
+    rebalance_blocked: str | None = None  # canary key whose rebalance failed: not retried replica after replica
+    generation: int = 0  # bumped by every save; the file store fences on it
+
+    def copy(self) -> DesiredState:
+        return copy.deepcopy(self)
+
+    def trim(self) -> None:
+        """Keep the persisted record bounded: the newest history, rejections and validation records."""
+        del self.history[:-_HISTORY_KEPT]
+        for table, kept in ((self.rejected, _REJECTED_KEPT), (self.validated, _VALIDATED_KEPT)):
+            for key in list(table)[: max(0, len(table) - kept)]:
+                del table[key]
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "stable": asdict(self.stable),
-                "previous_stable": [asdict(v) for v in self.previous_stable],
-                "canary": asdict(self.canary) if self.canary else None,
-                "canary_replicas": self.canary_replicas,
-                "assignments": {k: asdict(v) for k, v in self.assignments.items()},
-                "rollout": self.rollout.to_dict() if self.rollout else None,
-                "history": self.history[-200:],
-                "rejected": self.rejected,
-                "validated": self.validated,
-                "initial_adapter": self.initial_adapter,
-            },
-            indent=1,
-            sort_keys=True,
-        )
+        return json.dumps({
+            "stable": self.stable.to_dict(),
+            "previous_stable": [v.to_dict() for v in self.previous_stable],
+            "canary": self.canary.to_dict() if self.canary else None,
+            "canary_percent": self.canary_percent,
+            "canary_replicas": self.canary_replicas,
+            "operation": self.operation.to_dict() if self.operation else None,
+            "history": self.history,
+            "rejected": self.rejected,
+            "validated": self.validated,
+            "initial_adapter": self.initial_adapter,
+            "rebalance_blocked": self.rebalance_blocked,
+            "generation": self.generation,
+        }, indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, raw: str) -> ControllerState:
+    def from_json(cls, raw: str) -> DesiredState:
         d = json.loads(raw)
         return cls(
-            stable=Version.of(d["stable"]),
-            previous_stable=[Version.of(v) for v in d.get("previous_stable", [])],
-            canary=Version.of(d.get("canary")),
+            stable=AdapterVersion.of(d["stable"]),
+            previous_stable=[AdapterVersion.of(v) for v in d.get("previous_stable", [])],
+            canary=AdapterVersion.of(d.get("canary")),
+            canary_percent=d.get("canary_percent"),
             canary_replicas=list(d.get("canary_replicas", [])),
-            assignments={k: Version.of(v) for k, v in d.get("assignments", {}).items()},
-            rollout=Rollout.from_dict(d.get("rollout")),
+            operation=Operation.from_dict(d.get("operation")),
             history=list(d.get("history", [])),
             rejected=dict(d.get("rejected", {})),
             validated=dict(d.get("validated", {})),
             initial_adapter=d.get("initial_adapter"),
+            rebalance_blocked=d.get("rebalance_blocked"),
+            generation=int(d.get("generation", 0)),
         )
 
 
 class StateStore(Protocol):
-    def load(self) -> ControllerState | None: ...
+    """Where the desired state lives. ``save`` raises :class:`StateConflictError` when fenced out."""
 
-    def save(self, state: ControllerState) -> None: ...
+    def load(self) -> DesiredState | None: ...
+
+    def save(self, state: DesiredState) -> None: ...
 
     def describe(self) -> str: ...
 
 
 class FileStateStore:
-    """State in a local JSON file, replaced atomically on every save."""
+    """State in a local JSON file, replaced atomically; fenced by a generation counter under ``flock``."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._generation: int | None = None  # what this store last read or wrote; None: never looked
 
-    def load(self) -> ControllerState | None:
+    def load(self) -> DesiredState | None:
+        state = self._read()
+        self._generation = state.generation if state else 0
+        return state
+
+    def _read(self) -> DesiredState | None:
         try:
-            return ControllerState.from_json(self.path.read_text())
+            return DesiredState.from_json(self.path.read_text())
         except FileNotFoundError:
             return None
 
-    def save(self, state: ControllerState) -> None:
+    def save(self, state: DesiredState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(state.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self._read()
+            found = current.generation if current else 0
+            if self._generation is None:
+                self._generation = found
+            if found != self._generation:
+                raise StateConflictError(
+                    f"state file {self.path} was written by another controller (generation {found}, this controller "
+                    f"last saw {self._generation}); this controller stops serving operations"
+                )
+            state.generation = self._generation + 1
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(state.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self._generation = state.generation
 
     def describe(self) -> str:
         return str(self.path)
 
 
 class S3StateStore:
-    """State in one S3 object (``s3://bucket/key``); S3 PUTs are atomic per object."""
+    """State in one S3 object (``s3://bucket/key``), written with conditional PUTs on its ETag."""
 
     def __init__(self, uri: str, client: Any) -> None:
         parsed = urlparse(uri)
         self.uri, self.bucket, self.key, self.client = uri, parsed.netloc, parsed.path.lstrip("/"), client
+        self._etag: str | None = None  # the ETag this store last read or wrote
+        self._generation = 0  # ... and the generation in it
+        self._looked = False
 
-    def load(self) -> ControllerState | None:
+    def load(self) -> DesiredState | None:
         from botocore.exceptions import ClientError
 
+        self._looked = True
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.key)["Body"].read()
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key)
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                self._etag, self._generation = None, 0
                 return None
             raise
-        return ControllerState.from_json(body.decode())
+        self._etag = response["ETag"]
+        state = DesiredState.from_json(response["Body"].read().decode())
+        self._generation = state.generation
+        return state
 
-    def save(self, state: ControllerState) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.key, Body=state.to_json().encode())
+    def save(self, state: DesiredState) -> None:
+        from botocore.exceptions import ClientError
+
+        if not self._looked:
+            self.load()
+        # always a new generation, so the body (and its ETag) differs from every earlier write
+        state.generation = self._generation + 1
+        condition = {"IfMatch": self._etag} if self._etag else {"IfNoneMatch": "*"}
+        try:
+            response = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=state.to_json().encode(),
+                                              **condition)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                raise StateConflictError(
+                    f"state object {self.uri} was written by another controller since this one last read it "
+                    f"(conditional write refused: {code}); this controller stops serving operations"
+                ) from e
+            raise
+        self._etag, self._generation = response["ETag"], state.generation
 
     def describe(self) -> str:
         return self.uri
@@ -184,3 +265,4 @@ def state_store_for(settings, app_name: str) -> StateStore:
         return S3StateStore(uri, client)
     path = Path(uri.removeprefix("file://")) if uri else settings.cache_dir / "state" / f"{app_name}.json"
     return FileStateStore(path)
+

@@ -27,6 +27,7 @@ import torch
 
 from hotswap.errors import AdapterValidationError
 from hotswap.store import CONFIG_NAME, WEIGHTS_NAME, FetchedAdapter
+from hotswap.versions import config_digest
 
 __all__ = ["LoraLayerSpec", "ModelSpec", "ValidatedAdapter", "load_validated", "validate_adapter"]
 
@@ -155,6 +156,7 @@ class ValidatedAdapter:
     target_modules: tuple[str, ...]
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (lora_A, lora_B)
     size_bytes: int
+    config_sha256: str = ""  # of adapter_config.json: part of the version's identity
 
     @property
     def scaling(self) -> float:
@@ -164,7 +166,8 @@ class ValidatedAdapter:
         """What validation established, as JSON: enough for :func:`load_validated` to reload it."""
         return {"uri": self.uri, "sha256": self.sha256, "rank": self.rank, "lora_alpha": self.lora_alpha,
                 "use_rslora": self.use_rslora, "lora_dropout": self.lora_dropout,
-                "target_modules": list(self.target_modules), "size_bytes": self.size_bytes}
+                "target_modules": list(self.target_modules), "size_bytes": self.size_bytes,
+                "config_sha256": self.config_sha256}
 
 
 def validate_adapter(
@@ -201,6 +204,7 @@ def validate_adapter(
         target_modules=tuple(covered),
         tensors=tensors,
         size_bytes=fetched.size_bytes,
+        config_sha256=config_digest(fetched.config_bytes),
     )
 
 
@@ -229,7 +233,7 @@ def load_validated(weights_path: Path, record: dict, spec: ModelSpec) -> Validat
         uri=record["uri"], sha256=record["sha256"], rank=record["rank"], lora_alpha=record["lora_alpha"],
         use_rslora=record["use_rslora"], lora_dropout=record["lora_dropout"],
         target_modules=tuple(record["target_modules"]), tensors=dict(sorted(tensors.items())),
-        size_bytes=weights_path.stat().st_size,
+        size_bytes=weights_path.stat().st_size, config_sha256=record.get("config_sha256", ""),
     )
 
 

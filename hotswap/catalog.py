@@ -1,0 +1,153 @@
+"""The version catalog: the one fetch -> (pin, signature) -> validate -> stage pipeline, with bounded caches.
+
+The controller resolves a URI here once per operation. The fetch always runs (the content at a
+URI may have changed; its digests say so); validation runs once per version (URI + weights
+sha256 + config sha256), its record kept in the persisted state; staging runs once per
+(version, dtype), shared by concurrent callers and retried after a failure, never cached as
+failed. Only what is in use (stable, canary, the operation's versions) plus the few most recent
+versions stay staged; validated tensors are dropped as soon as they are staged; blobs in the
+download cache are evicted least-recently-used past ``adapter_cache_max_bytes``.
+
+The CLI's ``hotswap validate`` runs the same :func:`~hotswap.adapters.validate_fetched`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from hotswap.errors import AdapterValidationError
+from hotswap.versions import BASE, AdapterVersion
+
+__all__ = ["VersionCatalog"]
+
+logger = logging.getLogger(__name__)
+
+_STAGED_EXTRA = 2  # staged versions kept beyond those in use
+
+
+class VersionCatalog:
+    """Fetch, check, validate and stage adapter versions for one application's settings."""
+
+    def __init__(self, settings, spec, *, fetcher=None) -> None:
+        from hotswap.store import AdapterFetcher
+
+        self.settings = settings
+        self.spec = spec
+        self.fetcher = fetcher if fetcher is not None else AdapterFetcher.from_settings(settings)
+        self._staged: OrderedDict[tuple[str, str], asyncio.Future] = OrderedDict()  # (key, dtype) -> ref
+        self.signers: dict[str, str] = {}  # version key -> signer key id (this process)
+        self._in_use: set[str] = set()  # weights sha256 of the versions in use: never evicted from the blob cache
+
+    async def resolve(self, uri: str, *, known: dict[str, dict],
+                      expected_sha256: str | None = None) -> tuple[AdapterVersion, dict]:
+        """Fetch ``uri`` and return its version and validation record (validating only if not ``known``).
+
+        Raises the store's errors, or :class:`AdapterValidationError` for a pin mismatch, a bad signature
+        or a failed validation: in every case nothing was staged and no replica touched.
+        """
+        from hotswap.adapters import resolve_adapter_uri, validate_fetched
+
+        fetched = await asyncio.to_thread(self.fetcher.fetch, resolve_adapter_uri(uri, self.settings))
+        version = AdapterVersion.of_fetched(fetched)
+        if expected_sha256 is not None and expected_sha256.lower() != version.sha256:
+            raise _with_version(version, AdapterValidationError(uri, [
+                f"the weights' sha256 is {version.sha256}, but the roll pinned {expected_sha256.lower()}; "
+                "check the URI, or pin the digest 'hotswap validate URI' prints"]))
+        try:
+            signer = await asyncio.to_thread(self._check_signature, fetched)
+        except AdapterValidationError as e:
+            _with_version(version, e)
+            raise
+        if signer:
+            self.signers[version.key] = signer
+        await asyncio.to_thread(self._evict_blobs, {version.sha256})
+        if version.key in known:
+            return version, known[version.key]
+        try:
+            validated = await asyncio.to_thread(validate_fetched, fetched, settings=self.settings, spec=self.spec)
+        except AdapterValidationError as e:
+            _with_version(version, e)  # the identity that was rejected: the controller records it
+            raise
+        return version, validated.record()
+
+    def _check_signature(self, fetched) -> str | None:
+        try:
+            from hotswap.signing import check_signature
+        except ImportError:  # signing support not installed in this build
+            return None
+        result = check_signature(fetched, getattr(fetched, "signature", None), self.settings)
+        return None if result is None else result.key_id
+
+    async def staged_ref(self, version: AdapterVersion, dtype: str, record: dict | None) -> Any:
+        """The object-store ref of ``version`` staged for ``dtype`` (``None`` for the base model)."""
+        if version == BASE:
+            return None
+        key = (version.key, dtype)
+        future = self._staged.get(key)
+        if future is None:
+            future = self._staged[key] = asyncio.ensure_future(self._stage(version, dtype, record))
+        self._staged.move_to_end(key)
+        try:
+            return await asyncio.shield(future)
+        except Exception:
+            if self._staged.get(key) is future:  # a failed staging is retried by the next caller
+                del self._staged[key]
+            raise
+
+    async def _stage(self, version: AdapterVersion, dtype: str, record: dict | None):
+        import ray
+        import torch
+
+        from hotswap.staging import stage_adapter
+        from hotswap.validation import load_validated
+
+        if record is None:
+            raise AdapterValidationError(version.uri, [f"version {version.short()} was never validated by this "
+                                                       "controller; roll it again"])
+        path = self.fetcher.cache.path_for(version.sha256)
+        if not path.exists():
+            path = (await asyncio.to_thread(self.fetcher.fetch, version.uri)).weights_path
+        validated = await asyncio.to_thread(load_validated, path, record, self.spec)
+        staged = await asyncio.to_thread(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
+                                         pin_memory=False)
+        if staged.identity != version:  # the record must describe exactly this version
+            raise AdapterValidationError(version.uri, [f"the cached record names {staged.identity.short()}, not "
+                                                       f"{version.short()}; roll the version again"])
+        return ray.put(staged)
+
+    def keep(self, in_use: set[AdapterVersion]) -> None:
+        """Drop staged versions not in use, beyond the ``_STAGED_EXTRA`` most recently used."""
+        keys = {v.key for v in in_use}
+        self._in_use = {v.sha256 for v in in_use}
+        extra = [k for k in self._staged if k[0] not in keys]
+        for k in extra[: max(0, len(extra) - _STAGED_EXTRA)]:
+            del self._staged[k]
+
+    def staged_versions(self) -> list[str]:
+        return [k for k, _ in self._staged]
+
+    def _evict_blobs(self, keep_shas: set[str]) -> None:
+        """Delete the least recently used blobs until the cache is under ``adapter_cache_max_bytes``."""
+        limit = self.settings.adapter_cache_max_bytes
+        blobs = self.fetcher.cache.root / "blobs"
+        if not blobs.is_dir():
+            return
+        files = sorted((p.stat().st_mtime, p) for p in blobs.glob("*.safetensors"))
+        total = sum(p.stat().st_size for _, p in files)
+        for _, path in files:
+            if total <= limit:
+                break
+            if path.stem in keep_shas or path.stem in self._in_use:
+                continue
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            total -= size
+            logger.info("evicted %s from the adapter cache (%d bytes; cap %d)", path.name, size, limit)
+
+
+def _with_version(version: AdapterVersion, error: AdapterValidationError) -> AdapterValidationError:
+    error.version = version
+    return error

@@ -1,0 +1,82 @@
+"""The replica registry: who is out there, what each one last said, and whether it is still alive.
+
+Pure bookkeeping with an injected clock (``now`` in seconds): no Ray, no I/O. It is not
+persisted: replicas long-poll their controller, so a restarted controller hears from every
+live replica within one watch timeout. Until it has run for ``liveness_s`` it therefore
+treats nobody as gone (:meth:`settled`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hotswap.messages import ReplicaPhase, ReplicaReport
+
+__all__ = ["ReplicaRegistry", "ReplicaSeen"]
+
+
+@dataclass
+class ReplicaSeen:
+    report: ReplicaReport
+    last_seen: float
+    first_seen: float
+
+
+class ReplicaRegistry:
+    """Replicas by id, with their last report; ``liveness_s`` without a report makes one gone."""
+
+    def __init__(self, *, liveness_s: float, forget_after_s: float, started: float) -> None:
+        self.liveness_s = liveness_s
+        self.forget_after_s = forget_after_s  # a gone replica is dropped from status this long after it went
+        self.started = started
+        self._seen: dict[str, ReplicaSeen] = {}
+
+    def heard(self, report: ReplicaReport, now: float) -> bool:
+        """Record a report; True when the replica was not known before."""
+        seen = self._seen.get(report.replica_id)
+        if seen is None:
+            self._seen[report.replica_id] = ReplicaSeen(report, now, now)
+            return True
+        seen.report, seen.last_seen = report, now
+        return False
+
+    def settled(self, now: float) -> bool:
+        """Whether liveness can be judged: every live replica has had time to report since start."""
+        return now - self.started > self.liveness_s
+
+    def is_live(self, replica_id: str, now: float) -> bool:
+        seen = self._seen.get(replica_id)
+        return seen is not None and now - seen.last_seen <= self.liveness_s
+
+    def is_gone(self, replica_id: str, now: float) -> bool:
+        """Not heard from for ``liveness_s`` (or never, once the registry has settled)."""
+        seen = self._seen.get(replica_id)
+        if seen is None:
+            return self.settled(now)
+        return now - seen.last_seen > self.liveness_s
+
+    def report(self, replica_id: str) -> ReplicaReport | None:
+        seen = self._seen.get(replica_id)
+        return seen.report if seen else None
+
+    def live(self, now: float) -> list[str]:
+        """Live replicas in the stable rolling order (sorted ids), failed ones included."""
+        return sorted(r for r in self._seen if self.is_live(r, now))
+
+    def serving(self, now: float) -> list[str]:
+        """Live replicas that are not marked failed."""
+        return [r for r in self.live(now) if self._seen[r].report.phase != ReplicaPhase.FAILED]
+
+    def known(self) -> list[str]:
+        return sorted(self._seen)
+
+    def prune(self, now: float) -> list[str]:
+        """Forget replicas gone for longer than ``forget_after_s`` past their liveness; return their ids."""
+        horizon = self.liveness_s + self.forget_after_s
+        dead = [r for r, s in self._seen.items() if now - s.last_seen > horizon]
+        for r in dead:
+            del self._seen[r]
+        return dead
+
+    def seen(self, replica_id: str) -> ReplicaSeen | None:
+        return self._seen.get(replica_id)

@@ -1,0 +1,326 @@
+"""A deterministic simulator for the rollout state machine: fake replicas, a fake state store that fails on
+demand, controller crashes and takeovers, all on a simulated clock. No Ray, no threads, no sleeping.
+
+A :class:`World` is driven one action at a time (the property tests draw the actions with hypothesis;
+pinned regression cases list them by hand). After every action it checks the invariants that must hold
+at every step; :meth:`World.quiesce` then lets the world run with no more faults and checks what must
+hold once everything has settled. A violation raises :class:`Violation` naming the invariant and the
+action trace that led to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from hotswap.errors import HotswapError, StateConflictError
+from hotswap.messages import OpKind, Outcome, Phase, ReplicaPhase, ReplicaReport
+from hotswap.rollout import Notify, Reply, RolloutMachine, canary_count
+from hotswap.state import DesiredState
+from hotswap.versions import BASE, AdapterVersion
+
+LIVENESS_S = 8.0
+SWAP_TIMEOUT_S = 20.0
+TICK_S = 1.0
+RETRY_S = 5.0  # a replica retries a failed steady-state assignment this long after (the real one: _RETRY_S)
+VERSIONS = {f"v{i}": AdapterVersion(f"s3://bkt/v{i}", f"{i:064x}", f"{i + 100:064x}") for i in range(1, 5)}
+
+
+class Violation(AssertionError):
+    pass
+
+
+class FakeBackend:
+    """One persisted state object, fenced by a generation counter, whose saves can be made to fail."""
+
+    def __init__(self) -> None:
+        self.raw: str | None = None
+        self.generation = 0
+        self.failures = 0  # the next N saves fail with OSError
+        self.saves = 0
+
+
+class FakeStore:
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+        self.seen: int | None = None
+
+    def load(self) -> DesiredState | None:
+        self.seen = self.backend.generation
+        return DesiredState.from_json(self.backend.raw) if self.backend.raw else None
+
+    def save(self, state: DesiredState) -> None:
+        b = self.backend
+        if b.failures > 0:
+            b.failures -= 1
+            raise OSError("injected: state store unavailable")
+        if self.seen != b.generation:
+            raise StateConflictError(f"fake state written by another controller (generation {b.generation})")
+        state.generation = b.generation + 1
+        b.raw, b.generation, self.seen = state.to_json(), state.generation, state.generation
+        b.saves += 1
+
+
+class SimController:
+    """The driver of one controller process: persist, then commit or fail, then carry out the actions."""
+
+    def __init__(self, world: World, name: str) -> None:
+        self.world, self.name = world, name
+        self.store = FakeStore(world.backend)
+        state = self.store.load() or DesiredState()
+        self.ids = (f"{name}-op{i}" for i in itertools.count())
+        self.sm = RolloutMachine(state, batch_size=world.batch_size, swap_timeout_s=SWAP_TIMEOUT_S,
+                                 liveness_s=LIVENESS_S, forget_after_s=60.0, now=world.now,
+                                 new_id=lambda: next(self.ids))
+        self.replies: dict[str, Reply] = {}
+        self.run(self.sm.resume(world.now) or _claim(self.sm))
+
+    def run(self, transition) -> bool:
+        if transition is None:
+            return True
+        try:
+            self.store.save(transition.state)
+        except (OSError, StateConflictError) as e:
+            actions = self.sm.fail(transition, e)
+            ok = False
+        else:
+            actions = self.sm.commit(transition)
+            ok = True
+            self.world.check_persisted(self)
+        for action in actions:
+            if isinstance(action, Reply):
+                self.replies[action.op_id] = action
+                self.world.finished(action)
+            elif not isinstance(action, Notify):  # pragma: no cover - a new action kind needs a handler here
+                raise Violation(f"unknown action {action!r}")
+        return ok
+
+
+def _claim(sm: RolloutMachine):
+    from hotswap.rollout import Transition
+
+    return Transition(sm.state.copy())
+
+
+@dataclass
+class SimReplica:
+    id: str
+    running: AdapterVersion = BASE
+    alive: bool = True
+    stalled: bool = False
+    slowness: int = 0  # extra ticks an apply takes
+    applying: tuple[AdapterVersion, str, int] | None = None  # version, token, ticks left
+    failed: tuple[AdapterVersion, str] | None = None
+    failed_at: float = 0.0
+    swaps: list[tuple[str, AdapterVersion]] = field(default_factory=list)
+
+    def report(self) -> ReplicaReport:
+        return ReplicaReport(self.id, self.running, ReplicaPhase.SWAPPING if self.applying else ReplicaPhase.IDLE,
+                             failed=self.failed[0] if self.failed else None,
+                             failure="injected smoke-check failure" if self.failed else None,
+                             failed_token=self.failed[1] if self.failed else "")
+
+
+class World:
+    def __init__(self, *, replicas: int = 3, batch_size: int = 1, initial: str | None = "v1") -> None:
+        self.now = 0.0
+        self.batch_size = batch_size
+        self.backend = FakeBackend()
+        self.bad: set[AdapterVersion] = set()  # smoke checks fail on these
+        self.unfetchable: set[str] = set()
+        self.trace: list[str] = []
+        self.steps = 0
+        self.completed: list[Reply] = []
+        self._ids = itertools.count()
+        self.replicas: dict[str, SimReplica] = {}
+        self.zombie: SimController | None = None
+        self.controller = SimController(self, "c0")
+        if initial:
+            self.controller.run(self.controller.sm.initialize(VERSIONS[initial], VERSIONS[initial].uri, self.now))
+        for _ in range(replicas):
+            self.add_replica()
+
+    # --- actions --------------------------------------------------------------------------------------
+
+    def add_replica(self) -> str:
+        rid = f"r{next(self._ids)}"
+        self.replicas[rid] = replica = SimReplica(rid)
+        self.trace.append(f"register {rid}")
+        # a replica registers before it serves, and starts on what the answer assigns
+        self.controller.run(self.controller.sm.heard(replica.report(), self.now))
+        self._apply_now(replica, self.controller.sm)
+        self.controller.run(self.controller.sm.heard(replica.report(), self.now))
+        return rid
+
+    def request(self, kind: OpKind, uri: str | None = None, percent: float | None = None) -> str | None:
+        self.trace.append(f"{kind.value} {uri or ''} {percent or ''}".strip())
+        sm = self.controller.sm
+        try:
+            sm.check_can_start()
+            if uri in self.unfetchable:
+                raise HotswapError(f"injected: fetch of {uri} failed")
+            version = VERSIONS[uri] if uri else None
+            transition = sm.request(kind, version, self.now, percent=percent)
+        except HotswapError:
+            return None
+        op_id = transition.state.operation.id
+        self.controller.run(transition)
+        return op_id
+
+    def kill(self, rid: str) -> None:
+        self.trace.append(f"kill {rid}")
+        self.replicas[rid].alive = False
+
+    def stall(self, rid: str, on: bool) -> None:
+        self.trace.append(f"{'stall' if on else 'resume'} {rid}")
+        self.replicas[rid].stalled = on
+
+    def crash_controller(self) -> None:
+        self.trace.append("crash controller")
+        self.controller = SimController(self, f"c{self.steps}")
+
+    def takeover(self) -> None:
+        """A second controller starts on the same state (a redeploy, a zombie); the old one stays around."""
+        self.trace.append("takeover")
+        self.zombie = self.controller
+        self.controller = SimController(self, f"t{self.steps}")
+
+    def fail_saves(self, n: int) -> None:
+        self.trace.append(f"fail next {n} saves")
+        self.backend.failures = n
+
+    def advance(self, ticks: int = 1) -> None:
+        for _ in range(ticks):
+            self.trace.append("tick")
+            self.now += TICK_S
+            self.steps += 1
+            for replica in list(self.replicas.values()):
+                if replica.alive and not replica.stalled:
+                    self._replica_step(replica)
+            self.controller.run(self.controller.sm.tick(self.now))
+            if self.zombie is not None:  # a zombie still hears old heartbeats and ticks; its saves must be refused
+                self.zombie.run(self.zombie.sm.tick(self.now))
+            self.check_step()
+
+    # --- replica behaviour ----------------------------------------------------------------------------
+
+    def _replica_step(self, replica: SimReplica) -> None:
+        sm = self.controller.sm
+        if replica.applying is not None:
+            version, token, left = replica.applying
+            if left > 0:
+                replica.applying = (version, token, left - 1)
+            else:
+                self._finish_apply(replica, version, token)
+        else:
+            target, token = sm.assignment(replica.id), sm.token(replica.id)
+            # a failure is not retried for the same operation; a failed steady-state assignment is, after a while
+            retry = replica.failed != (target, token) or (not token and self.now - replica.failed_at >= RETRY_S)
+            if target != replica.running and retry:
+                if replica.slowness:
+                    replica.applying = (target, token, replica.slowness)
+                else:
+                    self._finish_apply(replica, target, token)
+        self.controller.run(sm.heard(replica.report(), self.now))
+
+    def _apply_now(self, replica: SimReplica, sm: RolloutMachine) -> None:
+        target, token = sm.assignment(replica.id), sm.token(replica.id)
+        if target != replica.running:
+            self._finish_apply(replica, target, token)
+
+    def _finish_apply(self, replica: SimReplica, version: AdapterVersion, token: str) -> None:
+        replica.applying = None
+        if version in self.bad:
+            replica.failed, replica.failed_at = (version, token), self.now
+            return
+        replica.running, replica.failed = version, None
+        replica.swaps.append((token, version))
+        if token.endswith(":forward") and replica.swaps.count((token, version)) > 1:
+            self.violation(f"{replica.id} swapped to {version.short()} twice for operation {token}")
+
+    # --- invariants -----------------------------------------------------------------------------------
+
+    def violation(self, what: str) -> None:
+        raise Violation(f"{what}\ntrace: {' | '.join(self.trace[-60:])}")
+
+    def check_persisted(self, controller: SimController) -> None:
+        persisted = DesiredState.from_json(self.backend.raw)
+        mem = controller.sm.state
+        if persisted.to_json() != mem.to_json():
+            self.violation("memory differs from the persisted state after a commit")
+        if controller is self.zombie:
+            self.violation("a fenced (zombie) controller's save went through")
+
+    def finished(self, reply: Reply) -> None:
+        self.completed.append(reply)
+
+    def check_step(self) -> None:
+        s = self.controller.sm.state
+        op = s.operation
+        if op is not None and set(op.done) - set(op.targets):
+            self.violation("an operation counts replicas done that it never targeted")
+        if op is not None and op.kind == OpKind.CANARY and op.percent is None:
+            self.violation("a canary operation without a share")
+        if s.canary is not None and s.canary_percent is None:
+            self.violation("an active canary without a share")
+        if self.zombie is not None and self.zombie.sm.state.generation > self.backend.generation:
+            self.violation("the zombie's memory ran ahead of the persisted state")
+
+    def live(self) -> list[SimReplica]:
+        return [r for r in self.replicas.values() if r.alive and not r.stalled]
+
+    def quiesce(self, *, max_ticks: int | None = None) -> None:
+        """Stop every fault, let the world settle, and check the invariants of a settled world."""
+        self.trace.append("quiesce")
+        self.backend.failures = 0
+        for r in self.replicas.values():
+            r.stalled = False
+            r.slowness = 0
+        self.bad.clear()
+        bound = max_ticks or int((len(self.replicas) + 4) * (SWAP_TIMEOUT_S + LIVENESS_S) * 2 + 60)
+        for _ in range(bound):
+            self.advance()
+            if self._settled():
+                break
+        else:
+            s = self.controller.sm.state
+            self.violation(f"not settled after {bound} ticks: operation {s.operation and s.operation.to_dict()}; "
+                           f"running {[(r.id, r.running.uri) for r in self.live()]}")
+        self.check_settled()
+
+    def _settled(self) -> bool:
+        sm = self.controller.sm
+        if sm.fenced or sm.state.operation is not None or not sm.registry.settled(self.now):
+            return False
+        if any(not sm.converged(r.id) for r in self.live()):
+            return False
+        return self.controller.run(sm.tick(self.now)) and sm.state.operation is None
+
+    def check_settled(self) -> None:
+        sm = self.controller.sm
+        s = sm.state
+        for r in self.live():
+            want = sm.assignment(r.id)
+            if r.running != want:
+                self.violation(f"{r.id} runs {r.running.short()}, its derived assignment is {want.short()}")
+            if r.running not in (s.stable, s.canary):
+                self.violation(f"{r.id} runs {r.running.short()}, neither stable nor canary")
+        if s.canary is not None:
+            on_canary = [r for r in self.live() if r.running == s.canary]
+            want = canary_count(s.canary_percent, len(self.live()))
+            if len(on_canary) != want:
+                self.violation(f"canary share {len(on_canary)}/{len(self.live())} replicas, asked "
+                               f"{s.canary_percent}% = {want}")
+        for reply in self.completed:
+            if reply.outcome == Outcome.REVERTED and reply.result["version"] not in (
+                    s.stable.to_dict(), s.canary.to_dict() if s.canary else None):
+                gone_to = AdapterVersion.of(reply.result["version"])
+                if any(r.running == gone_to for r in self.live()):
+                    self.violation(f"a replica runs {gone_to.short()} after its operation was reverted")
+        last = s.history[-1] if s.history else None
+        if last and last["kind"] == "rollback" and last["result"] == "ok":
+            if s.canary is None and any(r.running != s.stable for r in self.live()):
+                self.violation("a replica runs another version than stable after a completed rollback")
+
+
+__all__ = ["VERSIONS", "FakeBackend", "Phase", "SimController", "Violation", "World"]

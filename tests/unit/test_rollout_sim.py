@@ -1,0 +1,97 @@
+"""The rollout state machine under drawn schedules: operations interleaved with replica churn, stalls, slow
+and failed swaps, controller crashes and takeovers, failed state saves and failed fetches.
+
+CI draws a fixed set of schedules; ``HOTSWAP_FUZZ=explore[:N]`` searches (see tests/fuzzing.py). Every
+schedule a search breaks is pinned in ``tests/unit/test_rollout_cases.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hotswap.messages import OpKind
+from tests.fuzzing import fuzz_settings
+from tests.simulator import VERSIONS, World
+
+_URIS = sorted(VERSIONS)
+
+_action = st.one_of(
+    st.tuples(st.just("roll"), st.sampled_from(_URIS)),
+    st.tuples(st.just("canary"), st.sampled_from(_URIS), st.sampled_from([10, 34, 50, 100])),
+    st.tuples(st.just("promote")),
+    st.tuples(st.just("rollback")),
+    st.tuples(st.just("register")),
+    st.tuples(st.just("kill"), st.integers(0, 20)),
+    st.tuples(st.just("stall"), st.integers(0, 20), st.booleans()),
+    st.tuples(st.just("slow"), st.integers(0, 20), st.integers(0, 30)),
+    st.tuples(st.just("bad"), st.sampled_from(_URIS)),
+    st.tuples(st.just("unfetchable"), st.sampled_from(_URIS)),
+    st.tuples(st.just("crash")),
+    st.tuples(st.just("takeover")),
+    st.tuples(st.just("fail_saves"), st.integers(1, 4)),
+    st.tuples(st.just("tick"), st.integers(1, 12)),
+)
+
+_STATS = {"schedules": 0, "actions": 0, "ticks": 0, "operations": 0, "completed": 0}
+
+
+def play(world: World, actions) -> None:
+    for action in actions:
+        kind, *args = action
+        ids = sorted(world.replicas)
+
+        def pick(i: int, ids=ids) -> str | None:
+            return ids[i % len(ids)] if ids else None
+
+        if kind in ("roll", "canary"):
+            world.request(OpKind(kind), args[0], args[1] if kind == "canary" else None)
+        elif kind in ("promote", "rollback"):
+            world.request(OpKind(kind))
+        elif kind == "register":
+            world.add_replica()
+        elif kind == "kill" and ids and len(world.live()) > 1:
+            world.kill(pick(args[0]))
+        elif kind == "stall" and ids:
+            world.stall(pick(args[0]), args[1])
+        elif kind == "slow" and ids:
+            world.replicas[pick(args[0])].slowness = args[1]
+        elif kind == "bad":
+            world.bad.add(VERSIONS[args[0]])
+        elif kind == "unfetchable":
+            world.unfetchable.add(args[0])
+        elif kind == "crash":
+            world.crash_controller()
+        elif kind == "takeover":
+            world.takeover()
+        elif kind == "fail_saves":
+            world.fail_saves(args[0])
+        elif kind == "tick":
+            world.advance(args[0])
+    world.unfetchable.clear()
+
+
+@fuzz_settings(max_examples=300)
+@given(replicas=st.integers(1, 5), batch=st.integers(1, 3), actions=st.lists(_action, max_size=40))
+def test_drawn_schedules_keep_every_invariant(replicas, batch, actions):
+    world = World(replicas=replicas, batch_size=batch)
+    play(world, actions)
+    world.quiesce()
+    # after settling, one more operation must still work end to end (nothing is wedged or fenced for good)
+    world.request(OpKind.ROLL, "v4")
+    world.quiesce()
+    assert world.controller.sm.state.stable == VERSIONS["v4"], world.trace[-40:]
+    _STATS["schedules"] += 1
+    _STATS["actions"] += len(actions)
+    _STATS["ticks"] += world.steps
+    _STATS["completed"] += len(world.completed)
+
+
+def teardown_module(module) -> None:
+    path = os.environ.get("HOTSWAP_SIM_STATS")
+    if path and _STATS["schedules"]:
+        with open(path, "a") as f:
+            f.write(json.dumps(_STATS) + "\n")
