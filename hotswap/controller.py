@@ -195,7 +195,8 @@ class HotswapController:
                 sm = RolloutMachine(state, batch_size=self.settings.rollout_batch_size,
                                     swap_timeout_s=self.settings.swap_timeout_s,
                                     liveness_s=self.settings.replica_liveness_s,
-                                    forget_after_s=self.settings.replica_liveness_s * 4, now=time.time(),
+                                    forget_after_s=self.settings.replica_liveness_s * 4,
+                                    settle_s=2 * self.settings.watch_timeout_s, now=time.time(),
                                     new_id=lambda: uuid.uuid4().hex[:8])
                 # claim the state: this save fences any other controller that still writes it
                 await self._persist(sm, sm.resume(time.time()) or Transition(sm.state.copy()), raise_errors=True)
@@ -388,10 +389,10 @@ class HotswapController:
                     raise
             async with lock:
                 self.sm.pending = None
-                transition = self.sm.request(kind, version, time.time(), percent=percent)
+                op_id = uuid.uuid4().hex[:8]
+                transition = self.sm.request(kind, version, time.time(), percent=percent, op_id=op_id)
                 if version is not None:
                     transition.state.validated[version.key] = record
-                op_id = transition.state.operation.id
                 waiter = self._waiters[op_id] = asyncio.get_running_loop().create_future()
                 await self._persist(self.sm, transition)
         finally:

@@ -2,8 +2,8 @@
 
 Pure bookkeeping with an injected clock (``now`` in seconds): no Ray, no I/O. It is not
 persisted: replicas long-poll their controller, so a restarted controller hears from every
-live replica within one watch timeout. Until it has run for ``liveness_s`` it therefore
-treats nobody as gone (:meth:`settled`).
+live replica within one watch timeout. Until it has run for ``settle_s`` (a little more than
+that timeout) it therefore treats nobody it has not heard from as gone (:meth:`settled`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ class ReplicaSeen:
 class ReplicaRegistry:
     """Replicas by id, with their last report; ``liveness_s`` without a report makes one gone."""
 
-    def __init__(self, *, liveness_s: float, forget_after_s: float, started: float) -> None:
+    def __init__(self, *, liveness_s: float, forget_after_s: float, settle_s: float, started: float) -> None:
         self.liveness_s = liveness_s
+        self.settle_s = min(settle_s, liveness_s)
         self.forget_after_s = forget_after_s  # a gone replica is dropped from status this long after it went
         self.started = started
         self._seen: dict[str, ReplicaSeen] = {}
@@ -42,7 +43,7 @@ class ReplicaRegistry:
 
     def settled(self, now: float) -> bool:
         """Whether liveness can be judged: every live replica has had time to report since start."""
-        return now - self.started > self.liveness_s
+        return now - self.started > self.settle_s
 
     def is_live(self, replica_id: str, now: float) -> bool:
         seen = self._seen.get(replica_id)
@@ -53,7 +54,7 @@ class ReplicaRegistry:
         seen = self._seen.get(replica_id)
         if seen is None:
             return self.settled(now)
-        return now - seen.last_seen > self.liveness_s
+        return now - max(seen.last_seen, self.started) > self.liveness_s
 
     def report(self, replica_id: str) -> ReplicaReport | None:
         seen = self._seen.get(replica_id)

@@ -83,13 +83,15 @@ class RolloutMachine:
         swap_timeout_s: float,
         liveness_s: float,
         forget_after_s: float,
+        settle_s: float,
         now: float,
         new_id: Callable[[], str],
     ) -> None:
         self.state = state
         self.batch_size = batch_size
         self.swap_timeout_s = swap_timeout_s
-        self.registry = ReplicaRegistry(liveness_s=liveness_s, forget_after_s=forget_after_s, started=now)
+        self.registry = ReplicaRegistry(liveness_s=liveness_s, forget_after_s=forget_after_s, settle_s=settle_s,
+                                        started=now)
         self.new_id = new_id
         self.fenced: str | None = None  # why this controller serves no operation any more
         self.pending: str | None = None  # an operation being fetched and validated (not persisted)
@@ -180,8 +182,12 @@ class RolloutMachine:
             raise RolloutConflictError("no canary is active; start one with 'hotswap roll URI --canary PERCENT'")
         if kind == OpKind.ROLLBACK and s.canary is None and not s.previous_stable:
             raise RolloutConflictError(f"nothing to roll back to: {s.stable.short()} is the first stable version")
+        everyone = kind in (OpKind.ROLL, OpKind.PROMOTE) or (kind == OpKind.ROLLBACK and s.canary is None)
         if not live and not (kind == OpKind.ROLLBACK and s.canary is not None):
-            raise RolloutConflictError("no live replicas are registered; is the service running?")
+            if not (everyone and not self.registry.settled(now)):
+                raise RolloutConflictError("no live replicas are registered; is the service running?")
+            # just (re)started: replicas report in within a watch timeout and join the operation as they do
+
 
         cand = s.copy()
         on_commit: list = []
@@ -219,7 +225,8 @@ class RolloutMachine:
         cand = self.state.copy()
         op = cand.operation
         r = report.replica_id
-        if op is not None and op.everyone and op.phase == Phase.FORWARD and r not in op.targets:
+        if (op is not None and op.everyone and op.phase == Phase.FORWARD and r not in op.targets
+                and _base_rule(cand, r) != op.version):
             op.targets.append(r)  # joins the operation, straight onto its version
             op.previous[r] = _base_rule(cand, r)
             op.moving.append(r)
@@ -254,8 +261,9 @@ class RolloutMachine:
 
     def _operation(self, cand: DesiredState, op_id: str, kind: OpKind, version: AdapterVersion,
                    targets: list[str], now: float, *, everyone: bool) -> Operation:
+        targets = [r for r in targets if self.assignment(r, cand) != version]  # already assigned it: nothing to do
         previous = {r: self.assignment(r, cand) for r in targets}
-        return Operation(id=op_id, kind=kind, version=version, targets=list(targets), previous=previous,
+        return Operation(id=op_id, kind=kind, version=version, targets=targets, previous=previous,
                          everyone=everyone, started=now, deadline=now + self.swap_timeout_s)
 
     def _advance(self, cand: DesiredState, now: float) -> list:
@@ -290,6 +298,8 @@ class RolloutMachine:
                 return []
             queue = [r for r in op.targets if r not in op.done and r not in op.dropped]
             if not queue:
+                if op.everyone and not reg.settled(now):
+                    return []  # after a restart: replicas that have not reported yet still join it
                 return self._finish(cand, Outcome.OK, now)
             op.moving.extend(queue[: self.batch_size])
             op.deadline = now + self.swap_timeout_s

@@ -22,6 +22,7 @@ from hotswap.versions import BASE, AdapterVersion
 LIVENESS_S = 8.0
 SWAP_TIMEOUT_S = 20.0
 TICK_S = 1.0
+SETTLE_S = 3.0  # replicas report every tick here: a restarted controller has heard them all by then
 RETRY_S = 5.0  # a replica retries a failed steady-state assignment this long after (the real one: _RETRY_S)
 VERSIONS = {f"v{i}": AdapterVersion(f"s3://bkt/v{i}", f"{i:064x}", f"{i + 100:064x}") for i in range(1, 5)}
 
@@ -70,7 +71,8 @@ class SimController:
         state = self.store.load() or DesiredState()
         self.ids = (f"{name}-op{i}" for i in itertools.count())
         self.sm = RolloutMachine(state, batch_size=world.batch_size, swap_timeout_s=SWAP_TIMEOUT_S,
-                                 liveness_s=LIVENESS_S, forget_after_s=60.0, now=world.now,
+                                 liveness_s=LIVENESS_S, forget_after_s=60.0, settle_s=SETTLE_S,
+                                 now=world.now,
                                  new_id=lambda: next(self.ids))
         self.replies: dict[str, Reply] = {}
         self.run(self.sm.resume(world.now) or _claim(self.sm))
@@ -160,10 +162,10 @@ class World:
             if uri in self.unfetchable:
                 raise HotswapError(f"injected: fetch of {uri} failed")
             version = VERSIONS[uri] if uri else None
-            transition = sm.request(kind, version, self.now, percent=percent)
+            op_id = f"user{len(self.trace)}"
+            transition = sm.request(kind, version, self.now, percent=percent, op_id=op_id)
         except HotswapError:
             return None
-        op_id = transition.state.operation.id
         self.controller.run(transition)
         return op_id
 
@@ -292,6 +294,8 @@ class World:
         sm = self.controller.sm
         if sm.fenced or sm.state.operation is not None or not sm.registry.settled(self.now):
             return False
+        if sm.registry.live(self.now) != sorted(r.id for r in self.live()):
+            return False  # the controller has not yet noticed a replica that died
         if any(not sm.converged(r.id) for r in self.live()):
             return False
         return self.controller.run(sm.tick(self.now)) and sm.state.operation is None

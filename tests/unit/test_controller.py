@@ -1,0 +1,240 @@
+"""The controller actor's own logic, driven directly with asyncio (no Ray cluster): start-up that is retried,
+failed saves that fail an operation cleanly, a re-pushed config that is a new version, one controller per
+settings generation, and the catalog's bounded, single-flight, retried staging.
+
+``ray.put`` is replaced by the identity here (staged adapters stay in this process); everything else is real:
+the local adapter store, validation, staging and the file state store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+
+from hotswap.controller import HotswapController, controller_name
+from hotswap.errors import AdapterValidationError, ConfigError, ControllerUnavailableError, RolloutConflictError
+from hotswap.messages import ReplicaReport
+from hotswap.settings import HotswapSettings
+from hotswap.versions import BASE
+
+
+@pytest.fixture(autouse=True)
+def _local_put(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "put", lambda value: value)
+
+
+def _settings(base_settings, tmp_path, **update) -> HotswapSettings:
+    return base_settings.model_copy(update={"state_uri": str(tmp_path / "state.json"), **update})
+
+
+def _report(controller: HotswapController, rid: str, running=BASE) -> ReplicaReport:
+    return ReplicaReport(rid, running, settings_fingerprint=controller.settings.fingerprint)
+
+
+async def _until(predicate, timeout_s: float = 30.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+async def _replica(controller: HotswapController, rid: str, stop: asyncio.Event) -> None:
+    """A replica that applies whatever it is assigned at once (no model), as the real one reports it."""
+    assignment = await controller.register(_report(controller, rid))
+    running = assignment.version
+    await controller.heartbeat(_report(controller, rid, running))
+    while not stop.is_set():
+        assignment = await controller.watch(_report(controller, rid, running))
+        if assignment is not None:
+            running = assignment.version
+            await controller.heartbeat(_report(controller, rid, running))
+
+
+def test_a_missing_initial_adapter_is_waited_for_not_cached_as_failed(base_settings, tmp_path, make_adapter,
+                                                                     store_root):
+    """Defect 1: deploying before uploading initial_adapter poisoned the controller for good."""
+    uri = f"late-{tmp_path.name}/v1"
+    settings = _settings(base_settings, tmp_path, initial_adapter=uri, watch_timeout_s=0.5,
+                         replica_liveness_s=2)
+
+    async def scenario():
+        controller = HotswapController(settings, "late")
+        await _until(lambda: _waiting(controller, uri))
+        with pytest.raises(ControllerUnavailableError, match=uri):
+            await controller.register(_report(controller, "r0"))
+        shutil.copytree(make_adapter("late-src"), store_root / uri)  # the upload, after the deploy
+        await _until(lambda: _ready(controller), timeout_s=60)
+        assignment = await controller.register(_report(controller, "r0"))
+        assert assignment.version.uri == uri and assignment.staged[0] is not None
+
+    asyncio.run(scenario())
+
+
+async def _waiting(controller, uri) -> bool:
+    status = await controller.status()
+    return not status["ready"] and uri in status["waiting_for"]
+
+
+async def _ready(controller) -> bool:
+    return (await controller.status())["ready"]
+
+
+def test_a_failed_state_save_fails_the_roll_and_leaves_nothing_in_progress(base_settings, tmp_path, make_adapter):
+    """Defect 2: a save error left state.rollout set, and every later operation was 'in progress'."""
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.3, replica_liveness_s=2)
+    v1 = str(make_adapter("ctl-v1", seed=1))
+
+    async def scenario():
+        controller = HotswapController(settings, "saves")
+        stop = asyncio.Event()
+        tasks = [asyncio.ensure_future(_replica(controller, f"r{i}", stop)) for i in range(2)]
+        await _until(lambda: _live(controller, 2))
+        save = controller.store.save
+
+        def broken(state):
+            raise OSError("injected: state store unreachable")
+
+        controller.store.save = broken
+        with pytest.raises(RolloutConflictError, match="could not save its state"):
+            await controller.roll(v1)
+        controller.store.save = save
+        status = await controller.status()
+        assert status["rollout"] is None and status["stable"]["uri"] == "base"
+        result = await controller.roll(v1)  # not "a rollout is in progress"
+        assert sorted(result["swapped"]) == ["r0", "r1"]
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
+async def _live(controller, n) -> bool:
+    status = await controller.status()
+    return status["ready"] and sum(r["live"] for r in status["replicas"]) == n
+
+
+def test_a_repushed_config_is_a_new_version_and_is_validated(base_settings, tmp_path, make_adapter, store_root):
+    """Defect 3: identity was URI + weights sha256, so a new adapter_config.json (even use_dora) was ignored."""
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.3, replica_liveness_s=2)
+    folder = store_root / f"repush-{tmp_path.name}"
+    shutil.copytree(make_adapter("repush-src", seed=5), folder)
+    config_path = folder / "adapter_config.json"
+
+    async def scenario():
+        controller = HotswapController(settings, "repush")
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(_replica(controller, "r0", stop))
+        await _until(lambda: _live(controller, 1))
+        first = await controller.roll(str(folder))
+        config = json.loads(config_path.read_text())
+        config["lora_alpha"] = 64
+        config_path.write_text(json.dumps(config))
+        second = await controller.roll(str(folder))
+        assert second["swapped"] == ["r0"]  # a new version: the replica swapped
+        assert second["version"]["sha256"] == first["version"]["sha256"]
+        assert second["version"]["config_sha256"] != first["version"]["config_sha256"]
+        config["use_dora"] = True
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(AdapterValidationError, match="DoRA"):
+            await controller.roll(str(folder))
+        status = await controller.status()
+        assert status["stable"] == second["version"]
+        assert any(r["uri"] == str(folder) for r in status["rejected"].values())
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+
+
+def test_each_settings_generation_has_its_own_controller(base_settings):
+    """Defect 5: a redeploy with changed settings met the old detached controller."""
+    changed = base_settings.model_copy(update={"swap_timeout_s": 7.0})
+    assert controller_name("app", base_settings) != controller_name("app", changed)
+    assert controller_name("app", base_settings) == controller_name("app", base_settings.model_copy())
+
+
+def test_a_liveness_shorter_than_the_watch_is_refused():
+    """Defect 6: replica_liveness_s <= the watch timeout made idle replicas look dead."""
+    with pytest.raises(ConfigError, match="replica_liveness_s .* watch_timeout_s"):
+        HotswapSettings.from_args({"replica_liveness_s": 5, "watch_timeout_s": 5})
+    HotswapSettings.from_args({"replica_liveness_s": 8, "watch_timeout_s": 5})
+
+
+def test_staging_is_single_flight_retried_after_a_failure_and_bounded(base_settings, tmp_path, make_adapter,
+                                                                      monkeypatch):
+    """Defects 10 and 13: two replicas asking for one version staged it twice; a staging failure made every
+    later call raise; staged versions were never evicted."""
+    from hotswap import staging
+    from hotswap.catalog import VersionCatalog
+
+    settings = _settings(base_settings, tmp_path)
+    catalog = VersionCatalog(settings, _spec(settings))
+    calls = {"n": 0, "fail": True}
+    real = staging.stage_adapter
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["fail"]:
+            calls["fail"] = False
+            raise RuntimeError("injected staging failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "stage_adapter", counting)
+
+    async def scenario():
+        versions = []
+        for i in range(5):
+            versions.append(await catalog.resolve(str(make_adapter(f"stage-{i}", seed=20 + i)), known={}))
+        version, record = versions[0]
+        with pytest.raises(RuntimeError, match="injected"):
+            await catalog.staged_ref(version, "float32", record)
+        refs = await asyncio.gather(*(catalog.staged_ref(version, "float32", record) for _ in range(4)))
+        assert calls["n"] == 2 and all(r is refs[0] for r in refs)  # retried once, then shared by all four
+        for v, rec in versions[1:]:
+            await catalog.staged_ref(v, "float32", rec)
+        catalog.keep({version})
+        kept = catalog.staged_versions()
+        assert version.key in kept and len(kept) == 1 + 2  # in use, plus the two most recent
+
+    asyncio.run(scenario())
+
+
+def _spec(settings):
+    from hotswap.adapters import model_spec_for
+
+    return model_spec_for(settings)
+
+
+def test_the_blob_cache_is_capped_lru_but_keeps_what_is_in_use(base_settings, tmp_path, make_adapter):
+    from hotswap.catalog import VersionCatalog
+
+    settings = _settings(base_settings, tmp_path, cache_dir=tmp_path / "cache", adapter_cache_max_bytes=1)
+    catalog = VersionCatalog(settings, _spec(settings))
+
+    async def scenario():
+        first, _ = await catalog.resolve(str(make_adapter("blob-a", seed=31)), known={})
+        catalog.keep({first})
+        second, _ = await catalog.resolve(str(make_adapter("blob-b", seed=32)), known={})
+        third, _ = await catalog.resolve(str(make_adapter("blob-c", seed=33)), known={})
+        blobs = {p.stem for p in (tmp_path / "cache" / "blobs").glob("*.safetensors")}
+        assert first.sha256 in blobs and third.sha256 in blobs and second.sha256 not in blobs
+
+    asyncio.run(scenario())
+
+
+def test_ray_errors_are_unwrapped_in_one_place():
+    """Defect 13: a RayActorError on the admin path was a bare 500; a controller death printed a traceback."""
+    from ray.exceptions import RayActorError
+
+    from hotswap.errors import EXIT_UNAVAILABLE, unwrap
+
+    error = unwrap(RayActorError())
+    assert isinstance(error, ControllerUnavailableError) and error.http_status == 503
+    assert error.exit_code == EXIT_UNAVAILABLE and "hotswap status" in str(error)
+    assert AdapterValidationError("u", ["x"]).http_status == 422 and RolloutConflictError("x").http_status == 409

@@ -1,0 +1,258 @@
+"""Pinned cases for the rollout state machine: one per defect of the v1 controller that the machine's
+design removes, each named by the defect, each with the simulator checking every invariant.
+
+A control beside each case puts the old behaviour back into the machine (by patching one method) and
+shows the same schedule then breaks an invariant or the case's assertion, so the case can fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hotswap.messages import OpKind, Outcome, Phase
+from hotswap.rollout import RolloutMachine
+from tests.simulator import LIVENESS_S, SWAP_TIMEOUT_S, VERSIONS, Violation, World
+
+V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
+
+
+def _running(world: World) -> dict[str, str]:
+    return {r.id: r.running.uri for r in world.live()}
+
+
+# --- defect 2: one failed save wedged every later operation -----------------------------------------------
+
+def test_a_failed_save_fails_the_operation_cleanly_and_the_next_one_runs():
+    world = World(replicas=3)
+    before = world.controller.sm.state.to_json()
+    world.fail_saves(1)
+    assert world.request(OpKind.ROLL, "v2") is not None  # proposed ...
+    assert world.controller.sm.state.operation is None  # ... but not committed: nothing in progress
+    assert world.controller.sm.state.to_json() == before
+    reply = world.completed[-1]
+    assert reply.outcome == Outcome.ABORTED and "could not save its state" in str(reply.error)
+    world.request(OpKind.ROLL, "v2")
+    world.quiesce()
+    assert world.controller.sm.state.stable == V2 and set(_running(world).values()) == {V2.uri}
+
+
+def test_saves_failing_mid_operation_delay_it_but_lose_nothing():
+    world = World(replicas=3)
+    world.request(OpKind.ROLL, "v2")
+    world.advance(1)
+    world.fail_saves(3)
+    world.advance(3)
+    world.quiesce()
+    assert world.controller.sm.state.stable == V2
+
+
+# --- defect 4: a replica registering during a rollback got the version being rolled back ---------------------
+
+def _canary_then_slow_rollback() -> World:
+    world = World(replicas=3)
+    world.request(OpKind.CANARY, "v2", 34)
+    world.quiesce()
+    canary = next(r for r in world.live() if r.running == V2)
+    canary.slowness = 5  # its swap back takes a while: the rollback is in progress
+    world.request(OpKind.ROLLBACK)
+    world.advance(2)
+    assert world.controller.sm.state.operation.kind == OpKind.ROLLBACK
+    return world
+
+
+def test_a_replica_registering_during_a_canary_rollback_starts_on_stable():
+    world = _canary_then_slow_rollback()
+    newcomer = world.add_replica()
+    assert world.replicas[newcomer].running == V1
+    world.quiesce()
+    assert set(_running(world).values()) == {V1.uri}
+
+
+# --- defect 6: a replica that drained longer than the liveness was counted as moved --------------------------
+
+def test_a_replica_swapping_longer_than_liveness_is_not_counted_done_before_it_reports():
+    world = World(replicas=2)
+    slow = world.replicas["r1"]
+    slow.slowness = int(LIVENESS_S * 2)  # it heartbeats (phase SWAPPING) all along
+    op_id = world.request(OpKind.ROLL, "v2")
+    world.advance(int(LIVENESS_S * 2) + 5)
+    world.quiesce()
+    reply = next(r for r in world.completed if r.op_id == op_id)
+    assert reply.outcome == Outcome.OK and sorted(reply.result["swapped"]) == ["r0", "r1"]
+    assert reply.result["dropped"] == []
+
+
+def test_control_a_replica_silent_while_it_swaps_is_dropped_not_counted_done(monkeypatch):
+    """Without heartbeats during the swap, the same replica looks gone: it is dropped, never 'done'."""
+    world = World(replicas=2)
+    slow = world.replicas["r1"]
+    slow.slowness = int(LIVENESS_S * 2)
+    step = World._replica_step
+
+    def silent_while_busy(self, replica):
+        if replica.applying is not None and replica.applying[2] > 0:
+            replica.applying = (*replica.applying[:2], replica.applying[2] - 1)
+            return  # no report while busy: the v1 replica's behaviour
+        step(self, replica)
+
+    monkeypatch.setattr(World, "_replica_step", silent_while_busy)
+    op_id = world.request(OpKind.ROLL, "v2")
+    world.advance(int(LIVENESS_S * 2) + 5)
+    world.quiesce()
+    reply = next(r for r in world.completed if r.op_id == op_id)
+    assert "r1" in reply.result["dropped"] and "r1" not in reply.result["swapped"]
+
+
+# --- defect 7: a controller restart during a revert resumed the forward rollout -------------------------------
+
+def test_a_restart_during_a_revert_finishes_the_revert():
+    world = World(replicas=3, batch_size=1)
+    world.bad.add(V2)
+    world.replicas["r1"].slowness = 3  # r0 moves, r1 fails slowly ...
+    world.bad.discard(V2)
+    op_id = world.request(OpKind.ROLL, "v2")
+    world.advance(2)
+    world.bad.add(V2)
+    for _ in range(20):
+        world.advance(1)
+        op = world.controller.sm.state.operation
+        if op is not None and op.phase == Phase.REVERT:
+            break
+    assert world.controller.sm.state.operation.phase == Phase.REVERT
+    world.crash_controller()  # ... and the controller dies mid-revert
+    assert world.controller.sm.state.operation.phase == Phase.REVERT
+    world.quiesce()
+    assert world.controller.sm.state.stable == V1 and set(_running(world).values()) == {V1.uri}
+    assert any(r.outcome == Outcome.REVERTED and r.op_id == op_id for r in world.completed)
+
+
+def test_control_resuming_a_revert_as_forward_is_caught(monkeypatch):
+    resume = RolloutMachine.resume
+
+    def forward_again(self, now):  # the v1 controller: a restart re-ran the forward rollout
+        transition = resume(self, now)
+        if transition is not None:
+            transition.state.operation.phase = Phase.FORWARD
+        return transition
+
+    monkeypatch.setattr(RolloutMachine, "resume", forward_again)
+    with pytest.raises((AssertionError, Violation)):
+        test_a_restart_during_a_revert_finishes_the_revert()
+
+
+# --- defect 8: replicas not live when an operation started were never moved -----------------------------------
+
+def test_a_replica_stalled_when_a_roll_starts_converges_when_it_returns():
+    world = World(replicas=3)
+    world.stall("r2", True)
+    world.request(OpKind.ROLL, "v2")
+    world.advance(int(LIVENESS_S) + 2)  # r2 is dropped from the operation as gone ...
+    world.stall("r2", False)  # ... and comes back
+    world.quiesce()
+    assert set(_running(world).values()) == {V2.uri}
+
+
+# --- defect 12: an upkeep refill blocked a user's rollback; a failed refill rejected the canary ---------------
+
+def _canary_losing_its_replica() -> World:
+    world = World(replicas=3)
+    world.request(OpKind.CANARY, "v2", 34)
+    world.quiesce()
+    canary = next(r for r in world.live() if r.running == V2)
+    world.kill(canary.id)
+    for r in world.live():
+        r.slowness = 10
+    world.advance(int(LIVENESS_S) + 3)
+    assert world.controller.sm.state.operation.kind == OpKind.REBALANCE
+    return world
+
+
+def test_a_users_rollback_preempts_an_upkeep_refill():
+    world = _canary_losing_its_replica()
+    assert world.request(OpKind.ROLLBACK) is not None  # accepted, not "a rollout is in progress"
+    s = world.controller.sm.state
+    assert s.operation is None or s.operation.kind == OpKind.ROLLBACK
+    assert [(h["kind"], h["result"]) for h in s.history[-2:]][0] == ("rebalance", "preempted")
+    world.quiesce()
+    s = world.controller.sm.state
+    assert s.canary is None and set(_running(world).values()) == {V1.uri}
+
+
+def test_a_failed_refill_does_not_reject_the_canary_and_is_not_retried_replica_after_replica():
+    world = _canary_losing_its_replica()
+    world.bad.add(V2)  # the refill's smoke check fails
+    for r in world.live():
+        r.slowness = 0
+    world.advance(15)
+    s = world.controller.sm.state
+    assert s.operation is None and V2.key not in s.rejected and s.rebalance_blocked == V2.key
+    assert s.canary == V2  # still the canary; its surviving share stays as it is
+    swaps = sum(len(r.swaps) for r in world.live())
+    world.advance(30)
+    assert sum(len(r.swaps) for r in world.live()) == swaps  # no retry on another replica
+
+
+# --- defect 13: rejected versions keyed inconsistently, never cleared ------------------------------------------
+
+def test_a_rejection_is_keyed_by_identity_and_cleared_by_a_later_good_roll():
+    world = World(replicas=2)
+    world.bad.add(V2)
+    world.request(OpKind.ROLL, "v2")
+    world.advance(5)
+    assert V2.key in world.controller.sm.state.rejected
+    world.bad.clear()
+    world.request(OpKind.ROLL, "v2")  # the same identity, now good (a transient smoke-check failure)
+    world.quiesce()
+    s = world.controller.sm.state
+    assert s.stable == V2 and V2.key not in s.rejected
+
+
+# --- fencing (defect 11) and the canary share ------------------------------------------------------------------
+
+def test_a_taken_over_controller_is_fenced_and_serves_no_operation():
+    world = World(replicas=2)
+    world.takeover()
+    world.request(OpKind.ROLL, "v2")
+    world.advance(3)
+    zombie = world.zombie.sm
+    zombie.heard(world.replicas["r0"].report(), world.now)  # still hears an old heartbeat
+    world.zombie.run(zombie.tick(world.now + 100))
+    world.quiesce()
+    assert world.controller.sm.state.stable == V2
+
+
+def test_control_an_unfenced_store_lets_the_zombie_overwrite(monkeypatch):
+    from tests import simulator
+
+    def unfenced_save(self, state):
+        b = self.backend
+        state.generation = b.generation + 1
+        b.raw, b.generation, self.seen = state.to_json(), state.generation, state.generation
+
+    monkeypatch.setattr(simulator.FakeStore, "save", unfenced_save)
+    with pytest.raises(Violation, match="zombie"):
+        world = World(replicas=2)
+        world.takeover()
+        world.request(OpKind.ROLL, "v2")
+        world.advance(3)
+        world.zombie.run(world.zombie.sm.request(OpKind.ROLL, V3, world.now))
+
+
+def test_canary_share_is_kept_when_its_replica_dies():
+    world = World(replicas=4)
+    world.request(OpKind.CANARY, "v2", 50)
+    world.quiesce()
+    victim = next(r for r in world.live() if r.running == V2)
+    world.kill(victim.id)
+    world.add_replica()
+    world.quiesce()
+    assert sum(r.running == V2 for r in world.live()) == 2
+
+
+def test_a_step_with_no_answer_reverts_within_the_swap_timeout():
+    world = World(replicas=2)
+    world.replicas["r0"].slowness = int(SWAP_TIMEOUT_S * 3)
+    op_id = world.request(OpKind.ROLL, "v2")
+    world.advance(int(SWAP_TIMEOUT_S) + 3)
+    reply = next(r for r in world.completed if r.op_id == op_id)
+    assert reply.outcome == Outcome.REVERTED and "swap_timeout_s" in str(reply.error)
