@@ -1,4 +1,9 @@
-"""The HTTP ingress: OpenAI-style completions over FastAPI under ``@serve.ingress``.
+"""The HTTP ingress: OpenAI-style completions and chat completions over FastAPI under ``@serve.ingress``.
+
+A chat request's messages are rendered here, with the base model's own chat template
+(:class:`hotswap.chat.ChatRenderer`, the tokenizer loaded on the first chat request), and the
+prompt goes to the replicas' ordinary ``complete`` / ``stream``: chat and completions share
+batching, adapters, retries and errors.
 
 Every completion, streamed or not, names the adapter that produced it in the headers
 ``x-adapter-uri`` / ``x-adapter-sha256`` and in the JSON body, and the replica that
@@ -7,13 +12,15 @@ an OpenAI-shaped JSON error body, never a 500.
 """
 
 
+import asyncio
 import hmac
 import json
 import logging
 import os
 import time
 import uuid
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,9 +31,11 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from hotswap.chat import ChatRenderer
+from hotswap.errors import RequestError
 from hotswap.settings import HotswapSettings
 
-__all__ = ["CompletionRequest", "Ingress", "api"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "Ingress", "api"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +49,13 @@ api = FastAPI(title="hotswap", description="Completions from a base model with h
 _Stop = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
-class CompletionRequest(BaseModel):
-    """The supported subset of OpenAI's ``/v1/completions`` body; unknown fields are refused."""
+class _SamplingRequest(BaseModel):
+    """The fields ``/v1/completions`` and ``/v1/chat/completions`` share; unknown fields are refused."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(None, max_length=512, description="Accepted for compatibility; one model is served.")
-    prompt: Annotated[str, StringConstraints(min_length=1, max_length=1_000_000)] | Annotated[
-        list[Annotated[str, StringConstraints(min_length=1, max_length=1_000_000)]], Field(min_length=1, max_length=1)
-    ]
-    max_tokens: int = Field(16, ge=1, le=1_000_000)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     stop: _Stop | Annotated[list[_Stop], Field(max_length=4)] | None = None
@@ -58,10 +64,65 @@ class CompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     user: str | None = Field(None, max_length=256)
 
+    def _replica_request(self, prompt: str, max_tokens: int) -> dict:
+        """What a replica's ``complete`` / ``stream`` take."""
+        return {"prompt": prompt, "max_tokens": max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "stop": self.stop, "seed": self.seed}
+
+
+class CompletionRequest(_SamplingRequest):
+    """The supported subset of OpenAI's ``/v1/completions`` body; unknown fields are refused."""
+
+    prompt: Annotated[str, StringConstraints(min_length=1, max_length=1_000_000)] | Annotated[
+        list[Annotated[str, StringConstraints(min_length=1, max_length=1_000_000)]], Field(min_length=1, max_length=1)
+    ]
+    max_tokens: int = Field(16, ge=1, le=1_000_000)
+
     def to_replica(self) -> dict:
         prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
-        return {"prompt": prompt, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "stop": self.stop, "seed": self.seed}
+        return self._replica_request(prompt, self.max_tokens)
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: Annotated[str, StringConstraints(max_length=1_000_000)]
+
+
+class ChatMessage(BaseModel):
+    """One message; ``content`` is a string or a list of text parts (joined with newlines, as vLLM does)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, StringConstraints(max_length=1_000_000)] | Annotated[
+        list[_TextPart], Field(min_length=1, max_length=64)
+    ]
+    name: str | None = Field(None, max_length=256)
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it. ``developer`` is OpenAI's newer name for ``system``, which is
+        the role templates know."""
+        text = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return message | ({"name": self.name} if self.name is not None else {})
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """The supported subset of OpenAI's ``/v1/chat/completions`` body; unknown fields (tools, ...) are refused.
+
+    Without ``max_tokens`` (or its newer name ``max_completion_tokens``) the reply may fill the rest of the
+    context window, as OpenAI's does.
+    """
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+
+    def to_replica(self, prompt: str, *, window_left: int) -> dict:
+        """The replica request for the rendered ``prompt``; ``window_left``: tokens the prompt leaves free."""
+        max_tokens = self.max_tokens or self.max_completion_tokens or max(1, window_left)
+        return self._replica_request(prompt, max_tokens)
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -70,29 +131,45 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
                         status_code=status)
 
 
-_EXPECTED = {
+_EXPECTED = {  # fields that are unions: pydantic reports one error per branch, so say what is accepted instead
     "prompt": "a non-empty string, or a list holding one",
     "stop": "a string or a list of up to 4 non-empty strings",
+    "content": 'a string, or a list of 1 to 64 {"type": "text", "text": ...} parts',
 }
+
+
+def _path(loc: list) -> tuple[str, str | None]:
+    """``messages[0].role`` for an error location, and the union field it stopped at (its branch names are noise)."""
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+            continue
+        path += f".{part}" if path else str(part)
+        if part in _EXPECTED and i + 1 < len(loc):
+            return path, str(part)
+    return path or "body", None
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems: dict[str, str] = {}
     for item in exc.errors():
-        loc = [str(p) for p in item.get("loc", ()) if p != "body"]
+        loc = [p for p in item.get("loc", ()) if p != "body"]
         if item.get("type") == "json_invalid":
             problems["body"] = "the body is not valid JSON"
             continue
-        field = loc[0] if loc else "body"
-        if item.get("type") == "extra_forbidden":
-            problems[field] = f"unknown field '{field}'"
+        path, union = _path(loc)
+        if union:
+            problems[path] = f"'{path}' must be {_EXPECTED[union]}"
+        elif item.get("type") == "extra_forbidden":
+            problems[path] = f"unknown field '{path}'"
         elif item.get("type") == "missing":
-            problems[field] = f"'{field}' is required"
-        elif field in _EXPECTED and len(loc) > 1:  # a union: one error per branch, say what is accepted
-            problems[field] = f"'{field}' must be {_EXPECTED[field]}"
+            problems[path] = f"'{path}' is required"
+        elif item.get("type") == "literal_error":
+            problems.setdefault(path, f"'{path}': {item.get('msg')}, got {item.get('input')!r}")
         else:
-            problems.setdefault(field, f"'{field}': {item.get('msg')}")
+            problems.setdefault(path, f"'{path}': {item.get('msg')}")
     param = next((f for f in problems if f != "body"), None)
     return _error(400, "; ".join(problems.values()) or "invalid request", param)
 
@@ -113,6 +190,7 @@ async def _admin_call(app_name: str, operation: str, request: Request) -> JSONRe
     )
 
     args: list = []
+    kwargs: dict = {}
     if operation == "roll":
         try:
             body = await request.json()
@@ -121,11 +199,20 @@ async def _admin_call(app_name: str, operation: str, request: Request) -> JSONRe
         uri, canary = (body.get("uri"), body.get("canary")) if isinstance(body, dict) else (None, None)
         if not isinstance(uri, str) or not uri or (canary is not None and (
                 isinstance(canary, bool) or not isinstance(canary, (int, float)) or not 0 < canary <= 100)):
-            return _error(400, "roll takes {\"uri\": string, \"canary\": percent in (0, 100] or null}", "uri")
-        args = [uri, canary]
+            return _error(400, "roll takes {\"uri\": string, \"canary\": percent in (0, 100] or null, "
+                          "\"sha256\": 64 lowercase hex or null}", "uri")
+        sha256 = body.get("sha256")
+        if sha256 is not None:
+            from hotswap.signing import check_pin
+
+            try:
+                check_pin(sha256, what="'sha256'")
+            except ConfigError as e:
+                return _error(400, str(e), "sha256")
+        args, kwargs = [uri, canary], {"expected_sha256": sha256}
     try:
         controller = get_controller(app_name)
-        return JSONResponse(await getattr(controller, operation).remote(*args))
+        return JSONResponse(await getattr(controller, operation).remote(*args, **kwargs))
     except (RayTaskError, HotswapError) as e:
         cause = e.cause if isinstance(e, RayTaskError) else e
         statuses = [(AdapterValidationError, 422), (AdapterNotFoundError, 404), (UnsafePathError, 403),
@@ -140,6 +227,11 @@ async def _admin_call(app_name: str, operation: str, request: Request) -> JSONRe
 
 def _no_replica(error: BaseException) -> JSONResponse:
     return _error(503, f"no model replica could answer ({type(error).__name__}, {_ATTEMPTS} attempts); retry")
+
+
+def _usage(result: dict) -> dict[str, int]:
+    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+            "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
 
 
 def _adapter_headers(item: dict) -> dict[str, str]:
@@ -158,10 +250,12 @@ class Ingress:
         # the admin routes exist only when a token is configured (read once, at start)
         token = os.environ.get("HOTSWAP_ADMIN_TOKEN") or None
         self._admin_token = f"Bearer {token}".encode() if token else None
+        self._renderer: ChatRenderer | None = None  # loaded on the first chat request
+        self._renderer_lock = asyncio.Lock()
 
     @api.api_route("/admin/{operation}", methods=["GET", "POST"])
     async def admin(self, operation: str, request: Request) -> JSONResponse:
-        """roll (POST {"uri", "canary"}), promote, rollback (POST), status (GET); bearer token required."""
+        """roll (POST {"uri", "canary", "sha256"}), promote, rollback (POST), status (GET); bearer token required."""
         if self._admin_token is None:
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         if not hmac.compare_digest(request.headers.get("authorization", "").encode(), self._admin_token):
@@ -191,32 +285,88 @@ class Ingress:
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
-            return await self._stream(body, request_id, created)
-        try:
-            result = await self._retrying(lambda: self.replica.complete.remote(body.to_replica()))
-        except _REPLICA_GONE as e:
-            return _no_replica(e)
-        if "error" in result:
-            return _error(result["status"], result["error"]["message"])
+            return await self._stream(body.to_replica(), lambda item, adapter: [
+                self._completion(request_id, created, item["delta"], item["finish_reason"], adapter)])
+        result = await self._complete(body.to_replica())
+        if isinstance(result, JSONResponse):
+            return result
         payload = self._completion(request_id, created, result["text"], result["finish_reason"], result)
-        payload["usage"] = {
-            "prompt_tokens": result["prompt_tokens"],
-            "completion_tokens": result["completion_tokens"],
-            "total_tokens": result["prompt_tokens"] + result["completion_tokens"],
-        }
+        payload["usage"] = _usage(result)
         return JSONResponse(payload, headers=_adapter_headers(result))
 
-    def _completion(self, request_id: str, created: int, text: str, finish_reason, adapter: dict) -> dict:
-        """An OpenAI ``text_completion`` object (a whole answer, or one streamed chunk) naming its adapter."""
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        """Messages rendered with the base model's chat template, then generated like a completion."""
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            return _error(400, "give max_tokens or max_completion_tokens (its newer name), not both", "max_tokens")
+        try:
+            renderer = await self._chat_renderer()
+        except Exception as e:  # the tokenizer could not be loaded (an unreachable hub, a broken checkpoint)
+            logger.exception("chat: loading the tokenizer of %s failed", self.model_id)
+            return _error(503, f"the tokenizer of base model {self.model_id!r} could not be loaded "
+                               f"({type(e).__name__}: {e}); chat needs it to apply the chat template, retry later "
+                               "or use /v1/completions")
+
+        def render() -> dict:
+            prompt = renderer.render([m.for_template() for m in body.messages])
+            window_left = 0 if body.max_tokens or body.max_completion_tokens else (
+                self.settings.max_seq_len - renderer.count_tokens(prompt))
+            return body.to_replica(prompt, window_left=window_left)
+
+        try:
+            request = await asyncio.to_thread(render)
+        except RequestError as e:
+            return _error(e.http_status, str(e), "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if body.stream:
+            def chunks(item: dict, adapter: dict) -> list[dict]:
+                out = [self._chat_chunk(request_id, created, {"content": item["delta"]}, None, adapter)
+                       ] if item["delta"] else []
+                if item["finish_reason"] is not None:  # OpenAI closes with an empty delta carrying the reason
+                    out.append(self._chat_chunk(request_id, created, {}, item["finish_reason"], adapter))
+                return out
+
+            return await self._stream(request, chunks, opening=lambda adapter: [
+                self._chat_chunk(request_id, created, {"role": "assistant", "content": ""}, None, adapter)])
+        result = await self._complete(request)
+        if isinstance(result, JSONResponse):
+            return result
+        message = {"role": "assistant", "content": result["text"]}
+        payload = self._answer("chat.completion", request_id, created,
+                               {"message": message, "finish_reason": result["finish_reason"]}, result)
+        payload["usage"] = _usage(result)
+        return JSONResponse(payload, headers=_adapter_headers(result))
+
+    async def _chat_renderer(self) -> ChatRenderer:
+        """The base model's tokenizer, loaded on the first chat request (completions never need it)."""
+        if self._renderer is None:
+            async with self._renderer_lock:
+                if self._renderer is None:
+                    self._renderer = await asyncio.to_thread(ChatRenderer.load, self.settings)
+        return self._renderer
+
+    def _answer(self, kind: str, request_id: str, created: int, choice: dict, adapter: dict) -> dict:
+        """An OpenAI ``kind`` object (``text_completion``, ``chat.completion``, ``chat.completion.chunk``) with one
+        choice, naming the adapter that produced it."""
         return {
             "id": request_id,
-            "object": "text_completion",
+            "object": kind,
             "created": created,
             "model": self.model_id,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, **choice, "logprobs": None}],
             "adapter_uri": adapter["adapter_uri"],
             "adapter_sha256": adapter["adapter_sha256"],
         }
+
+    def _completion(self, request_id: str, created: int, text: str, finish_reason, adapter: dict) -> dict:
+        """A ``text_completion``: a whole answer, or one streamed chunk."""
+        return self._answer("text_completion", request_id, created, {"text": text, "finish_reason": finish_reason},
+                            adapter)
+
+    def _chat_chunk(self, request_id: str, created: int, delta: dict, finish_reason, adapter: dict) -> dict:
+        return self._answer("chat.completion.chunk", request_id, created,
+                            {"delta": delta, "finish_reason": finish_reason}, adapter)
 
     @staticmethod
     async def _retrying(call):
@@ -230,9 +380,22 @@ class Ingress:
                 logger.warning("a replica went away before answering (%s); sending the request again (%d/%d)",
                                type(e).__name__, attempt + 1, _ATTEMPTS)
 
-    async def _stream(self, body: CompletionRequest, request_id: str, created: int):
+    async def _complete(self, request: dict) -> dict | JSONResponse:
+        """A replica's whole answer to ``request``, or the error response to send instead."""
+        try:
+            result = await self._retrying(lambda: self.replica.complete.remote(request))
+        except _REPLICA_GONE as e:
+            return _no_replica(e)
+        if "error" in result:
+            return _error(result["status"], result["error"]["message"])
+        return result
+
+    async def _stream(self, request: dict, chunks: Callable[[dict, dict], list[dict]], *,
+                      opening: Callable[[dict], list[dict]] | None = None):
+        """Server-sent events for ``request``: ``opening(adapter)``, then ``chunks(item, adapter)`` for each item the
+        replica yields, then ``data: [DONE]``; or the error response, when the replica refuses the request."""
         async def start():
-            events = self.replica.options(stream=True).stream.remote(body.to_replica())
+            events = self.replica.options(stream=True).stream.remote(request)
             return events, await events.__anext__()
 
         try:  # before the first item nothing was sent to the client: a replica gone by then is retried
@@ -243,12 +406,11 @@ class Ingress:
             return _error(first["status"], first["error"]["message"])
 
         async def sse():
-            async for item in events:
-                if "error" in item:
-                    chunk = {"error": item["error"]}
-                else:
-                    chunk = self._completion(request_id, created, item["delta"], item["finish_reason"], first)
+            for chunk in opening(first) if opening else ():
                 yield f"data: {json.dumps(chunk)}\n\n"
+            async for item in events:
+                for chunk in [{"error": item["error"]}] if "error" in item else chunks(item, first):
+                    yield f"data: {json.dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=_adapter_headers(first))

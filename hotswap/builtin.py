@@ -4,6 +4,8 @@
 tokenizer built with the ``tokenizers`` library. It is generated from a fixed seed on first
 use, saved with ``save_pretrained`` into the cache and loaded back through the normal
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` path, so the real loading code always runs.
+Its tokenizer carries a small chat template (:data:`TINY_CHAT_TEMPLATE`, saved as
+``chat_template.jinja``), so ``/v1/chat/completions`` works on it as on a real chat model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hotswap.errors import ConfigError
 __all__ = [
     "BUILTIN_DEMO_ADAPTER",
     "BUILTIN_PREFIX",
+    "TINY_CHAT_TEMPLATE",
     "materialize_builtin_model",
     "materialize_demo_adapter",
     "resolve_base_model",
@@ -31,8 +34,20 @@ logger = logging.getLogger(__name__)
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DEMO_ADAPTER = "builtin:demo"
 _BUILTIN_MODELS = ("tiny-llama",)
-_FORMAT_VERSION = "v1"  # bump when the generated model changes, so old caches are not reused
+# bump when the generated files change, so an old cache is not reused: the version names the cache
+# directory, and a cache written by an older version is left alone and generated again beside it
+# (v2: the tokenizer gained TINY_CHAT_TEMPLATE; the weights are the same)
+_FORMAT_VERSION = "v2"
 _SEED = 20261123
+
+# Zephyr-style turns: a role tag line, the content, then the end-of-sequence token the model stops on.
+# Rendered with ``add_generation_prompt=True`` it ends in the assistant's tag, where the reply starts.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
 
 
 def resolve_base_model(base_model: str, *, cache_dir: Path) -> str:
@@ -154,6 +169,7 @@ def _build_tiny_llama(out_dir: Path) -> None:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=512
     )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(vocab),
         hidden_size=64,
