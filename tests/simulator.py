@@ -67,15 +67,22 @@ class SimController:
 
     def __init__(self, world: World, name: str) -> None:
         self.world, self.name = world, name
-        self.store = FakeStore(world.backend)
-        state = self.store.load() or DesiredState()
         self.ids = (f"{name}-op{i}" for i in itertools.count())
-        self.sm = RolloutMachine(state, batch_size=world.batch_size, swap_timeout_s=SWAP_TIMEOUT_S,
-                                 liveness_s=LIVENESS_S, forget_after_s=60.0, settle_s=SETTLE_S,
-                                 now=world.now,
-                                 new_id=lambda: next(self.ids))
         self.replies: dict[str, Reply] = {}
-        self.run(self.sm.resume(world.now) or _claim(self.sm))
+        self.claimed = False
+        self.start()
+
+    def start(self) -> bool:
+        """Load the state and claim it (as the actor's start-up does); retried until the claim is saved."""
+        if self.claimed:
+            return True
+        self.store = FakeStore(self.world.backend)
+        state = self.store.load() or DesiredState()
+        self.sm = RolloutMachine(state, batch_size=self.world.batch_size, swap_timeout_s=SWAP_TIMEOUT_S,
+                                 liveness_s=LIVENESS_S, forget_after_s=60.0, settle_s=SETTLE_S,
+                                 now=self.world.now, new_id=lambda: next(self.ids))
+        self.claimed = self.run(self.sm.resume(self.world.now) or _claim(self.sm))
+        return self.claimed
 
     def run(self, transition) -> bool:
         if transition is None:
@@ -148,6 +155,8 @@ class World:
         rid = f"r{next(self._ids)}"
         self.replicas[rid] = replica = SimReplica(rid)
         self.trace.append(f"register {rid}")
+        if not self.controller.start():
+            return rid  # it registers at its next step
         # a replica registers before it serves, and starts on what the answer assigns
         self.controller.run(self.controller.sm.heard(replica.report(), self.now))
         self._apply_now(replica, self.controller.sm)
@@ -156,6 +165,8 @@ class World:
 
     def request(self, kind: OpKind, uri: str | None = None, percent: float | None = None) -> str | None:
         self.trace.append(f"{kind.value} {uri or ''} {percent or ''}".strip())
+        if not self.controller.start():
+            return None  # still starting: the actor answers ControllerUnavailableError
         sm = self.controller.sm
         try:
             sm.check_can_start()
@@ -196,10 +207,11 @@ class World:
             self.trace.append("tick")
             self.now += TICK_S
             self.steps += 1
-            for replica in list(self.replicas.values()):
-                if replica.alive and not replica.stalled:
-                    self._replica_step(replica)
-            self.controller.run(self.controller.sm.tick(self.now))
+            if self.controller.start():  # a controller still starting answers no replica (they retry)
+                for replica in list(self.replicas.values()):
+                    if replica.alive and not replica.stalled:
+                        self._replica_step(replica)
+                self.controller.run(self.controller.sm.tick(self.now))
             if self.zombie is not None:  # a zombie still hears old heartbeats and ticks; its saves must be refused
                 self.zombie.run(self.zombie.sm.tick(self.now))
             self.check_step()
@@ -250,7 +262,7 @@ class World:
         mem = controller.sm.state
         if persisted.to_json() != mem.to_json():
             self.violation("memory differs from the persisted state after a commit")
-        if controller is self.zombie:
+        if controller is self.zombie and self.controller.claimed:
             self.violation("a fenced (zombie) controller's save went through")
 
     def finished(self, reply: Reply) -> None:
@@ -292,7 +304,9 @@ class World:
 
     def _settled(self) -> bool:
         sm = self.controller.sm
-        if sm.fenced or sm.state.operation is not None or not sm.registry.settled(self.now):
+        if not self.controller.claimed or sm.fenced or sm.state.operation is not None:
+            return False
+        if not sm.registry.settled(self.now):
             return False
         if sm.registry.live(self.now) != sorted(r.id for r in self.live()):
             return False  # the controller has not yet noticed a replica that died

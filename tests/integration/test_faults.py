@@ -21,7 +21,7 @@ from ray import serve
 
 from benchmarks.load import ClosedLoop
 from hotswap.client import HotswapClient
-from hotswap.errors import AdapterFetchError, RolloutConflictError, RolloutError
+from hotswap.errors import AdapterFetchError, ControllerUnavailableError, RolloutConflictError, RolloutError
 from tests.faultproxy import Fault, FaultProxy
 from tests.integration.conftest import upload_adapter, upload_versions, wait_for_condition
 from tests.integration.faulty import HOLD_SEED, FaultyReplica
@@ -114,7 +114,8 @@ def test_smoke_check_failure_on_one_replica_rolls_the_others_back(service, versi
     assert after[order[0]]["swaps"] == before[order[0]]["swaps"] + 2  # swapped, then reverted
     status = client.status()
     assert status["stable"]["sha256"] == versions["v1"][1]
-    assert "smoke check failed" in status["rejected"][versions["v3"][1]]["problems"][0]
+    rejected = next(r for r in status["rejected"].values() if r["sha256"] == versions["v3"][1])
+    assert "smoke check failed" in rejected["problems"][0]
     assert status["history"][-1]["result"] == "reverted"
     reliability.record("a smoke check failing on one replica mid-rollout", inputs=1,
                        held="the rollout stopped; the replica already moved was reverted, the rest never touched; "
@@ -167,7 +168,8 @@ def test_replica_killed_mid_rollout_under_load(service, versions, how, reliabili
             (marks / f"holding-{victim}").unlink(missing_ok=True)
         request.join(timeout=120)
         result = HotswapClient._get(rolling)
-        assert victim in result["swapped"]  # counted as gone; its replacement starts on the assigned version
+        # gone, so not counted as moved (it never reported the version); its replacement starts on the version
+        assert victim in result["dropped"] and victim not in result["swapped"]
 
         def replacement_on_target():
             live = _live(client)
@@ -218,8 +220,8 @@ def test_controller_killed_at_each_step_of_a_rollout_resumes_and_converges(servi
         ray.kill(client.actor, no_restart=False)  # the actor restarts and reloads its state
     finally:
         (marks / f"hold-{order[boundary]}").unlink()
-    with pytest.raises(Exception):  # noqa: B017 - the caller of the killed actor sees it die
-        HotswapClient._get(rolling)
+    with pytest.raises(ControllerUnavailableError, match="controller died during the call"):
+        HotswapClient._get(rolling)  # the caller of the killed actor sees it die, as one clear error
 
     def converged():
         status = client.status()

@@ -253,7 +253,8 @@ def test_every_corpus_adapter_is_refused_and_nothing_moves(service, make_adapter
         assert words in message, (case_id, message)
         assert snapshot() == before, case_id  # stable, canary, every replica's version and swap count
     added = client.status()["history"][history:]
-    assert {h["kind"] for h in added} == {"rejected"}  # refusals of fetched adapters are recorded; no rollout
+    # refusals of fetched adapters are recorded as rejected rolls; no rollout ran
+    assert {(h["kind"], h["result"]) for h in added} == {("roll", "rejected")}
     reliability.record("bad-adapter corpus rolled through the controller", inputs=len(cases),
                        held=f"all {len(cases)} refused with the expected words; stable, canary and every replica's "
                             "version and swap count unchanged; no rollout started")

@@ -257,3 +257,70 @@ def test_swap_gives_up_after_its_timeout_without_changing_anything():
     t.join(5)
     with lock.request():  # the lock is usable again
         pass
+
+
+def test_no_request_runs_on_a_swapped_adapter_before_its_smoke_check_passes(eager_pair, adapters, stage):
+    """Defect 9: the swap released the lock before the smoke check took it, so queued requests could run on
+    an unchecked adapter. ``swap_checked`` holds the lock across both."""
+    from hotswap.generation import SamplingParams
+
+    engine = eager_pair[0]
+    engine.apply(stage(adapters["r8-qv"]))
+    seen: list[str] = []
+    started = threading.Event()
+
+    def request():
+        started.set()
+        _, identity = engine.generate([engine.generator.encode("Hello")], [SamplingParams(max_tokens=1)])
+        seen.append(identity.uri)
+
+    def check():
+        worker.start()
+        started.wait(10)
+        worker.join(0.3)  # the request is queued behind the swap lock: it cannot finish during the check
+        seen.append("checked")
+        raise RuntimeError("injected smoke-check failure")
+
+    worker = threading.Thread(target=request)
+    previous = engine.identity
+    with pytest.raises(SwapError, match="previous adapter restored"):
+        engine.swap_checked(stage(adapters["r16-all"]), check=check)
+    worker.join(30)
+    assert seen == ["checked", previous.uri]  # the request ran after the check, on the restored adapter
+    assert engine.identity == previous
+
+
+def test_control_a_check_outside_the_lock_lets_a_request_run_on_the_unchecked_adapter(eager_pair, adapters, stage):
+    """The v1 order (swap, release, then check): the same queued request runs on the new adapter first."""
+    from hotswap.generation import SamplingParams
+
+    engine = eager_pair[0]
+    engine.apply(stage(adapters["r8-qv"]))
+    seen: list[str] = []
+    new = stage(adapters["r16-all"])
+    worker = threading.Thread(target=lambda: seen.append(engine.generate(
+        [engine.generator.encode("Hello")], [SamplingParams(max_tokens=1)])[1].uri))
+    engine.apply(new)
+    worker.start()
+    worker.join(30)
+    seen.append("checked")
+    assert seen == [new.identity.uri, "checked"]
+
+
+def test_a_failed_restore_after_a_failed_check_raises_restore_error(eager_pair, adapters, stage, monkeypatch):
+    from hotswap.engine import RestoreError
+
+    engine = eager_pair[0]
+    engine.apply(stage(adapters["r8-qv"]))
+    real = engine._swap_locked
+    calls = {"n": 0}
+
+    def second_fails(staged, method="foreach"):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SwapError("injected: the device failed")
+        return real(staged, method)
+
+    monkeypatch.setattr(engine, "_swap_locked", second_fails)
+    with pytest.raises(RestoreError, match="could not be put back"):
+        engine.swap_checked(stage(adapters["r16-all"]), check=lambda: (_ for _ in ()).throw(RuntimeError("bad")))

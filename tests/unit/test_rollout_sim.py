@@ -36,7 +36,7 @@ _action = st.one_of(
     st.tuples(st.just("tick"), st.integers(1, 12)),
 )
 
-_STATS = {"schedules": 0, "actions": 0, "ticks": 0, "operations": 0, "completed": 0}
+_STATS = {"schedules": 0, "actions": 0, "ticks": 0, "completed": 0}  # completed: operations that ended
 
 
 def play(world: World, actions) -> None:
