@@ -109,6 +109,13 @@ class HotswapSettings(BaseModel):
     s3_read_timeout_s: float = Field(30.0, gt=0, description="A read that stalls this long is retried.")
     s3_max_attempts: int = Field(4, ge=1, le=20, description="Attempts per object, including the first.")
     s3_retry_backoff_s: float = Field(0.2, ge=0, description="First backoff; doubles per attempt.")
+    signature_required: bool = Field(
+        False, description="Refuse adapters without a model.sig (OpenSSF model signing) by a trusted key."
+    )
+    trusted_public_keys: tuple[str, ...] = Field(
+        (), description="PEM elliptic-curve public keys (local paths or s3://bucket/key) whose signatures are "
+        "accepted; a signed adapter is verified whenever this is set."
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -131,6 +138,10 @@ class HotswapSettings(BaseModel):
             )
         if self.compile_mode == "reduce-overhead" and self.device == "cpu":
             raise ValueError("compile_mode 'reduce-overhead' uses CUDA graphs; use 'default' with device 'cpu'")
+        if self.signature_required and not self.trusted_public_keys:
+            raise ValueError("signature_required is true but trusted_public_keys is empty, so no adapter could "
+                             "pass; list the signers' PEM public keys in trusted_public_keys, or set "
+                             "signature_required: false")
         return self
 
     @property

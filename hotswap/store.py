@@ -40,6 +40,7 @@ __all__ = [
     "FetchedAdapter",
     "LocalStore",
     "S3Store",
+    "SIGNATURE_NAME",
     "WEIGHTS_NAME",
     "make_s3_client",
 ]
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# an OpenSSF model-signing bundle over the two files above (see hotswap.signing); optional
+SIGNATURE_NAME = "model.sig"
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 _MAX_CONFIG_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
@@ -58,6 +61,8 @@ class FetchedAdapter:
     """An adapter version copied into the local cache, not yet validated.
 
     ``weights_path`` is an immutable content-addressed file whose sha256 is ``sha256``.
+    ``signature`` holds the bytes of ``model.sig`` beside the adapter, None when there is none
+    (not yet checked: :func:`hotswap.signing.check_signature` does that).
     """
 
     uri: str
@@ -65,6 +70,7 @@ class FetchedAdapter:
     weights_path: Path
     config_bytes: bytes
     size_bytes: int
+    signature: bytes | None = None
 
 
 class AdapterStore(Protocol):
@@ -153,8 +159,8 @@ def _too_large(uri: str, size: int, limit: int) -> AdapterValidationError:
     )
 
 
-def _config_too_large(uri: str) -> AdapterValidationError:
-    return AdapterValidationError(uri, [f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes"])
+def _config_too_large(uri: str, name: str = CONFIG_NAME) -> AdapterValidationError:
+    return AdapterValidationError(uri, [f"{name} is larger than {_MAX_CONFIG_BYTES} bytes"])
 
 
 class LocalStore:
@@ -218,10 +224,12 @@ class LocalStore:
         if size > self.max_adapter_bytes:
             raise _too_large(uri, size, self.max_adapter_bytes)
         config_bytes = _read_capped(config, uri)
+        signature_path = self._member(folder, SIGNATURE_NAME, uri)
+        signature = _read_capped(signature_path, uri, SIGNATURE_NAME) if signature_path.is_file() else None
         with cache.writer() as out, open(weights, "rb") as src:
             while chunk := src.read(_CHUNK_BYTES):
                 out.write(chunk)
-        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, config_bytes, out.size)
+        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, config_bytes, out.size, signature)
 
     def push(self, local_dir: Path, uri: str) -> None:
         target = self.resolve(uri)
@@ -229,17 +237,23 @@ class LocalStore:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".push-") as tmp:
             staging = Path(tmp) / "adapter"
             staging.mkdir()
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
+            for name in _names_to_push(Path(local_dir)):
                 shutil.copyfile(Path(local_dir) / name, staging / name)
             if target.exists():
                 shutil.rmtree(target)
             os.rename(staging, target)
 
 
-def _read_capped(path: Path, uri: str) -> bytes:
+def _read_capped(path: Path, uri: str, name: str = CONFIG_NAME) -> bytes:
     if path.stat().st_size > _MAX_CONFIG_BYTES:
-        raise _config_too_large(uri)
+        raise _config_too_large(uri, name)
     return path.read_bytes()
+
+
+def _names_to_push(local_dir: Path) -> tuple[str, ...]:
+    """Weights first, then the config, then the signature when the folder has one."""
+    signed = (local_dir / SIGNATURE_NAME).is_file()
+    return (WEIGHTS_NAME, CONFIG_NAME, SIGNATURE_NAME) if signed else (WEIGHTS_NAME, CONFIG_NAME)
 
 
 def make_s3_client(*, connect_timeout_s: float, read_timeout_s: float, endpoint_url: str | None = None) -> Any:
@@ -313,6 +327,7 @@ class S3Store:
             raise _config_too_large(uri)
         config_buf = bytearray()
         self._download(bucket, config_key, config_head, uri, write=config_buf.extend, reset=config_buf.clear)
+        signature = self._fetch_signature(bucket, prefix, uri)
         started = time.perf_counter()
         with cache.writer() as out:
             self._download(bucket, weights_key, head, uri, write=out.write, reset=out.reset, digest=lambda: out.md5)
@@ -323,12 +338,28 @@ class S3Store:
             out.sha256.hexdigest()[:12],
             (time.perf_counter() - started) * 1e3,
         )
-        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, bytes(config_buf), out.size)
+        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, bytes(config_buf), out.size, signature)
+
+    def _fetch_signature(self, bucket: str, prefix: str, uri: str) -> bytes | None:
+        key = f"{prefix}/{SIGNATURE_NAME}"
+        head = self._head(bucket, key, uri)
+        if head is None:
+            return None
+        if int(head["ContentLength"]) > _MAX_CONFIG_BYTES:
+            raise _config_too_large(uri, SIGNATURE_NAME)
+        buf = bytearray()
+        self._download(bucket, key, head, uri, write=buf.extend, reset=buf.clear)
+        return bytes(buf)
 
     def push(self, local_dir: Path, uri: str) -> None:
         bucket, prefix = _split_s3(uri)
+        names = _names_to_push(Path(local_dir))
+        if SIGNATURE_NAME not in names:  # a signature left by an earlier push to this URI would not match
+            key = f"{prefix}/{SIGNATURE_NAME}"
+            self._with_retries(uri, f"delete {SIGNATURE_NAME}",
+                               lambda: self.client.delete_object(Bucket=bucket, Key=key))
         # weights first: a reader that sees the config also sees the weights it describes
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
+        for name in names:
             with open(Path(local_dir) / name, "rb") as f:
                 self._with_retries(uri, f"upload {name}", lambda f=f, name=name: self._put(f, bucket, prefix, name))
 
@@ -481,7 +512,8 @@ class AdapterFetcher:
                 self._inflight.pop(uri, None)
 
     def push(self, local_dir: Path, uri: str) -> None:
-        """Upload an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) to ``uri``."""
+        """Upload an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, and ``model.sig``
+        when present) to ``uri``."""
         local_dir = Path(local_dir)
         missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (local_dir / n).is_file()]
         if missing:
