@@ -50,21 +50,54 @@ def _cmd_push(args) -> int:
     from hotswap.store import AdapterFetcher
 
     settings = load_settings(args.config)
-    AdapterFetcher.from_settings(settings).push(Path(args.local_dir), args.uri)
+    fetcher = AdapterFetcher.from_settings(settings)
+    if args.sign_key is not None:
+        from hotswap.signing import SIGNATURE_NAME, claimed_key_id, sign_adapter_dir
+
+        fetcher.store_for(args.uri)  # refuse a bad destination before writing model.sig
+        signature = sign_adapter_dir(Path(args.local_dir), Path(args.sign_key))
+        print(f"signed {args.local_dir} with key {claimed_key_id(signature)} -> "
+              f"{Path(args.local_dir) / SIGNATURE_NAME}")
+    fetcher.push(Path(args.local_dir), args.uri)
     print(f"pushed {args.local_dir} -> {args.uri}")
     return EXIT_OK
 
 
+def _signature_report(fetched, settings) -> dict:
+    """Apply the signature policy (raises when it refuses) and say what it found, for ``validate``."""
+    from hotswap.signing import check_signature, claimed_key_id
+
+    check = check_signature(fetched, fetched.signature, settings)
+    if check is not None:
+        return {"status": "verified", "key_id": check.key_id, "key_source": check.key_source}
+    if fetched.signature is None:
+        return {"status": "unsigned", "key_id": None, "key_source": None}
+    return {"status": "not verified (no trusted_public_keys)", "key_id": claimed_key_id(fetched.signature),
+            "key_source": None}
+
+
 def _cmd_validate(args) -> int:
-    from hotswap.adapters import model_spec_for, prepare_adapter
+    from hotswap.adapters import model_spec_for, resolve_adapter_uri, validate_fetched
     from hotswap.engine import resolve_device_dtype
+    from hotswap.staging import stage_adapter
+    from hotswap.store import AdapterFetcher
+    from hotswap.versions import config_digest
 
     settings = load_settings(args.config)
+    if args.trusted_key:
+        settings = settings.model_copy(update={"trusted_public_keys": (*settings.trusted_public_keys,
+                                                                       *args.trusted_key)})
     _, dtype = resolve_device_dtype(settings)
-    staged = prepare_adapter(args.uri, settings=settings, spec=model_spec_for(settings), dtype=dtype)
+    spec = model_spec_for(settings)
+    # the order of a roll: fetch, signature, validate, stage
+    fetched = AdapterFetcher.from_settings(settings).fetch(resolve_adapter_uri(args.uri, settings))
+    signature = _signature_report(fetched, settings)
+    staged = stage_adapter(validate_fetched(fetched, settings=settings, spec=spec), spec, dtype=dtype)
     report = {
         "adapter_uri": staged.identity.uri,
         "adapter_sha256": staged.identity.sha256,
+        "config_sha256": config_digest(fetched.config_bytes),
+        "signature": signature,
         "r": staged.rank,
         "lora_alpha": staged.lora_alpha,
         "use_rslora": staged.use_rslora,
@@ -79,6 +112,12 @@ def _cmd_validate(args) -> int:
             f"ok: {report['adapter_uri']} sha256 {report['adapter_sha256']} r={report['r']} "
             f"alpha={report['lora_alpha']} on {report['layers']} layers ({', '.join(report['target_modules'])})"
         )
+        print(f"  adapter_model.safetensors sha256 {report['adapter_sha256']}")
+        print(f"  adapter_config.json       sha256 {report['config_sha256']}")
+        key = f" by key {signature['key_id']}" if signature["key_id"] else ""
+        source = f" ({signature['key_source']})" if signature["key_source"] else ""
+        print(f"  signature: {signature['status']}{key}{source}")
+        print(f"  pin it: hotswap roll {report['adapter_uri']} --sha256 {report['adapter_sha256']}")
     return EXIT_OK
 
 
@@ -101,8 +140,10 @@ def _print_result(verb: str, result: dict) -> None:
 
 def _cmd_roll(args) -> int:
     what = f"canary {args.canary}% of replicas" if args.canary is not None else "every replica"
-    print(f"rolling {args.uri} to {what}", flush=True)
-    _print_result("rolled", _client(args).roll(args.uri, canary=args.canary, on_event=_progress))
+    pinned = f" (pinned to sha256 {args.sha256[:12]})" if args.sha256 else ""
+    print(f"rolling {args.uri}{pinned} to {what}", flush=True)
+    _print_result("rolled", _client(args).roll(args.uri, canary=args.canary, sha256=args.sha256,
+                                               on_event=_progress))
     return EXIT_OK
 
 
@@ -160,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     roll.add_argument("uri", metavar="URI", help="s3://bucket/prefix or a path under the local store root")
     roll.add_argument("--canary", type=_percent, metavar="PERCENT",
                       help="move only this share of replicas (at least one); the rest stay on stable")
+    roll.add_argument("--sha256", type=_pin, metavar="HEX",
+                      help="refuse the roll unless adapter_model.safetensors has this sha256 (64 lowercase hex "
+                      "digits; 'hotswap validate URI' prints it)")
     roll.set_defaults(func=_cmd_roll)
     operation("promote", "move every replica to the canary version; it becomes stable").set_defaults(
         func=_cmd_promote)
@@ -174,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "adapter_model.safetensors")
     push.add_argument("uri", metavar="URI", help="destination, e.g. s3://bucket/adapters/support/v3")
     push.add_argument("--config", metavar="SERVE_CONFIG", help="take store settings from this Serve config")
+    push.add_argument("--sign-key", metavar="KEY.pem", help="sign the adapter (OpenSSF model signing, PEM "
+                      "elliptic-curve private key) into LOCAL_DIR/model.sig, then upload it with the adapter")
     push.set_defaults(func=_cmd_push)
 
     validate = sub.add_parser("validate", help="fetch and validate an adapter exactly as a roll would, without "
@@ -181,9 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("uri", metavar="URI")
     validate.add_argument("--config", metavar="SERVE_CONFIG", help="validate against this Serve config's settings "
                           "(base_model, max_rank, target_modules); defaults otherwise")
+    validate.add_argument("--trusted-key", action="append", default=[], metavar="PUB.pem",
+                          help="also trust this PEM public key (path or s3:// URI) when checking model.sig; "
+                          "repeatable, added to the config's trusted_public_keys")
     validate.add_argument("--json", action="store_true", help="print the result as JSON")
     validate.set_defaults(func=_cmd_validate)
     return parser
+
+
+def _pin(text: str) -> str:
+    from hotswap.signing import check_pin
+
+    try:
+        return check_pin(text, what="--sha256")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _percent(text: str) -> float:

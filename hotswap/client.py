@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from hotswap.controller import CONTROLLER_NAMESPACE, get_controller
 from hotswap.errors import ControllerNotFoundError, HotswapError
+from hotswap.signing import check_pin
 
 __all__ = ["HotswapClient"]
 
@@ -36,9 +37,21 @@ class HotswapClient:
         self.app = app
         self.actor = get_controller(app)
 
-    def roll(self, uri: str, *, canary: float | None = None, on_event: Callable[[str], None] | None = None) -> dict:
-        """Fetch, validate and stage ``uri`` once, then move every replica (or ``canary`` percent) to it."""
-        return self._follow(self.actor.roll.remote(uri, canary), on_event)
+    def roll(
+        self,
+        uri: str,
+        *,
+        canary: float | None = None,
+        sha256: str | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> dict:
+        """Fetch, validate and stage ``uri`` once, then move every replica (or ``canary`` percent) to it.
+
+        ``sha256`` pins the weights: the controller refuses the roll unless the fetched
+        ``adapter_model.safetensors`` has this sha256 (64 lowercase hex digits; :class:`ConfigError` otherwise).
+        """
+        pin = None if sha256 is None else check_pin(sha256)
+        return self._follow(self.actor.roll.remote(uri, canary, expected_sha256=pin), on_event)
 
     def promote(self, *, on_event: Callable[[str], None] | None = None) -> dict:
         """The canary version goes to every replica and becomes stable."""
