@@ -72,8 +72,15 @@ def _signature_report(fetched, settings) -> dict:
         return {"status": "verified", "key_id": check.key_id, "key_source": check.key_source}
     if fetched.signature is None:
         return {"status": "unsigned", "key_id": None, "key_source": None}
-    return {"status": "not verified (no trusted_public_keys)", "key_id": claimed_key_id(fetched.signature),
-            "key_source": None}
+    return {"status": "unverified", "key_id": claimed_key_id(fetched.signature), "key_source": None}
+
+
+def _describe_signature(report: dict) -> str:
+    if report["status"] == "verified":
+        return f"verified, signed by key {report['key_id']} ({report['key_source']})"
+    if report["status"] == "unsigned":
+        return "none (no model.sig)"
+    return f"not verified (no trusted_public_keys); model.sig claims key {report['key_id']}"
 
 
 def _cmd_validate(args) -> int:
@@ -114,9 +121,7 @@ def _cmd_validate(args) -> int:
         )
         print(f"  adapter_model.safetensors sha256 {report['adapter_sha256']}")
         print(f"  adapter_config.json       sha256 {report['config_sha256']}")
-        key = f" by key {signature['key_id']}" if signature["key_id"] else ""
-        source = f" ({signature['key_source']})" if signature["key_source"] else ""
-        print(f"  signature: {signature['status']}{key}{source}")
+        print(f"  signature: {_describe_signature(signature)}")
         print(f"  pin it: hotswap roll {report['adapter_uri']} --sha256 {report['adapter_sha256']}")
     return EXIT_OK
 

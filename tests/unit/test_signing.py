@@ -315,14 +315,14 @@ def test_cli_push_sign_key_then_validate_local(serve_config, make_adapter, keys,
     assert result.returncode == 0, result.stderr
     assert f"adapter_model.safetensors sha256 {weights}" in result.stdout
     assert f"adapter_config.json       sha256 {config}" in result.stdout
-    assert f"signature: verified by key {keys['alice'].key_id} ({keys['alice'].public})" in result.stdout
+    assert f"signature: verified, signed by key {keys['alice'].key_id} ({keys['alice'].public})" in result.stdout
     assert f"hotswap roll signed/cli/v1 --sha256 {weights}" in result.stdout
 
     # without trusted keys the signature is reported, not verified; with the wrong key it is refused
     result = _run("validate", "signed/cli/v1", "--config", str(serve_config), "--json")
     report = json.loads(result.stdout)
     assert report["config_sha256"] == config and report["adapter_sha256"] == weights
-    assert report["signature"]["status"].startswith("not verified")
+    assert report["signature"] == {"status": "unverified", "key_id": keys["alice"].key_id, "key_source": None}
     result = _run("validate", "signed/cli/v1", "--config", str(serve_config), "--trusted-key",
                   str(keys["mallory"].public))
     assert result.returncode == 1 and "not trusted" in result.stderr and "signed/cli/v1" in result.stderr
