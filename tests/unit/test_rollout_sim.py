@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from hotswap.messages import OpKind
@@ -75,6 +75,11 @@ def play(world: World, actions) -> None:
 
 
 @fuzz_settings(max_examples=300)
+# schedules that explore runs broke, pinned (each names what it found)
+@example(replicas=2, batch=1, actions=[("canary", "v1", 10)])  # a canary of the stable version
+@example(replicas=1, batch=1, actions=[("bad", "v1"), ("register",)])  # a failed start apply never retried
+@example(replicas=1, batch=1, actions=[("roll", "v1"), ("fail_saves", 1), ("tick", 1), ("takeover",)])  # claim failed
+@example(replicas=5, batch=1, actions=[("canary", "v2", 34), ("tick", 4), ("bad", "v2"), ("register",)])  # refill
 @given(replicas=st.integers(1, 5), batch=st.integers(1, 3), actions=st.lists(_action, max_size=40))
 def test_drawn_schedules_keep_every_invariant(replicas, batch, actions):
     world = World(replicas=replicas, batch_size=batch)
