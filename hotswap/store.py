@@ -5,15 +5,23 @@ and ``adapter_model.safetensors``). Fetching it copies the weights into
 ``<cache_dir>/blobs/<sha256>.safetensors`` through a temporary file, hashing on the way, and
 renames atomically, so a cached blob is always complete and immutable. Concurrent fetches
 of the same URI share one download.
+
+S3 objects are checked against what S3 says about them (:func:`_expected_digests`): the
+full-object ``ChecksumSHA256`` that ``push`` uploads with, and the ETag as MD5 only where S3
+makes it one (single-part, unencrypted or SSE-S3). SSE-KMS, DSSE-KMS and SSE-C ETags and
+multipart checksums are not digests of the object and are not compared; the sha256 the cache
+computes is kept either way.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -281,12 +289,59 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+# ServerSideEncryption values under which S3 still makes a single-part ETag the MD5 of the body
+_MD5_ETAG_ENCRYPTION = (None, "AES256")
+
+
+@dataclass(frozen=True)
+class _ExpectedDigests:
+    """What S3 says an object's bytes hash to; None where S3 gave nothing that is the object's own digest."""
+
+    sha256_b64: str | None
+    md5_hex: str | None
+
+    def mismatch(self, sha256: Any, md5: Any) -> str | None:
+        """A sentence naming the first digest that differs, or None when the bytes match."""
+        if self.sha256_b64 is not None:
+            got = base64.b64encode(sha256.digest()).decode()
+            if got != self.sha256_b64:
+                return f"sha256 {got} does not match S3's ChecksumSHA256 {self.sha256_b64}"
+        if self.md5_hex is not None and md5.hexdigest() != self.md5_hex:
+            return f"MD5 {md5.hexdigest()} does not match ETag {self.md5_hex}"
+        return None
+
+
+def _expected_digests(head: dict, response: dict) -> _ExpectedDigests:
+    """The digests one object's bytes must have, from its HEAD and GET responses (GET's fields win).
+
+    ``ChecksumSHA256`` (base64 of the sha256) counts only as a full-object checksum: a multipart
+    upload's is a checksum of its parts' checksums ("...-N", ``ChecksumType`` COMPOSITE), and as
+    some servers drop the "-N" on HEAD, a multipart ETag alone rules it out unless ``ChecksumType``
+    says FULL_OBJECT. The ETag is the MD5 only for a single-part object that is unencrypted or
+    SSE-S3; under SSE-KMS, DSSE-KMS (``aws:kms``, ``aws:kms:dsse``) and SSE-C it is not.
+    """
+
+    def field(name: str) -> Any:
+        return response.get(name) or head.get(name)
+
+    etag = str(field("ETag") or "").strip('"')
+    checksum, kind = field("ChecksumSHA256"), field("ChecksumType")
+    composite = kind == "COMPOSITE" or re.search(r"-\d+$", checksum or "") or ("-" in etag and kind != "FULL_OBJECT")
+    encrypted = field("ServerSideEncryption") not in _MD5_ETAG_ENCRYPTION or field("SSECustomerAlgorithm")
+    return _ExpectedDigests(
+        sha256_b64=checksum if checksum and not composite else None,
+        md5_hex=etag.lower() if re.fullmatch(r"[0-9a-fA-F]{32}", etag) and not encrypted else None,
+    )
+
+
 class S3Store:
     """Adapters under ``s3://bucket/prefix``, read with bounded retries that cover the body.
 
     Each object read is retried on connection errors, 5xx, throttling, stalls (the client's
-    read timeout), short bodies and checksum mismatches (the ETag's MD5 when it is one),
-    with exponential backoff, at most ``max_attempts`` times.
+    read timeout), short bodies and digest mismatches (:func:`_expected_digests`: S3's
+    ``ChecksumSHA256``, the ETag's MD5 where it is one), with exponential backoff, at most
+    ``max_attempts`` times. Objects encrypted with a customer-provided key (SSE-C) are not
+    readable: hotswap holds no such keys, and S3's 400 answer becomes an error that says so.
     """
 
     def __init__(
@@ -330,7 +385,8 @@ class S3Store:
         signature = self._fetch_signature(bucket, prefix, uri)
         started = time.perf_counter()
         with cache.writer() as out:
-            self._download(bucket, weights_key, head, uri, write=out.write, reset=out.reset, digest=lambda: out.md5)
+            self._download(bucket, weights_key, head, uri, write=out.write, reset=out.reset,
+                           digests=lambda: (out.sha256, out.md5))
         logger.info(
             "fetched %s (%d bytes, sha256 %s) in %.0f ms",
             uri,
@@ -365,46 +421,57 @@ class S3Store:
 
     def _put(self, f: IO[bytes], bucket: str, prefix: str, name: str) -> None:
         f.seek(0)
-        self.client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=f)
+        # S3 keeps the sha256 and returns it on reads (ChecksumMode), whatever the encryption does to the ETag
+        self.client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=f, ChecksumAlgorithm="SHA256")
 
     def _head(self, bucket: str, key: str, uri: str) -> dict | None:
         from botocore.exceptions import ClientError
 
         def head():
             try:
-                return self.client.head_object(Bucket=bucket, Key=key)
+                return self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
             except ClientError as e:
                 if _status(e) == 404 or _code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
                     return None
                 raise
 
-        return self._with_retries(uri, f"HEAD s3://{bucket}/{key}", head)
+        return self._with_retries(uri, f"HEAD s3://{bucket}/{key}", head, reading=True)
 
-    def _download(self, bucket, key, head, uri, *, write, reset, digest=None) -> None:
+    def _download(self, bucket, key, head, uri, *, write, reset, digests=None) -> None:
+        """GET ``key`` into ``write`` (after ``reset`` on each attempt), checked by :func:`_expected_digests`.
+
+        ``digests`` returns the (sha256, md5) hash objects that ``write`` itself updates, so a large
+        body is hashed once; without it the chunks are hashed here.
+        """
         expected = int(head["ContentLength"])
         etag = str(head.get("ETag", "")).strip('"')
 
         def attempt():
             reset()
             extra = {"IfMatch": head["ETag"]} if etag else {}
-            response = self.client.get_object(Bucket=bucket, Key=key, **extra)
+            response = self.client.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED", **extra)
+            own = (hashlib.sha256(), hashlib.md5(usedforsecurity=False)) if digests is None else None
             body = response["Body"]
             got = 0
             try:
                 while chunk := body.read(_CHUNK_BYTES):
                     write(chunk)
                     got += len(chunk)
+                    if own is not None:
+                        own[0].update(chunk)
+                        own[1].update(chunk)
             finally:
                 body.close()
             if got != expected:
                 raise _IntegrityError(f"read {got} of {expected} bytes")
-            # a single-part upload's ETag is the MD5 of the body: a free end-to-end check
-            if digest is not None and len(etag) == 32 and "-" not in etag and digest().hexdigest() != etag:
-                raise _IntegrityError(f"MD5 {digest().hexdigest()} does not match ETag {etag}")
+            problem = _expected_digests(head, response).mismatch(*(own if own is not None else digests()))
+            if problem is not None:
+                raise _IntegrityError(problem)
 
-        self._with_retries(uri, f"GET s3://{bucket}/{key}", attempt)
+        self._with_retries(uri, f"GET s3://{bucket}/{key}", attempt, reading=True)
 
-    def _with_retries(self, uri: str, what: str, fn: Callable[[], Any]) -> Any:
+    def _with_retries(self, uri: str, what: str, fn: Callable[[], Any], *, reading: bool = False) -> Any:
+        """Call ``fn`` up to ``max_attempts`` times; ``reading``: it reads an object (HEAD or GET)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         last: BaseException | None = None
@@ -425,6 +492,8 @@ class S3Store:
                         "bucket policy",
                         uri=uri,
                     ) from e
+                if reading and status == 400:
+                    raise AdapterFetchError(_sse_c_hint(uri, what, e), uri=uri) from e
                 if status is not None and status < 500 and _code(e) not in ("SlowDown", "RequestTimeout"):
                     raise AdapterFetchError(f"S3 refused {what} for adapter {uri}: {e}", uri=uri) from e
                 last = e
@@ -449,6 +518,18 @@ def _status(error: Any) -> int | None:
 
 def _code(error: Any) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
+
+
+def _sse_c_hint(uri: str, what: str, error: Any) -> str:
+    """The message for a 400 on HEAD/GET: what S3 answers for an SSE-C object read without its key."""
+    message = error.response.get("Error", {}).get("Message", "")
+    return (
+        f"S3 answered 400 ({_code(error)}: {message}) to {what} for adapter {uri}. S3 answers so when the object "
+        "is encrypted with a customer-provided key (SSE-C) and the request carries no key, and hotswap never "
+        "sends one (it keeps no customer keys). Re-encrypt the object with SSE-KMS or SSE-S3, e.g. 'aws s3 cp "
+        "SRC SRC --sse-c-copy-source AES256 --sse-c-copy-source-key fileb://key.bin --sse aws:kms', or upload "
+        "the adapter again with 'hotswap push' (the bucket's default encryption applies)"
+    )
 
 
 class AdapterFetcher:
