@@ -240,7 +240,9 @@ class LocalStore:
         return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, config_bytes, out.size, signature)
 
     def push(self, local_dir: Path, uri: str) -> None:
+        """Copy the adapter into ``uri``, replacing what is there; see :meth:`_check_push_target` for what may be."""
         target = self.resolve(uri)
+        self._check_push_target(target, uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".push-") as tmp:
             staging = Path(tmp) / "adapter"
@@ -250,6 +252,42 @@ class LocalStore:
             if target.exists():
                 shutil.rmtree(target)
             os.rename(staging, target)
+
+
+    def _check_push_target(self, target: Path, uri: str) -> None:
+        """Refuse a target that is not absent, empty or one adapter version: a push replaces the whole folder.
+
+        One adapter version is a folder with ``adapter_config.json`` and no subfolders; anything
+        else (the store root, a parent such as ``demo`` above ``demo/v1``, a folder of other files)
+        would be deleted by the push.
+        """
+        root = self.root.resolve()
+        if target == root:
+            raise ConfigError(
+                f"refusing to push to {uri!r}: it is the local store root {root} itself, and a push replaces the "
+                "whole target folder; name a folder for this version under the root, e.g. 'my-adapter/v1'"
+            )
+        if not target.exists():
+            return
+        if not target.is_dir():
+            raise ConfigError(
+                f"refusing to push to {uri!r}: {target} is a file, not an adapter folder; remove it or push to "
+                "another folder"
+            )
+        entries = sorted(target.iterdir())
+        folders = [e.name for e in entries if e.is_dir()]
+        if not entries or (not folders and (target / CONFIG_NAME).is_file()):
+            return
+        found = (
+            f"the subfolders {', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''}"
+            if folders
+            else f"{', '.join(e.name for e in entries[:5])} but no {CONFIG_NAME}"
+        )
+        raise ConfigError(
+            f"refusing to push to {uri!r}: {target} holds {found}, which the push would delete (a push replaces "
+            f"the whole target folder); push each version into its own folder, e.g. '{uri.rstrip('/')}/v2', or "
+            "remove the folder yourself if it is really meant to go"
+        )
 
 
 def _read_capped(path: Path, uri: str, name: str = CONFIG_NAME) -> bytes:

@@ -145,6 +145,50 @@ def test_push_refuses_a_non_adapter_folder(fetcher, tmp_path):
         fetcher.push(tmp_path, "x/v1")
 
 
+def test_local_push_into_an_empty_folder(fetcher, adapter, store_root, tmp_path):
+    (store_root / f"empty-{tmp_path.name}").mkdir()
+    fetcher.push(adapter, f"empty-{tmp_path.name}")
+    assert fetcher.fetch(f"empty-{tmp_path.name}").sha256 == _sha(adapter / "adapter_model.safetensors")
+
+
+def test_local_push_replaces_a_single_adapter(fetcher, adapter, make_adapter, store_root, tmp_path):
+    other = make_adapter("store-r4", r=4, seed=5)
+    uri = f"replace-{tmp_path.name}/v1"
+    fetcher.push(other, uri)
+    (store_root / uri / "README.md").write_text("model card save_pretrained writes beside the adapter")
+    fetcher.push(adapter, uri)
+    assert fetcher.fetch(uri).sha256 == _sha(adapter / "adapter_model.safetensors")
+    assert sorted(p.name for p in (store_root / uri).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_local_push_refuses_a_parent_of_versions_and_deletes_nothing(fetcher, adapter, store_root, tmp_path):
+    demo = f"demo-{tmp_path.name}"
+    fetcher.push(adapter, f"{demo}/v1")
+    fetcher.push(adapter, f"{demo}/v2")
+    before = sorted(str(p.relative_to(store_root)) for p in (store_root / demo).rglob("*"))
+    with pytest.raises(ConfigError, match=f"{demo}.*subfolders v1, v2.*'{demo}/v2'"):
+        fetcher.push(adapter, demo)
+    assert sorted(str(p.relative_to(store_root)) for p in (store_root / demo).rglob("*")) == before
+    assert fetcher.fetch(f"{demo}/v1").size_bytes > 0
+
+
+@pytest.mark.parametrize("uri", [".", "", "file://{root}", "{root}"], ids=["dot", "empty", "file-uri", "absolute"])
+def test_local_push_refuses_the_store_root(fetcher, adapter, store_root, uri):
+    before = sorted(p.name for p in store_root.iterdir())
+    with pytest.raises(ConfigError, match="local store root|empty adapter path"):
+        fetcher.push(adapter, uri.format(root=store_root))
+    assert sorted(p.name for p in store_root.iterdir()) == before
+
+
+def test_local_push_refuses_a_folder_that_is_not_an_adapter(fetcher, adapter, store_root, tmp_path):
+    folder = store_root / f"notes-{tmp_path.name}"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an adapter")
+    with pytest.raises(ConfigError, match="notes.txt but no adapter_config.json"):
+        fetcher.push(adapter, folder.name)
+    assert (folder / "notes.txt").read_text() == "not an adapter"
+
+
 # --- S3 against a real server on 127.0.0.1 -----------------------------------------------------------
 
 
