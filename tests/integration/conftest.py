@@ -36,8 +36,9 @@ def serve_cluster(s3_server, hotswap_home):
     env["HOTSWAP_CACHE_DIR"] = str(hotswap_home)
     env["TOKENIZERS_PARALLELISM"] = "false"
     metrics_port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING",
-             log_to_driver=False, _metrics_export_port=metrics_port)
+    # address="local": always a cluster of our own, never one another process left running on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env},
+             logging_level="WARNING", log_to_driver=False, _metrics_export_port=metrics_port)
     os.environ["HOTSWAP_TEST_METRICS_URL"] = f"http://127.0.0.1:{metrics_port}/metrics"
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
