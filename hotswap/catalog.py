@@ -65,13 +65,13 @@ class VersionCatalog:
             self.signers[version.key] = signer
         await asyncio.to_thread(self._evict_blobs, {version.sha256})
         if version.key in known:
-            return version, known[version.key]
+            return version, {**known[version.key], **({"signer": signer} if signer else {})}
         try:
             validated = await asyncio.to_thread(validate_fetched, fetched, settings=self.settings, spec=self.spec)
         except AdapterValidationError as e:
             _with_version(version, e)  # the identity that was rejected: the controller records it
             raise
-        return version, validated.record()
+        return version, {**validated.record(), **({"signer": signer} if signer else {})}
 
     def _check_signature(self, fetched) -> str | None:
         try:

@@ -401,8 +401,8 @@ class HotswapController:
             for dtype in set(self._dtypes.values()) or {"float32"}:
                 self._tasks.append(asyncio.ensure_future(self._prestage(version, dtype, record)))
         result = await waiter
-        if version is not None and version.key in self.catalog.signers:
-            result["signer"] = self.catalog.signers[version.key]
+        if record and record.get("signer"):
+            result["signer"] = record["signer"]
         return result
 
     async def _prestage(self, version: AdapterVersion, dtype: str, record: dict) -> None:

@@ -437,6 +437,9 @@ def _record(s: DesiredState, kind: str, version: AdapterVersion, outcome: Outcom
             now: float, ms: float, reason: str | None = None, op_id: str | None = None) -> None:
     entry = {"time": now, "kind": kind, **version.to_dict(), "result": outcome.value,
              "replicas": list(replicas), "ms": round(ms, 1)}
+    signer = s.validated.get(version.key, {}).get("signer")
+    if signer:
+        entry["signer"] = signer  # the key id that signed this version (when signatures are checked)
     if reason:
         entry["reason"] = reason
     if op_id:

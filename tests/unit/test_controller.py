@@ -238,3 +238,45 @@ def test_ray_errors_are_unwrapped_in_one_place():
     assert isinstance(error, ControllerUnavailableError) and error.http_status == 503
     assert error.exit_code == EXIT_UNAVAILABLE and "hotswap status" in str(error)
     assert AdapterValidationError("u", ["x"]).http_status == 422 and RolloutConflictError("x").http_status == 409
+
+
+def test_the_controller_verifies_signatures_and_pins_before_anything_moves(base_settings, tmp_path, make_adapter,
+                                                                         store_root):
+    """Issue 'trust': unsigned (when required), tampered or wrongly pinned versions are rejected with the reason and
+    no replica is touched; a signed version's key id is recorded in history."""
+    from hotswap.signing import sign_adapter_dir
+    from tests.unit.test_signing import Key
+
+    alice = Key(tmp_path, "alice")
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.3, replica_liveness_s=2,
+                         signature_required=True, trusted_public_keys=(str(alice.public),))
+    signed, unsigned, tampered = (store_root / f"trust-{tmp_path.name}-{n}" for n in ("signed", "unsigned", "tampered"))
+    for folder, seed in ((signed, 61), (unsigned, 62), (tampered, 63)):
+        shutil.copytree(make_adapter(f"trust-src-{seed}", seed=seed), folder)
+    sign_adapter_dir(signed, alice.private)
+    sign_adapter_dir(tampered, alice.private)
+    config = json.loads((tampered / "adapter_config.json").read_text())
+    config["lora_alpha"] = 99
+    (tampered / "adapter_config.json").write_text(json.dumps(config))
+
+    async def scenario():
+        controller = HotswapController(settings, "trust")
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(_replica(controller, "r0", stop))
+        await _until(lambda: _live(controller, 1))
+        with pytest.raises(AdapterValidationError, match="unsigned"):
+            await controller.roll(str(unsigned))
+        with pytest.raises(AdapterValidationError, match="tampered"):
+            await controller.roll(str(tampered))
+        with pytest.raises(AdapterValidationError, match="pinned"):
+            await controller.roll(str(signed), expected_sha256="0" * 64)
+        status = await controller.status()
+        assert status["stable"]["uri"] == "base" and status["replicas"][0]["swaps"] is None  # nothing moved
+        result = await controller.roll(str(signed))
+        assert result["signer"] == alice.key_id and result["swapped"] == ["r0"]
+        status = await controller.status()
+        assert status["history"][-1]["signer"] == alice.key_id and status["stable"]["uri"] == str(signed)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
