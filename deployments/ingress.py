@@ -46,6 +46,52 @@ _ATTEMPTS = 3
 
 api = FastAPI(title="hotswap", description="Completions from a base model with hot-swapped LoRA adapters.")
 
+MAX_BODY_BYTES = 8 << 20  # a 1,000,000-character prompt fits even as JSON \u escapes; nothing larger is read
+
+
+class _BodyLimit:
+    """Answer 413 to a request body over ``MAX_BODY_BYTES``, declared or streamed, before it is read whole."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return await _too_large(send)
+        seen = 0
+
+        async def counting():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY_BYTES:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counting, send)
+        except _BodyTooLarge:
+            await _too_large(send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send) -> None:
+    body = json.dumps({"error": {"message": f"request body over {MAX_BODY_BYTES} bytes; send a shorter prompt",
+                                 "type": "invalid_request_error", "param": None, "code": None}}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+api.add_middleware(_BodyLimit)
+
 _Stop = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
@@ -175,19 +221,8 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 async def _admin_call(app_name: str, operation: str, request: Request) -> JSONResponse:
-    from ray.exceptions import RayTaskError
-
     from hotswap.controller import get_controller
-    from hotswap.errors import (
-        AdapterFetchError,
-        AdapterNotFoundError,
-        AdapterValidationError,
-        ConfigError,
-        ControllerNotFoundError,
-        HotswapError,
-        RolloutConflictError,
-        UnsafePathError,
-    )
+    from hotswap.errors import AdapterValidationError, ConfigError, HotswapError, unwrap
 
     args: list = []
     kwargs: dict = {}
@@ -213,16 +248,16 @@ async def _admin_call(app_name: str, operation: str, request: Request) -> JSONRe
     try:
         controller = get_controller(app_name)
         return JSONResponse(await getattr(controller, operation).remote(*args, **kwargs))
-    except (RayTaskError, HotswapError) as e:
-        cause = e.cause if isinstance(e, RayTaskError) else e
-        statuses = [(AdapterValidationError, 422), (AdapterNotFoundError, 404), (UnsafePathError, 403),
-                    (AdapterFetchError, 502), (RolloutConflictError, 409), (ConfigError, 400),
-                    (ControllerNotFoundError, 503), (HotswapError, 500)]
-        status = next((code for cls, code in statuses if isinstance(cause, cls)), 500)
+    except Exception as e:  # noqa: BLE001 - every error maps to a status in one place (hotswap.errors)
+        cause = unwrap(e)
+        if not isinstance(cause, HotswapError):
+            incident = uuid.uuid4().hex[:8]
+            logger.error("admin %s failed (incident %s): %r", operation, incident, e)
+            return _error(500, f"internal error (incident {incident}; the ingress log has the details)")
         body = {"error": {"message": str(cause), "type": type(cause).__name__}}
         if isinstance(cause, AdapterValidationError):
             body["error"]["problems"] = cause.problems
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=cause.http_status)
 
 
 def _no_replica(error: BaseException) -> JSONResponse:

@@ -3,7 +3,8 @@
 ``roll``, ``promote``, ``rollback`` and ``status`` talk to the running service's controller
 (through the Ray cluster at ``RAY_ADDRESS`` or the local one). ``push`` and ``validate``
 need no cluster: they use the store and the settings of a Serve config (``--config``).
-Exit codes: 0 success; 1 rejected, failed and reverted, or refused; 2 bad arguments or no service.
+Exit codes: 0 success; 1 rejected, failed and reverted, or refused; 2 bad arguments or no service;
+3 the controller died mid-call or is still starting (``hotswap status`` says where it stands).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from hotswap.errors import AdapterError, ConfigError, ControllerNotFoundError, HotswapError
+from hotswap.errors import ConfigError, HotswapError
 
 __all__ = ["main"]
 
@@ -171,7 +172,13 @@ def _cmd_status(args) -> int:
     def short(v):
         return f"{v['uri']} ({v['sha256'][:12]})" if v else "none"
 
+    if not status.get("ready", True):
+        print(f"app {status['app']}   controller {status.get('controller')} is starting: waiting for "
+              f"{status['waiting_for']}")
+        return EXIT_OK
     print(f"app {status['app']}   stable: {short(status['stable'])}   canary: {short(status['canary'])}")
+    if status.get("fenced") or status.get("retired"):
+        print(f"controller {status['controller']} serves no operation: {status.get('fenced') or status['retired']}")
     rows = [("REPLICA", "ADAPTER", "SHA256", "SWAPS", "LAST_SWAP_MS", "GRAPHS", "LIVE")]
     for r in status["replicas"]:
         ms = r["last_swap_ms"]
@@ -266,12 +273,14 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ControllerNotFoundError) as e:
-        print(f"hotswap {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (AdapterError, HotswapError) as e:
-        print(f"hotswap {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_REJECTED
+    except Exception as e:  # noqa: BLE001 - one line and an exit code per error class (hotswap.errors)
+        from hotswap.errors import unwrap
+
+        cause = unwrap(e)
+        if not isinstance(cause, HotswapError):
+            raise
+        print(f"hotswap {args.command}: error: {cause}", file=sys.stderr)
+        return cause.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

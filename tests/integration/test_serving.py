@@ -173,6 +173,23 @@ def test_streamed_bad_request_is_a_4xx_too(app):
     assert response.status_code == 400 and "context window" in response.json()["error"]["message"]
 
 
+def test_an_oversized_body_is_refused_with_413_before_it_is_read(app):
+    """Defect 13: the HTTP body size was unbounded. Declared (content-length) and streamed (chunked) alike."""
+    from deployments.ingress import MAX_BODY_BYTES
+
+    big = b'{"prompt": "' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'
+    declared = httpx.post(f"{app[0]}/v1/completions", content=big, timeout=120,
+                          headers={"content-type": "application/json"})
+    assert declared.status_code == 413 and "request body over" in declared.json()["error"]["message"]
+    chunked = httpx.post(f"{app[0]}/v1/completions", content=iter([big[i:i + (1 << 20)] for i in
+                                                                    range(0, len(big), 1 << 20)]),
+                         timeout=120, headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
+    # a legal 1,000,000-character prompt is still read (and refused for its length by the tokenizer's check)
+    legal = _complete(app[0], prompt="y" * 1_000_000, max_tokens=1)
+    assert legal.status_code == 400 and "context window" in legal.json()["error"]["message"]
+
+
 def test_models_and_health(app):
     base = app[0]
     models = httpx.get(f"{base}/v1/models", timeout=30).json()
