@@ -218,6 +218,19 @@ def test_same_weights_under_another_uri_are_another_version(service, versions, m
         assert body["choices"][0]["text"] == tokenizer.decode(out, skip_special_tokens=True), prompt
 
 
+def test_a_pinned_roll_refuses_other_weights_and_takes_the_pinned_ones(service, versions):
+    """``roll --sha256``: the client passes the pin; a mismatch names both digests and touches no replica."""
+    _, client = service
+    before = _running(client)
+    with pytest.raises(AdapterValidationError, match=f"pinned {'0' * 64}") as info:
+        client.roll(versions["v4"][0], sha256="0" * 64)
+    assert versions["v4"][1] in str(info.value)
+    assert _running(client) == before
+    result = client.roll(versions["v4"][0], sha256=versions["v4"][1])
+    assert result["version"]["sha256"] == versions["v4"][1]
+    assert set(_running(client).values()) == {versions["v4"]}
+
+
 def test_status_reports_every_field_per_replica(service):
     _, client = service
     status = client.status()

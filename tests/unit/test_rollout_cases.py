@@ -68,6 +68,23 @@ def test_a_replica_registering_during_a_canary_rollback_starts_on_stable():
     assert set(_running(world).values()) == {V1.uri}
 
 
+def test_a_replica_registering_during_a_rollback_of_a_roll_starts_on_the_version_rolled_back_to():
+    """The v1 controller handed it ``state.stable`` (still the version being rolled back) and never moved it;
+    reproduced on the v1 code by a script driving the old actor (scenario B)."""
+    world = World(replicas=2)
+    world.request(OpKind.ROLL, "v2")
+    world.quiesce()
+    for r in world.live():
+        r.slowness = 5
+    world.request(OpKind.ROLLBACK)
+    world.advance(2)
+    assert world.controller.sm.state.operation.kind == OpKind.ROLLBACK
+    newcomer = world.add_replica()
+    assert world.replicas[newcomer].running == V1
+    world.quiesce()
+    assert world.controller.sm.state.stable == V1 and set(_running(world).values()) == {V1.uri}
+
+
 # --- defect 6: a replica that drained longer than the liveness was counted as moved --------------------------
 
 def test_a_replica_swapping_longer_than_liveness_is_not_counted_done_before_it_reports():
