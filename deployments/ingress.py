@@ -61,25 +61,26 @@ class _BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return await _too_large(send)
-        seen = 0
-
-        async def counting():
-            nonlocal seen
+        # read the body first, counting (a chunked body declares no length), then hand it to the app
+        chunks, seen, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > MAX_BODY_BYTES:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > MAX_BODY_BYTES:
+                return await _too_large(send)
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
 
-        try:
-            await self.app(scope, counting, send)
-        except _BodyTooLarge:
-            await _too_large(send)
 
+def _replay(messages: list, receive):
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
 
-class _BodyTooLarge(Exception):
-    pass
+    return replayed
 
 
 async def _too_large(send) -> None:
