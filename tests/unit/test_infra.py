@@ -34,10 +34,24 @@ def test_rayservice_embeds_the_gpu_serve_config():
     assert manifest["kind"] == "RayService"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     _check_serve_config(embedded)
+    del embedded["applications"][0]["args"]["state_uri"]  # the one difference (next test)
     assert embedded == yaml.safe_load((ROOT / "infra/serve_config.gpu.yaml").read_text())
     groups = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert any(c["resources"]["limits"].get("nvidia.com/gpu") for g in groups
                for c in g["template"]["spec"]["containers"])
+
+
+def test_rayservice_keeps_the_controller_state_in_s3_next_to_the_adapters():
+    """More than one node: the controller may start on, or move to, any node, so its state cannot be a local file."""
+    manifest = yaml.safe_load((ROOT / "infra/rayservice.yaml").read_text())
+    args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+    settings = HotswapSettings.from_args(args)
+    assert settings.state_uri and settings.state_uri.startswith("s3://"), settings.state_uri
+    bucket = settings.state_uri.removeprefix("s3://").split("/")[0]
+    assert bucket == str(settings.initial_adapter).removeprefix("s3://").split("/")[0]
+    # control: without the key the state would go to a file under cache_dir, on whichever node the controller is
+    del args["state_uri"]
+    assert HotswapSettings.from_args(args).state_uri is None
 
 
 def test_default_serve_config_runs_without_gpu_or_s3():
