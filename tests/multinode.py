@@ -150,12 +150,15 @@ class Scenario:
         return {r["id"]: r for r in self.client.status()["replicas"] if r["live"]}
 
     def _wait_replicas(self, count: int, *, what: str, exclude=(), sha: str | None = None) -> dict[str, dict]:
-        """Wait for ``count`` live replicas (none of ``exclude``), each running ``sha`` if given, and none busy."""
+        """Wait for ``count`` live replicas (none of ``exclude``), no rollout, each running what the controller
+        assigned it (a replica that has registered reports the base model until it has applied its assignment)
+        and ``sha`` if given."""
 
         def ready():
             status = self.client.status()
             live = {r["id"]: r for r in status["replicas"] if r["live"] and r["id"] not in exclude}
-            ok = len(live) == count and status["rollout"] is None and (
+            ok = len(live) == count and status["rollout"] is None and all(
+                r["adapter_sha256"] == r.get("assigned_sha256", r["adapter_sha256"]) for r in live.values()) and (
                 sha is None or all(r["adapter_sha256"] == sha for r in live.values()))
             return live if ok else None
 
