@@ -216,12 +216,12 @@ class ModelReplica:
 
     async def _heartbeat_while_busy(self) -> None:
         """While draining and swapping, tell the controller this replica is alive (and busy)."""
-        while True:
-            await asyncio.sleep(self.settings.watch_timeout_s / 2)
+        while True:  # at once (the poll that brought the assignment may be a watch timeout ago), then regularly
             try:
                 await self.controller.heartbeat.remote(self._report())
             except Exception:  # noqa: BLE001 - best effort
                 pass
+            await asyncio.sleep(self.settings.watch_timeout_s / 2)
 
     def _swap_and_check(self, staged) -> float:
         """Drain, swap and smoke-check under one hold of the swap lock; a failed check restores the previous

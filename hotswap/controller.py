@@ -33,6 +33,7 @@ from hotswap.errors import (
     ControllerUnavailableError,
     HotswapError,
     RolloutConflictError,
+    StateConflictError,
     unwrap,
 )
 from hotswap.messages import Assignment, OpKind, ReplicaReport
@@ -254,6 +255,11 @@ class HotswapController:
             logger.error("controller %s could not save its state to %s: %s", self.name, self.store.describe(), e)
             actions = sm.fail(transition, e)
             self._carry_out(actions)
+            if sm.fenced:  # no later save can land: answer every caller still waiting, now
+                for waiter in self._waiters.values():
+                    if not waiter.done():
+                        waiter.set_exception(StateConflictError(sm.fenced))
+                self._waiters.clear()
             if raise_errors:
                 raise
             return
@@ -294,11 +300,14 @@ class HotswapController:
             await self._persist(self.sm, self.sm.heard(report, time.time()))
 
     async def _assignment(self, replica_id: str) -> Assignment:
-        version = self.sm.assignment(replica_id)
-        token = self.sm.token(replica_id)
-        record = self.sm.state.validated.get(version.key)
-        ref = await self.catalog.staged_ref(version, self._dtypes.get(replica_id, "float32"), record)
-        return Assignment(version, [ref], token)
+        """The replica's assignment with its staged ref; re-derived if it changed while the ref was staged
+        (an operation may have turned to revert meanwhile: never hand out a stale one)."""
+        while True:
+            version, token = self.sm.assignment(replica_id), self.sm.token(replica_id)
+            record = self.sm.state.validated.get(version.key)
+            ref = await self.catalog.staged_ref(version, self._dtypes.get(replica_id, "float32"), record)
+            if (self.sm.assignment(replica_id), self.sm.token(replica_id)) == (version, token):
+                return Assignment(version, [ref], token)
 
     # --- replica protocol -----------------------------------------------------------------------------
 

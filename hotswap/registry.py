@@ -41,13 +41,17 @@ class ReplicaRegistry:
         seen.report, seen.last_seen = report, now
         return False
 
+    def grace(self, now: float) -> None:
+        """Judge nobody gone for a while from ``now``: the controller itself was not listening (a stall)."""
+        self.started = now
+
     def settled(self, now: float) -> bool:
         """Whether liveness can be judged: every live replica has had time to report since start."""
         return now - self.started > self.settle_s
 
     def is_live(self, replica_id: str, now: float) -> bool:
         seen = self._seen.get(replica_id)
-        return seen is not None and now - seen.last_seen <= self.liveness_s
+        return seen is not None and now - max(seen.last_seen, self.started) <= self.liveness_s
 
     def is_gone(self, replica_id: str, now: float) -> bool:
         """Not heard from for ``liveness_s`` (or never, once the registry has settled)."""
@@ -74,7 +78,7 @@ class ReplicaRegistry:
     def prune(self, now: float) -> list[str]:
         """Forget replicas gone for longer than ``forget_after_s`` past their liveness; return their ids."""
         horizon = self.liveness_s + self.forget_after_s
-        dead = [r for r, s in self._seen.items() if now - s.last_seen > horizon]
+        dead = [r for r, s in self._seen.items() if now - max(s.last_seen, self.started) > horizon]
         for r in dead:
             del self._seen[r]
         return dead

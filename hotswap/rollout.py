@@ -37,6 +37,7 @@ from hotswap.versions import AdapterVersion
 __all__ = ["Notify", "Reply", "RolloutMachine", "Transition", "canary_count"]
 
 _PREVIOUS_STABLE_KEPT = 20
+_DEATHS_TO_REVERT = 2  # replicas gone mid-swap in one operation: one can be chance (a kill), two is the version
 
 
 def canary_count(percent: float, replicas: int) -> int:
@@ -95,6 +96,7 @@ class RolloutMachine:
         self.new_id = new_id
         self.fenced: str | None = None  # why this controller serves no operation any more
         self.pending: str | None = None  # an operation being fetched and validated (not persisted)
+        self._last_tick: float | None = None
 
     # --- derived assignments --------------------------------------------------------------------------
 
@@ -230,13 +232,21 @@ class RolloutMachine:
             op.targets.append(r)  # joins the operation, straight onto its version
             op.previous[r] = _base_rule(cand, r)
             op.moving.append(r)
+            op.deadline = max(op.deadline, now + self.swap_timeout_s)  # a joiner gets its own full swap timeout
             _event(op, f"{r}: {'registered' if new else 'reported in'} during the {op.kind.value}; assigned "
                        f"{op.version.short()}")
         actions = self._advance(cand, now)
         return self._changed(cand, actions)
 
     def tick(self, now: float) -> Transition | None:
-        """Time passed: deadlines, replicas gone quiet, the canary's share."""
+        """Time passed: deadlines, replicas gone quiet, the canary's share.
+
+        A tick that comes long after the previous one means this controller stalled (a slow save held it):
+        replicas could not report meanwhile, so they get a fresh grace period instead of being judged gone.
+        """
+        if self._last_tick is not None and now - self._last_tick > self.registry.liveness_s / 2:
+            self.registry.grace(now)
+        self._last_tick = now
         self.registry.prune(now)
         cand = self.state.copy()
         actions = self._advance(cand, now)
@@ -273,18 +283,29 @@ class RolloutMachine:
         reg = self.registry
         token = f"{op.id}:{op.phase.value}"
         if op.phase == Phase.FORWARD:
+            for r in list(op.dropped):  # back after all (a stall, not a death): it takes its turn again
+                report = reg.report(r)
+                if reg.is_live(r, now) and report is not None and report.phase != ReplicaPhase.FAILED:
+                    op.dropped.remove(r)
+                    _event(op, f"{r}: reported in again; back in the {op.kind.value}")
             for r in list(op.moving):
                 report = reg.report(r)
-                if report is not None and report.running == op.version:
+                # failure first: a replica whose smoke check (or restore) failed may already name the version
+                if report is not None and report.failed == op.version and _token(report) == token:
+                    return self._revert(cand, now, f"replica {r}: {report.failure}")
+                if report is not None and report.running == op.version and report.phase == ReplicaPhase.IDLE:
                     op.moving.remove(r)
                     op.done.append(r)
                     _event(op, f"{r}: {op.version.short()} (swap {_ms(report, 'last_swap_ms')} ms)")
-                elif report is not None and report.failed == op.version and _token(report) == token:
-                    return self._revert(cand, now, f"replica {r}: {report.failure}")
                 elif reg.is_gone(r, now):
                     op.moving.remove(r)
                     op.dropped.append(r)
+                    if report is not None and report.phase == ReplicaPhase.SWAPPING:
+                        op.deaths += 1  # it went away while applying the version
                     _event(op, f"{r}: gone (replica stopped); not counted as moved")
+                    if op.deaths >= _DEATHS_TO_REVERT:
+                        return self._revert(cand, now, f"{op.deaths} replicas went away while swapping to "
+                                                       f"{op.version.short()} (last: {r}); the version may kill them")
             if reg.settled(now):
                 for r in op.targets:
                     if r not in op.moving and r not in op.done and r not in op.dropped and reg.is_gone(r, now):
@@ -300,6 +321,11 @@ class RolloutMachine:
             if not queue:
                 if op.everyone and not reg.settled(now):
                     return []  # after a restart: replicas that have not reported yet still join it
+                if op.targets and not op.done:
+                    # every replica it moved went away before reporting the version (a version that kills its
+                    # replicas looks like this): never make it stable
+                    return self._revert(cand, now, f"every targeted replica ({', '.join(op.dropped)}) went away "
+                                                   f"before it reported running {op.version.short()}")
                 return self._finish(cand, Outcome.OK, now)
             op.moving.extend(queue[: self.batch_size])
             op.deadline = now + self.swap_timeout_s
@@ -353,7 +379,9 @@ class RolloutMachine:
                     cand.stable = cand.previous_stable.pop()
             elif kind == OpKind.REBALANCE and cand.canary is not None:
                 if version == cand.canary:
-                    cand.canary_replicas = sorted(set(cand.canary_replicas) | set(op.done))
+                    # preempted: the replicas still swapping to the canary count as canary, so a rollback moves them
+                    moved = set(op.done) | (set(op.moving) if outcome == Outcome.PREEMPTED else set())
+                    cand.canary_replicas = sorted(set(cand.canary_replicas) | moved)
                 else:
                     cand.canary_replicas = [r for r in cand.canary_replicas if r not in op.done]
             cand.rejected.pop(version.key, None)

@@ -59,6 +59,7 @@ class Operation:
     started: float = 0.0
     deadline: float = 0.0  # the current step (or the revert) fails after this time
     percent: float | None = None  # for a canary
+    deaths: int = 0  # targets that went away while swapping to ``version``
     events: list[str] = field(default_factory=list)
 
     def touched(self) -> list[str]:
@@ -70,7 +71,7 @@ class Operation:
             "previous": {k: v.to_dict() for k, v in self.previous.items()}, "everyone": self.everyone,
             "phase": self.phase.value, "moving": self.moving, "done": self.done, "dropped": self.dropped,
             "reverted": self.reverted, "reason": self.reason, "started": self.started, "deadline": self.deadline,
-            "percent": self.percent, "events": self.events[-100:],
+            "percent": self.percent, "deaths": self.deaths, "events": self.events[-100:],
         }
 
     @classmethod
@@ -82,7 +83,8 @@ class Operation:
             previous={k: AdapterVersion.of(v) for k, v in d["previous"].items()}, everyone=d["everyone"],
             phase=Phase(d["phase"]), moving=list(d["moving"]), done=list(d["done"]), dropped=list(d["dropped"]),
             reverted=list(d.get("reverted", [])), reason=d.get("reason"), started=d["started"],
-            deadline=d["deadline"], percent=d.get("percent"), events=list(d.get("events", [])),
+            deadline=d["deadline"], percent=d.get("percent"), deaths=d.get("deaths", 0),
+            events=list(d.get("events", [])),
         )
 
 
@@ -107,10 +109,16 @@ class DesiredState:
         return copy.deepcopy(self)
 
     def trim(self) -> None:
-        """Keep the persisted record bounded: the newest history, rejections and validation records."""
+        """Keep the persisted record bounded: the newest history, rejections and validation records; never the
+        validation record of a version in use (stable, canary, previous stables, the operation's)."""
         del self.history[:-_HISTORY_KEPT]
-        for table, kept in ((self.rejected, _REJECTED_KEPT), (self.validated, _VALIDATED_KEPT)):
-            for key in list(table)[: max(0, len(table) - kept)]:
+        in_use = {v.key for v in (self.stable, self.canary, *self.previous_stable) if v is not None}
+        if self.operation is not None:
+            in_use |= {self.operation.version.key, *(v.key for v in self.operation.previous.values())}
+        for table, kept, protected in ((self.rejected, _REJECTED_KEPT, set()),
+                                       (self.validated, _VALIDATED_KEPT, in_use)):
+            evictable = [k for k in table if k not in protected]
+            for key in evictable[: max(0, len(table) - kept)]:
                 del table[key]
 
     def to_json(self) -> str:
@@ -236,22 +244,40 @@ class S3StateStore:
         # always a new generation, so the body (and its ETag) differs from every earlier write
         state.generation = self._generation + 1
         condition = {"IfMatch": self._etag} if self._etag else {"IfNoneMatch": "*"}
+        body = state.to_json().encode()
         try:
-            response = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=state.to_json().encode(),
-                                              **condition)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code")
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            response = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **condition)
+        except Exception as e:  # noqa: BLE001 - refused, or unknown whether it landed: look at the object
+            if self._landed(body):  # the PUT landed and only its answer was lost (or retried into a 412)
+                return
+            if isinstance(e, ClientError) and _refused(e):
                 raise StateConflictError(
                     f"state object {self.uri} was written by another controller since this one last read it "
-                    f"(conditional write refused: {code}); this controller stops serving operations"
+                    f"(conditional write refused); this controller stops serving operations"
                 ) from e
             raise
         self._etag, self._generation = response["ETag"], state.generation
 
+    def _landed(self, body: bytes) -> bool:
+        """Whether the object now holds exactly ``body`` (then adopt its ETag as ours)."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            if response["Body"].read() != body:
+                return False
+        except Exception:  # noqa: BLE001 - cannot tell: treat as not landed
+            return False
+        self._etag = response["ETag"]
+        self._generation = DesiredState.from_json(body.decode()).generation
+        return True
+
     def describe(self) -> str:
         return self.uri
+
+
+def _refused(error) -> bool:
+    code = error.response.get("Error", {}).get("Code")
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
 
 def state_store_for(settings, app_name: str) -> StateStore:

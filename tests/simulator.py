@@ -124,7 +124,9 @@ class SimReplica:
     swaps: list[tuple[str, AdapterVersion]] = field(default_factory=list)
 
     def report(self) -> ReplicaReport:
-        return ReplicaReport(self.id, self.running, ReplicaPhase.SWAPPING if self.applying else ReplicaPhase.IDLE,
+        # while it swaps and smoke-checks, the engine already names the new version (as the real one does)
+        running = self.applying[0] if self.applying else self.running
+        return ReplicaReport(self.id, running, ReplicaPhase.SWAPPING if self.applying else ReplicaPhase.IDLE,
                              failed=self.failed[0] if self.failed else None,
                              failure="injected smoke-check failure" if self.failed else None,
                              failed_token=self.failed[1] if self.failed else "")
@@ -136,6 +138,8 @@ class World:
         self.batch_size = batch_size
         self.backend = FakeBackend()
         self.bad: set[AdapterVersion] = set()  # smoke checks fail on these
+        self.deadly: set[AdapterVersion] = set()  # applying one kills the replica (Serve starts a replacement)
+        self.replacements = 0
         self.unfetchable: set[str] = set()
         self.trace: list[str] = []
         self.steps = 0
@@ -160,7 +164,8 @@ class World:
         # a replica registers before it serves, and starts on what the answer assigns
         self.controller.run(self.controller.sm.heard(replica.report(), self.now))
         self._apply_now(replica, self.controller.sm)
-        self.controller.run(self.controller.sm.heard(replica.report(), self.now))
+        if replica.alive:
+            self.controller.run(self.controller.sm.heard(replica.report(), self.now))
         return rid
 
     def request(self, kind: OpKind, uri: str | None = None, percent: float | None = None) -> str | None:
@@ -207,6 +212,9 @@ class World:
             self.trace.append("tick")
             self.now += TICK_S
             self.steps += 1
+            due, self.replacements = self.replacements, 0  # the ones that died since the last tick
+            for _ in range(due if len(self.replicas) < 60 else 0):  # bounded, so a crash loop cannot run away
+                self.add_replica()
             if self.controller.start():  # a controller still starting answers no replica (they retry)
                 for replica in list(self.replicas.values()):
                     if replica.alive and not replica.stalled:
@@ -231,19 +239,29 @@ class World:
             # a failure is not retried for the same operation; a failed steady-state assignment is, after a while
             retry = replica.failed != (target, token) or (not token and self.now - replica.failed_at >= RETRY_S)
             if target != replica.running and retry:
-                if replica.slowness:
-                    replica.applying = (target, token, replica.slowness)
-                else:
+                # it says it is swapping first (the real replica heartbeats as an apply starts), then swaps
+                replica.applying = (target, token, replica.slowness)
+                self.controller.run(sm.heard(replica.report(), self.now))
+                if not replica.slowness:
                     self._finish_apply(replica, target, token)
+                if not replica.alive:
+                    return
         self.controller.run(sm.heard(replica.report(), self.now))
 
     def _apply_now(self, replica: SimReplica, sm: RolloutMachine) -> None:
         target, token = sm.assignment(replica.id), sm.token(replica.id)
         if target != replica.running:
+            replica.applying = (target, token, 0)
+            self.controller.run(sm.heard(replica.report(), self.now))  # the heartbeat as its apply starts
             self._finish_apply(replica, target, token)
 
     def _finish_apply(self, replica: SimReplica, version: AdapterVersion, token: str) -> None:
         replica.applying = None
+        if version in self.deadly:
+            self.trace.append(f"{replica.id} died applying {version.uri}")
+            replica.alive = False
+            self.replacements += 1  # Serve starts a replacement, at the next tick
+            return
         if version in self.bad:
             replica.failed, replica.failed_at = (version, token), self.now
             return
@@ -267,6 +285,11 @@ class World:
 
     def finished(self, reply: Reply) -> None:
         self.completed.append(reply)
+        version = AdapterVersion.of(reply.result.get("version")) if reply.result else None
+        if (reply.outcome == Outcome.OK and version in self.deadly and reply.result["dropped"]
+                and not reply.result["swapped"] and reply.result["kind"] in ("roll", "canary", "promote")):
+            self.violation(f"{version.short()} kills every replica that applies it, yet its "
+                           f"{reply.result['kind']} succeeded")
 
     def check_step(self) -> None:
         s = self.controller.sm.state
@@ -291,6 +314,7 @@ class World:
             r.stalled = False
             r.slowness = 0
         self.bad.clear()
+        self.deadly.clear()
         bound = max_ticks or int((len(self.replicas) + 4) * (SWAP_TIMEOUT_S + LIVENESS_S) * 2 + 60)
         for _ in range(bound):
             self.advance()

@@ -29,6 +29,7 @@ _action = st.one_of(
     st.tuples(st.just("stall"), st.integers(0, 20), st.booleans()),
     st.tuples(st.just("slow"), st.integers(0, 20), st.integers(0, 30)),
     st.tuples(st.just("bad"), st.sampled_from(_URIS)),
+    st.tuples(st.just("deadly"), st.sampled_from(_URIS)),
     st.tuples(st.just("unfetchable"), st.sampled_from(_URIS)),
     st.tuples(st.just("crash")),
     st.tuples(st.just("takeover")),
@@ -61,6 +62,8 @@ def play(world: World, actions) -> None:
             world.replicas[pick(args[0])].slowness = args[1]
         elif kind == "bad":
             world.bad.add(VERSIONS[args[0]])
+        elif kind == "deadly":
+            world.deadly.add(VERSIONS[args[0]])
         elif kind == "unfetchable":
             world.unfetchable.add(args[0])
         elif kind == "crash":
