@@ -119,7 +119,8 @@ class RolloutMachine:
 
     def converged(self, replica_id: str) -> bool:
         report = self.registry.report(replica_id)
-        return report is not None and report.running == self.assignment(replica_id)
+        return (report is not None and report.phase == ReplicaPhase.IDLE
+                and report.running == self.assignment(replica_id))
 
     # --- events -----------------------------------------------------------------------------------------
 

@@ -83,6 +83,8 @@ def play(world: World, actions) -> None:
 @example(replicas=1, batch=1, actions=[("bad", "v1"), ("register",)])  # a failed start apply never retried
 @example(replicas=1, batch=1, actions=[("roll", "v1"), ("fail_saves", 1), ("tick", 1), ("takeover",)])  # claim failed
 @example(replicas=5, batch=1, actions=[("canary", "v2", 34), ("tick", 4), ("bad", "v2"), ("register",)])  # refill
+@example(replicas=1, batch=1, actions=[("roll", "v2"), ("bad", "v2"), ("register",), ("slow", 1, 3),
+                                       ("tick", 1)])  # 'converged' while still swapping
 @given(replicas=st.integers(1, 5), batch=st.integers(1, 3), actions=st.lists(_action, max_size=40))
 def test_drawn_schedules_keep_every_invariant(replicas, batch, actions):
     world = World(replicas=replicas, batch_size=batch)
