@@ -76,7 +76,7 @@ def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency:
               name=app, route_prefix=f"/{app}")
     url = f"{base_url}/{app}/v1/completions"
     wait_until(lambda: httpx.post(url, json={"prompt": "x", "max_tokens": 1}, timeout=60)
-               .status_code == 200, timeout_s=60, what=f"{app} to answer")
+               .status_code == 200, timeout_s=300, what=f"{app} to answer")
 
     def body(i: int, k: int) -> dict:
         return {"prompt": PROMPTS[(i * 3 + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}

@@ -6,7 +6,7 @@ prompt goes to the replicas' ordinary ``complete`` / ``stream``: chat and comple
 batching, adapters, retries and errors.
 
 Every completion, streamed or not, names the adapter that produced it in the headers
-``x-adapter-uri`` / ``x-adapter-sha256`` and in the JSON body, and the replica that
+``x-adapter-uri`` / ``x-adapter-sha256`` (and ``x-adapter-config-sha256``) and in the JSON body, and the replica that
 answered in ``x-replica-id`` (the id ``hotswap status`` lists). Bad requests get a 4xx with
 an OpenAI-shaped JSON error body, never a 500.
 """
@@ -272,6 +272,8 @@ def _usage(result: dict) -> dict[str, int]:
 
 def _adapter_headers(item: dict) -> dict[str, str]:
     return {"x-adapter-uri": item["adapter_uri"], "x-adapter-sha256": item["adapter_sha256"],
+            # the config's digest too: a config-only re-push is another version with the same weights
+            "x-adapter-config-sha256": item.get("adapter_config_sha256", ""),
             "x-replica-id": item["replica_id"]}
 
 

@@ -299,8 +299,10 @@ def test_same_weights_with_a_new_config_at_the_same_uri_roll_as_a_new_version(li
     assert {(r["adapter_sha256"], r["adapter_config_sha256"]) for r in status["replicas"] if r["live"]} == {
         (sha, hashlib.sha256(raw).hexdigest())}
     after = _greedy(service.base)
-    assert {h for _, h in after} == {sha}  # the same weights (the response headers name only those) ...
+    assert {h for _, h in after} == {sha}  # the same weights ...
     assert [t for t, _ in after] != [t for t, _ in before]  # ... answering differently
+    answer = httpx.post(f"{service.base}/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60)
+    assert answer.headers["x-adapter-config-sha256"] == hashlib.sha256(raw).hexdigest()  # ... and named
     _assert_memory_is_persisted(client)
 
 
