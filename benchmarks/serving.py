@@ -99,6 +99,11 @@ def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency:
     return out
 
 
+def _ratio(a: float, b: float) -> float | None:
+    """a / b, or None when nothing finished inside b's window (a very short run on a loaded machine)."""
+    return a / b if b else None
+
+
 def _print_table(payload: dict) -> None:
     results = payload["results"]
     print(f"\nservice: POST /v1/completions through Serve, 1 replica, max_tokens {payload['max_tokens']}, "
@@ -115,7 +120,8 @@ def _print_table(payload: dict) -> None:
             if key.startswith("batch_"):
                 print(f"  {mode:9} {key.removeprefix('batch_'):>7} {row['tokens_per_s']:9.1f} "
                       f"{row['ms_per_batch']:9.1f}")
-    print("\ncompiled / eager tokens/s:  " + ",  ".join(f"{k} {v:.2f}x" for k, v in payload["ratios"].items()))
+    print("\ncompiled / eager tokens/s:  " + ",  ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a"
+                                                         for k, v in payload["ratios"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[mode]["service"] = bench_service(
                     _settings_args(args, cache, compiled), base_url=base_url, name=mode,
                     concurrency=args.concurrency, seconds=args.seconds, max_tokens=args.max_tokens)
-    ratios = {f"service c{c}": results["compiled"]["service"][f"c{c}"]["tokens_per_s"]
-              / results["eager"]["service"][f"c{c}"]["tokens_per_s"] for c in args.concurrency}
+    ratios = {f"service c{c}": _ratio(results["compiled"]["service"][f"c{c}"]["tokens_per_s"],
+                                      results["eager"]["service"][f"c{c}"]["tokens_per_s"]) for c in args.concurrency}
     for key in results["compiled"]["engine"]:
         if key.startswith("batch_"):
-            ratios[f"engine {key.replace('_', ' ')}"] = (results["compiled"]["engine"][key]["tokens_per_s"]
-                                                         / results["eager"]["engine"][key]["tokens_per_s"])
+            ratios[f"engine {key.replace('_', ' ')}"] = _ratio(results["compiled"]["engine"][key]["tokens_per_s"],
+                                                               results["eager"]["engine"][key]["tokens_per_s"])
     payload = write_result("serving", args.json, argv, {
         "base_model": args.base_model, "device": args.device, "max_tokens": args.max_tokens, "seconds": args.seconds,
         "results": results, "ratios": ratios})

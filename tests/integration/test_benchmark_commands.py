@@ -36,7 +36,7 @@ def test_rollout_benchmark_small_run_writes_its_json(tmp_path):
 
 def test_serving_benchmark_small_run_writes_its_json(tmp_path):
     out = tmp_path / "serving.json"
-    result = _run(["benchmarks.serving", "--concurrency", "1", "2", "--seconds", "1", "--engine-reps", "2",
+    result = _run(["benchmarks.serving", "--concurrency", "1", "2", "--seconds", "3", "--engine-reps", "2",
                    "--json", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled / eager" in result.stdout
