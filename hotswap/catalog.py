@@ -38,7 +38,6 @@ class VersionCatalog:
         self.spec = spec
         self.fetcher = fetcher if fetcher is not None else AdapterFetcher.from_settings(settings)
         self._staged: OrderedDict[tuple[str, str], asyncio.Future] = OrderedDict()  # (key, dtype) -> ref
-        self.signers: dict[str, str] = {}  # version key -> signer key id (this process)
         self._in_use: set[str] = set()  # weights sha256 of the versions in use: never evicted from the blob cache
 
     async def resolve(self, uri: str, *, known: dict[str, dict],
@@ -61,8 +60,6 @@ class VersionCatalog:
         except AdapterValidationError as e:
             _with_version(version, e)
             raise
-        if signer:
-            self.signers[version.key] = signer
         await asyncio.to_thread(self._evict_blobs, {version.sha256})
         if version.key in known:
             return version, {**known[version.key], **({"signer": signer} if signer else {})}

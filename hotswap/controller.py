@@ -482,5 +482,6 @@ class HotswapController:
             "history": s.history[-50:],
             "rejected": s.rejected,
             "staged": self.catalog.staged_versions(),
-            "signers": dict(self.catalog.signers),
+            # derived from the persisted validation records, so it survives restarts and stays bounded with them
+            "signers": {k: r["signer"] for k, r in s.validated.items() if r.get("signer")},
         }
