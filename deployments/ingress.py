@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -172,10 +173,17 @@ class ChatCompletionRequest(_SamplingRequest):
         return self._replica_request(prompt, max_tokens)
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, param: str | None = None, *, retry_after_s: float | None = None
+           ) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
+    headers = {"retry-after": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status)
+                        status_code=status, headers=headers)
+
+
+def _replica_error(result: dict) -> JSONResponse:
+    """A replica's refusal (``{"error", "status"[, "retry_after_s"]}``) as the response to send."""
+    return _error(result["status"], result["error"]["message"], retry_after_s=result.get("retry_after_s"))
 
 
 _EXPECTED = {  # fields that are unions: pydantic reports one error per branch, so say what is accepted instead
@@ -425,7 +433,7 @@ class Ingress:
         except _REPLICA_GONE as e:
             return _no_replica(e)
         if "error" in result:
-            return _error(result["status"], result["error"]["message"])
+            return _replica_error(result)
         return result
 
     async def _stream(self, request: dict, chunks: Callable[[dict, dict], list[dict]], *,
@@ -441,7 +449,7 @@ class Ingress:
         except _REPLICA_GONE as e:
             return _no_replica(e)
         if "error" in first:
-            return _error(first["status"], first["error"]["message"])
+            return _replica_error(first)
 
         async def sse():
             for chunk in opening(first) if opening else ():

@@ -5,13 +5,17 @@ controller and applies the adapter the controller assigns (from the staged tenso
 object store, never from S3), smoke-checks it and acks, all before Serve routes traffic to
 it: a replica that starts late (crash, autoscaling) never serves a stale version. Then a
 background task long-polls the controller (each poll is also its heartbeat) and applies each
-new assignment: drain, swap and smoke check under one hold of the engine's swap lock (no request
-runs on an unchecked adapter), heartbeating meanwhile, then report. A failed smoke check restores
+new assignment: load, smoke check, then activate (no request runs on an unchecked adapter),
+heartbeating meanwhile, then report. A failed smoke check restores
 the previous adapter; a failed restore takes the replica out of rotation (its health check
 fails, so Serve replaces it and the replacement starts on its assignment).
 
-Non-streaming requests are batched with ``@serve.batch``; a streaming request runs alone,
-holding the engine's request lock from its first token to its last, like any batch.
+Requests, streaming or not, go to the engine's scheduler (:mod:`hotswap.scheduler`): each joins a
+free row of the running batch at the next step and leaves it when done, so a short request
+never waits for a long one; a client that goes away frees its row at the next step. When the
+admission queue (``max_queued_requests``) is full the answer is a 429 with ``Retry-After``.
+A swap loads the slot no request reads (``adapter_slots: 2``), checks it with requests pinned
+to it, then admits new requests to it: nothing drains (``last_drain_ms`` is 0).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -53,7 +56,7 @@ class ReplicaMetrics:
         )
         self.errors = metrics.Counter(
             "hotswap_request_errors_total",
-            description="Completions that failed, by adapter version and kind (invalid, internal).",
+            description="Completions that failed, by adapter version and kind (invalid, overloaded, internal).",
             tag_keys=(*tags, "kind"),
         )
         self.tokens = metrics.Counter(
@@ -79,7 +82,7 @@ class ReplicaMetrics:
 
 
 @dataclass(frozen=True)
-class _Job:
+class _Job:  # a tokenized, checked request
     token_ids: list[int]
     params: SamplingParams
     received: float
@@ -133,7 +136,6 @@ class ModelReplica:
         self.engine = await asyncio.to_thread(SwapEngine.build, settings)
         self.dtype = str(self.engine.dtype).removeprefix("torch.")
         self.metrics = ReplicaMetrics()
-        self._batched.set_max_batch_size(settings.max_batch_size)
         self.controller = get_or_create_controller(settings, self.app_name)
         assignment = await self._register()
         await self._apply(assignment)
@@ -224,104 +226,113 @@ class ModelReplica:
             await asyncio.sleep(self.settings.watch_timeout_s / 2)
 
     def _swap_and_check(self, staged) -> float:
-        """Drain, swap and smoke-check under one hold of the swap lock; a failed check restores the previous
-        adapter before any request runs on the new one."""
+        """Load the idle slot, smoke-check it there, then admit new requests to it; rows in flight finish on the
+        slot they started on. A failed check leaves the active slot serving."""
         timings = self.engine.swap_checked(staged, check=self._smoke_check, timeout_s=self.settings.swap_timeout_s)
         self.last_drain_ms, self.last_smoke_ms = timings.drain_ms, timings.smoke_ms
         return timings.drain_ms + timings.swap_ms + timings.smoke_ms
 
-    def _smoke_check(self) -> None:
-        """A short greedy generation with finite logits, run with the swap lock held (a seam: tests override
-        it to inject a failure)."""
-        self.engine.smoke_check_unlocked()
+    def _smoke_check(self, slot: int) -> None:
+        """A short greedy generation with finite logits on ``slot``, before any request joins it (a seam: tests
+        override it to inject a failure)."""
+        self.engine.smoke_check(slot)
 
     def _prepare(self, request: dict) -> _Job:
         params = _params(request)
-        ids = self.engine.generator.encode(request["prompt"])
-        self.engine.generator.check(len(ids), params)
+        ids = self.engine.encode(request["prompt"])
+        self.engine.check(len(ids), params)
         return _Job(ids, params, time.perf_counter())
 
-    async def complete(self, request: dict) -> dict:
-        """One completion: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens", adapter...}`` or
-        ``{"error": ..., "status": 4xx}``."""
+    async def _submit(self, request: dict, queue: asyncio.Queue):
+        """Tokenize off the event loop and queue the request; events arrive on ``queue``. Returns the ticket, or
+        the error dict to answer with."""
+        from hotswap.errors import OverloadedError
+
         try:
             job = await asyncio.to_thread(self._prepare, request)  # a 1 MB prompt tokenizes for ~1 s: not here
         except RequestError as e:
             self.metrics.error(self.engine.identity, "invalid")
-            return _error(str(e))
-        return await self._batched(job)
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
-    async def _batched(self, jobs: list[_Job]) -> list[dict]:
-        try:
-            completions, identity = await asyncio.to_thread(
-                self.engine.generate, [j.token_ids for j in jobs], [j.params for j in jobs]
-            )
-        except Exception as e:  # the batch failed as a whole: answer every request in it
-            incident = uuid.uuid4().hex[:8]
-            logger.exception("batch of %d failed (incident %s): %s", len(jobs), incident, e)
-            for _ in jobs:
-                self.metrics.error(self.engine.identity, "internal")
-            return [_internal(incident) for _ in jobs]
-        done = time.perf_counter()
-        out = []
-        for job, c in zip(jobs, completions):
-            self.metrics.record(identity, tokens=c.completion_tokens, latency_ms=(done - job.received) * 1e3)
-            out.append({
-                "text": c.text,
-                "finish_reason": c.finish_reason,
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                **identity.as_dict(),
-                "replica_id": self.replica_id,
-            })
-        return out
-
-    async def stream(self, request: dict) -> AsyncIterator[dict]:
-        """Yield the adapter identity first, then ``{"delta", "finish_reason"}`` items; or one error item."""
-        try:
-            job = await asyncio.to_thread(self._prepare, request)
-        except RequestError as e:
-            self.metrics.error(self.engine.identity, "invalid")
-            yield _error(str(e))
-            return
+            return None, _error(str(e))
         loop = asyncio.get_running_loop()
+        try:
+            ticket = self.engine.submit(job.token_ids, job.params,
+                                        on_event=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        except OverloadedError as e:
+            self.metrics.error(self.engine.identity, "overloaded")
+            return None, {**_error(str(e), 429), "retry_after_s": e.retry_after_s}
+        return (ticket, job), None
+
+    def _failed(self, version, error: BaseException) -> dict:
+        incident = uuid.uuid4().hex[:8]
+        logger.error("request failed (incident %s): %r", incident, error)
+        self.metrics.error(version or self.engine.identity, "internal")
+        return _internal(incident)
+
+    async def complete(self, request: dict) -> dict:
+        """One completion: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens", adapter...}`` or
+        ``{"error": ..., "status": 4xx}``. It joins the replica's running batch at the next step."""
+        from hotswap.scheduler import Failed, Finished, Started
+
         queue: asyncio.Queue = asyncio.Queue()
-        cancelled = threading.Event()
-
-        def produce() -> None:
-            try:
-                with self.engine.stream([job.token_ids], [job.params]) as (events, identity):
-                    loop.call_soon_threadsafe(queue.put_nowait, ("identity", identity))
-                    tokens = 0
-                    for event in events:
-                        tokens += 1
-                        loop.call_soon_threadsafe(queue.put_nowait, ("event", event))
-                        if cancelled.is_set():
-                            break
-                    self.metrics.record(identity, tokens=tokens, latency_ms=(time.perf_counter() - job.received) * 1e3)
-            except Exception as e:  # surfaced to the client as an error item
-                logger.exception("stream failed")
-                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
-            loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
-
-        worker = threading.Thread(target=produce, name="hotswap-stream", daemon=True)
-        worker.start()
+        submitted, refusal = await self._submit(request, queue)
+        if refusal is not None:
+            return refusal
+        ticket, job = submitted
+        version = None
         try:
             while True:
-                kind, item = await queue.get()
-                if kind == "identity":
-                    yield {**item.as_dict(), "replica_id": self.replica_id}
-                elif kind == "event":
-                    yield {"delta": item.delta, "finish_reason": item.finish_reason}
-                elif kind == "error":
-                    incident = uuid.uuid4().hex[:8]
-                    logger.error("stream failed (incident %s): %s", incident, item)
-                    yield _internal(incident)
-                else:
+                event = await queue.get()
+                if isinstance(event, Started):
+                    version = event.version
+                elif isinstance(event, Failed):
+                    return self._failed(version, event.error)
+                elif isinstance(event, Finished):
+                    c = event.completion
+                    self.metrics.record(c.version, tokens=c.completion_tokens,
+                                        latency_ms=(time.perf_counter() - job.received) * 1e3)
+                    return {
+                        "text": c.text,
+                        "finish_reason": c.finish_reason,
+                        "prompt_tokens": c.prompt_tokens,
+                        "completion_tokens": c.completion_tokens,
+                        **c.version.as_dict(),
+                        "replica_id": self.replica_id,
+                    }
+        finally:
+            ticket.cancel()  # the caller went away (or it finished): its row is freed at the next step
+
+    async def stream(self, request: dict) -> AsyncIterator[dict]:
+        """Yield the adapter identity first, then ``{"delta", "finish_reason"}`` items; or one error item.
+        The stream shares the running batch with every other request; a client that goes away frees its row."""
+        from hotswap.generation import TokenEvent
+        from hotswap.scheduler import Failed, Finished, Started
+
+        queue: asyncio.Queue = asyncio.Queue()
+        submitted, refusal = await self._submit(request, queue)
+        if refusal is not None:
+            yield refusal
+            return
+        ticket, job = submitted
+        version = None
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, Started):
+                    version = event.version
+                    yield {**version.as_dict(), "replica_id": self.replica_id}
+                elif isinstance(event, TokenEvent):
+                    if event.delta or event.finish_reason:
+                        yield {"delta": event.delta, "finish_reason": event.finish_reason}
+                elif isinstance(event, Failed):
+                    yield self._failed(version, event.error)
+                    return
+                elif isinstance(event, Finished):
+                    c = event.completion
+                    self.metrics.record(c.version, tokens=c.completion_tokens,
+                                        latency_ms=(time.perf_counter() - job.received) * 1e3)
                     return
         finally:
-            cancelled.set()  # the client went away: stop decoding and release the lock
+            ticket.cancel()
 
     def stats(self) -> dict:
         """What this replica runs: the fields of ``hotswap status`` for one replica."""
@@ -335,6 +346,8 @@ class ModelReplica:
             "last_smoke_ms": self.last_smoke_ms,
             "phase": self.phase.value,
             "compiled_graphs": s.compiled_graphs,
+            "slots": list(s.slots),
+            "queued": self.engine.scheduler.queued(),
             "pid": os.getpid(),
         }
 

@@ -1,15 +1,22 @@
-"""The swap engine: one compiled, hotswap-prepared PeftModel whose LoRA weights change in place.
+"""The swap engine: one compiled PeftModel with resident adapter slots whose LoRA weights change in place.
 
 Lifecycle (in this order, as PEFT requires):
 
-1. load the base model and wrap it with a LoRA adapter at ``max_rank`` on ``target_modules``
-   (B = 0, so it serves the base model until an adapter is applied);
+1. load the base model and wrap it with ``adapter_slots`` LoRA adapters (``slot0``, ``slot1``) at
+   ``max_rank`` on ``target_modules`` (B = 0: the base model until a version is loaded), all active;
 2. ``prepare_model_for_compiled_hotswap(target_rank=max_rank)`` (scalings become tensors);
-3. ``torch.compile`` the causal LM, then warm up both generation shapes;
-4. :meth:`SwapEngine.apply` staged adapters in place, under the lock that whole requests hold.
+3. bind each slot's LoRA weights to one contiguous rank-major buffer (:mod:`hotswap.slots`) and
+   replace each slot's scaling by one per-row tensor shared by its layers (the selector);
+4. ``torch.compile`` the causal LM, start the scheduler (:mod:`hotswap.scheduler`), warm up both
+   generation shapes;
+5. :meth:`SwapEngine.swap_checked` loads a staged version into the slot no row reads, checks it
+   there and makes it the active slot.
 
-A swap copies into the same storage (every ``data_ptr`` is unchanged), so neither the
-compiled graphs nor CUDA graphs notice it; no swap ever triggers a recompile.
+A load copies into the same storage (every ``data_ptr`` is unchanged), so neither the compiled
+graphs nor CUDA graphs notice it; no load ever triggers a recompile. With two slots a swap
+waits for nothing when the idle slot is free (``drain_ms == 0``) and otherwise only for the
+rows still reading the older version; with one slot it drains (new requests wait, rows in
+flight finish) as before.
 """
 
 from __future__ import annotations
@@ -17,8 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,18 +32,23 @@ import torch
 
 from hotswap.builtin import resolve_base_model
 from hotswap.errors import ConfigError, SwapError
-from hotswap.generation import Completion, SamplingParams, StaticBatchGenerator, TokenEvent
+from hotswap.generation import Completion, SamplingParams, TokenEvent
+from hotswap.scheduler import Failed, Finished, Logits, Scheduler, SlotSelector, SlotState, Started, Ticket
 from hotswap.settings import HotswapSettings
+from hotswap.slots import SlotLayout
 from hotswap.staging import AdapterIdentity, StagedAdapter
 from hotswap.validation import ModelSpec
 from hotswap.versions import BASE
 
-__all__ = ["BASE_IDENTITY", "EngineStats", "SwapEngine", "SwapLock", "resolve_device_dtype"]
+__all__ = ["BASE_IDENTITY", "SLOT_NAMES", "EngineStats", "RestoreError", "SwapEngine", "SwapTimings",
+           "resolve_device_dtype"]
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_NAME = "default"  # a substring of no module path (peft#3780)
+SLOT_NAMES = ("slot0", "slot1")  # PEFT adapter names: substrings of no module path (peft#3780)
+ADAPTER_NAME = SLOT_NAMES[0]
 BASE_IDENTITY = BASE
+_SMOKE_PROMPT = "Hello, world"
 
 
 def resolve_device_dtype(settings: HotswapSettings) -> tuple[torch.device, torch.dtype]:
@@ -51,53 +62,6 @@ def resolve_device_dtype(settings: HotswapSettings) -> tuple[torch.device, torch
     else:
         dtype = getattr(torch, settings.dtype)
     return device, dtype
-
-
-class SwapLock:
-    """Orders swaps against whole requests: one holder at a time, and a waiting swap goes first.
-
-    A request holds it from its first token to its last, so it sees one adapter. A swap
-    that is waiting stops new requests from entering (they queue behind it) and starts as
-    soon as the requests in flight finish.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._busy = False
-        self._swaps_waiting = 0
-
-    @contextmanager
-    def request(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._busy and self._swaps_waiting == 0)
-            self._busy = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-
-    @contextmanager
-    def swap(self, *, timeout_s: float | None = None) -> Iterator[None]:
-        with self._cond:
-            self._swaps_waiting += 1
-            try:
-                if not self._cond.wait_for(lambda: not self._busy, timeout=timeout_s):
-                    raise SwapError(f"requests in flight did not finish within {timeout_s} s; the swap was not made")
-                self._busy = True
-            finally:
-                self._swaps_waiting -= 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-
-    @property
-    def swap_waiting(self) -> bool:
-        return self._swaps_waiting > 0
 
 
 class _CountingBackend:
@@ -119,9 +83,9 @@ class RestoreError(SwapError):
 
 @dataclass(frozen=True)
 class SwapTimings:
-    drain_ms: float  # waiting for the requests in flight
-    swap_ms: float  # the copy
-    smoke_ms: float  # the smoke check, with new requests still held back
+    drain_ms: float  # waiting for rows still reading the target slot (0 when it was free)
+    swap_ms: float  # the copy into the slot
+    smoke_ms: float  # the smoke check on the slot, before any request joins it
 
 
 @dataclass(frozen=True)
@@ -130,13 +94,44 @@ class EngineStats:
     swaps: int
     last_swap_ms: float | None
     compiled_graphs: int
+    slots: tuple[dict, ...] = ()
+
+
+class _Waiter:
+    """Collects one request's events for a blocking caller."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.completion: Completion | None = None
+        self.logits: torch.Tensor | None = None
+        self.error: BaseException | None = None
+        self.version: AdapterIdentity | None = None
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Started):
+            self.version = event.version
+        elif isinstance(event, Logits):
+            self.logits = event.logits
+        elif isinstance(event, Finished):
+            self.completion = event.completion
+            self.done.set()
+        elif isinstance(event, Failed):
+            self.error = event.error
+            self.done.set()
+
+    def wait(self) -> Completion:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.completion
 
 
 class SwapEngine:
-    """A compiled, hotswap-prepared model plus the generator that serves it.
+    """A compiled, hotswap-prepared model with resident adapter slots, served by one scheduler thread.
 
-    Build it with :meth:`build`; apply staged adapters with :meth:`apply`; generate with
-    :meth:`generate` or :meth:`stream`. Thread-safe: one lock orders everything.
+    Build it with :meth:`build`. Requests: :meth:`submit` (events to a callback), :meth:`generate`
+    and :meth:`last_logits` (blocking). Versions: :meth:`swap_checked` (load the idle slot, check,
+    activate) or the slot-level :meth:`load` / :meth:`activate`. Thread-safe.
     """
 
     def __init__(self, settings: HotswapSettings, *, peft_model, tokenizer, device, dtype) -> None:
@@ -146,12 +141,31 @@ class SwapEngine:
         self.device = device
         self.dtype = dtype
         self.spec = ModelSpec.from_peft_model(peft_model, max_rank=settings.max_rank)
-        self.lock = SwapLock()
-        self._swapper = _InPlaceSwapper(peft_model, self.spec)
-        self._current: StagedAdapter | None = None
-        self.identity = BASE_IDENTITY
+        self.layout = SlotLayout.from_spec(self.spec)
+        modules = dict(peft_model.named_modules())
+        self._modules = [modules[layer.name] for layer in self.spec.layers]
+        n = settings.adapter_slots
+        self.slot_names = SLOT_NAMES[:n]
+        self._buffers = []
+        selectors = []
+        for name in self.slot_names:
+            if not all(isinstance(m.scaling[name], torch.Tensor) for m in self._modules):
+                raise SwapError("LoRA scalings are not tensors: call prepare_model_for_compiled_hotswap before "
+                                "the engine")
+            buffer = self.layout.allocate(dtype=dtype, device=device)
+            self.layout.bind(self._modules, name, buffer)
+            buffer.zero_()  # B = 0 already; A zero too, so the slot is exactly the packed base
+            self._buffers.append(buffer)
+            selector = torch.zeros((settings.max_batch_size, 1, 1), dtype=dtype, device=device)
+            for m in self._modules:
+                m.scaling[name] = selector
+            selectors.append(selector)
+        self._live_rank = [0] * n
+        self._staged: list[StagedAdapter | None] = [None] * n
+        self.slots = [SlotState(i) for i in range(n)]
         self.swaps = 0
         self.last_swap_ms: float | None = None
+        self._swap_mutex = threading.Lock()
         lm = peft_model.base_model.model
         self._backend = None
         forward = lm
@@ -160,16 +174,20 @@ class SwapEngine:
             # compile the causal LM, not the PeftModel wrapper: its forward reads peft_config, which
             # a swap updates, and dynamo would guard on it
             forward = torch.compile(lm, backend=self._backend, dynamic=False)
-        self.generator = StaticBatchGenerator(
+        self.scheduler = Scheduler(
             forward,
             config=lm.config,
             tokenizer=tokenizer,
+            selector=SlotSelector(selectors),
+            slots=self.slots,
             batch_size=settings.max_batch_size,
             chunk=settings.prefill_chunk_tokens,
             max_seq_len=settings.max_seq_len,
+            max_queued=settings.max_queued_requests,
             device=device,
             dtype=dtype,
         )
+        self.checker = self.scheduler.checker
 
     @classmethod
     def build(cls, settings: HotswapSettings, *, warmup: bool = True) -> SwapEngine:
@@ -207,8 +225,15 @@ class SwapEngine:
         peft_model = get_peft_model(base, config, adapter_name=ADAPTER_NAME)
         peft_model.eval()
         prepare_model_for_compiled_hotswap(peft_model, target_rank=settings.max_rank, check_compiled="error")
+        for name in SLOT_NAMES[1:settings.adapter_slots]:
+            peft_model.add_adapter(name, config)
+        # every slot active in the one graph; the per-row selector decides what each row reads
+        peft_model.base_model.set_adapter(list(SLOT_NAMES[:settings.adapter_slots]))
+        peft_model.eval()
+        prepare_model_for_compiled_hotswap(peft_model, target_rank=settings.max_rank, check_compiled="error")
         engine = cls(settings, peft_model=peft_model, tokenizer=tokenizer, device=device, dtype=dtype)
-        logger.info("loaded %s on %s (%s) in %.1f s", settings.base_model, device, dtype, time.perf_counter() - started)
+        logger.info("loaded %s on %s (%s) in %.1f s, %d adapter slots", settings.base_model, device, dtype,
+                    time.perf_counter() - started, settings.adapter_slots)
         if warmup:
             engine.warmup()
         return engine
@@ -218,42 +243,97 @@ class SwapEngine:
         started = time.perf_counter()
         # two prefill chunks and one decode step: every shape and code path a request can take
         length = min(self.settings.prefill_chunk_tokens + 1, self.settings.max_seq_len - 2)
-        with self.lock.request():
-            self.generator.generate([[self.generator.pad_id] * length], [SamplingParams(max_tokens=2, ignore_eos=True)])
+        self.generate([[self.scheduler.pad_id] * length], [SamplingParams(max_tokens=2, ignore_eos=True)])
         logger.info("warm-up done in %.1f s, %d compiled graphs", time.perf_counter() - started, self.compiled_graphs)
+
+    def close(self) -> None:
+        """Stop the scheduler thread (requests still queued or in flight fail)."""
+        self.scheduler.close()
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.checker.encode(prompt)
+
+    def check(self, prompt_len: int, params: SamplingParams) -> None:
+        self.checker.check(prompt_len, params)
+
+    def submit(self, token_ids: list[int], params: SamplingParams, *, on_event: Callable[[object], None],
+               slot: int | None = None, want_logits: bool = False) -> Ticket:
+        """Queue one request (already encoded); events go to ``on_event`` from the scheduler thread.
+
+        ``slot=None`` joins the active slot when a row frees up; a slot index pins it to that slot
+        (a smoke check, or request-level A/B). Raises :class:`~hotswap.errors.OverloadedError` when
+        the admission queue is full and :class:`~hotswap.errors.RequestError` when it is invalid.
+        """
+        return self.scheduler.submit(token_ids, params, on_event=on_event, slot=slot, want_logits=want_logits)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams], *,
+                 slot: int | None = None) -> tuple[list[Completion], AdapterIdentity]:
+        """Generate for the prompts (each joins the batch on its own) and wait; return the completions and the
+        version of the first (each completion names its own, ``Completion.version``)."""
+        if not prompts or len(prompts) != len(params):
+            raise ValueError("give one SamplingParams per prompt, and at least one prompt")
+        waiters = []
+        for prompt, p in zip(prompts, params):
+            ids = self.encode(prompt)
+            waiter = _Waiter()
+            self.submit(ids, p, on_event=waiter, slot=slot)
+            waiters.append(waiter)
+        completions = [w.wait() for w in waiters]
+        return completions, completions[0].version
+
+    def last_logits(self, prompts: Sequence[str | Sequence[int]], *, slot: int | None = None) -> torch.Tensor:
+        """Next-token logits (float32, CPU) after each prompt, through the same prefill shape as generation."""
+        waiters = []
+        for prompt in prompts:
+            waiter = _Waiter()
+            self.submit(self.encode(prompt), SamplingParams(max_tokens=1), on_event=waiter, slot=slot,
+                        want_logits=True)
+            waiters.append(waiter)
+        for w in waiters:
+            w.wait()
+        return torch.stack([w.logits for w in waiters])
+
+    def smoke_check(self, slot: int | None = None, prompt: str = _SMOKE_PROMPT) -> None:
+        """A short greedy generation on ``slot`` (default: the active one) that must give finite logits."""
+        logits = self.last_logits([prompt], slot=slot)
+        version = self.slots[self.scheduler.active if slot is None else slot].version
+        if not torch.isfinite(logits).all():
+            raise SwapError(f"smoke check failed on adapter {version.uri if version else '?'}: non-finite logits")
+        self.generate([prompt], [SamplingParams(max_tokens=2, ignore_eos=True)], slot=slot)
+
+    # -- versions ------------------------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> AdapterIdentity:
+        """The version new requests get (the active slot's)."""
+        return self.slots[self.scheduler.active].version
+
+    @property
+    def current(self) -> StagedAdapter | None:
+        """The staged adapter of the active slot (None: the base model)."""
+        return self._staged[self.scheduler.active]
+
+    @property
+    def active_slot(self) -> int:
+        return self.scheduler.active
 
     @property
     def compiled_graphs(self) -> int:
         """Graphs compiled by this engine so far (0 when not compiling)."""
         return self._backend.graphs if self._backend is not None else 0
 
+    def slot_info(self) -> list[dict]:
+        """Per slot: the version it holds, whether it is active, its rows in flight and swaps into it."""
+        with self.scheduler.cond:
+            return [{"slot": s.index, "active": s.index == self.scheduler.active,
+                     **(s.version.as_dict() if s.version is not None else {"adapter_uri": None}),
+                     "rows": s.rows, "swaps": s.swaps} for s in self.slots]
+
     def stats(self) -> EngineStats:
-        return EngineStats(self.identity, self.swaps, self.last_swap_ms, self.compiled_graphs)
-
-    def apply(
-        self,
-        staged: StagedAdapter,
-        *,
-        method: Literal["foreach", "peft"] = "foreach",
-        timeout_s: float | None = None,
-    ) -> float:
-        """Swap ``staged`` into the model in place and return the swap's duration in ms.
-
-        Trusts ``staged``: it must come from :func:`~hotswap.staging.stage_adapter` for this
-        engine's spec (checked by fingerprint, nothing else is re-validated). Waits for the
-        requests in flight and holds new ones back meanwhile. If the copy fails half-way, the
-        previous adapter is re-applied before :class:`SwapError` is raised, so the model is
-        never left half-swapped.
-
-        Args:
-            method: 'foreach' copies every tensor in one batched call (the default);
-                'peft' calls PEFT's ``hotswap_adapter_from_state_dict`` (same result, for comparison).
-            timeout_s: how long to wait for in-flight requests before giving up (nothing changed).
-        """
-        self._check_fits(staged)
-        with self.lock.swap(timeout_s=timeout_s):
-            elapsed_ms = self._swap_locked(staged, method)
-        return elapsed_ms
+        return EngineStats(self.identity, self.swaps, self.last_swap_ms, self.compiled_graphs,
+                           tuple(self.slot_info()))
 
     def _check_fits(self, staged: StagedAdapter) -> None:
         if staged.spec_fingerprint != self.spec.fingerprint:
@@ -263,209 +343,236 @@ class SwapEngine:
                 "against this service's settings"
             )
 
+    def idle_slot(self) -> int:
+        """The slot a swap loads into: the one new rows do not join (the only one, with one slot)."""
+        return (self.scheduler.active + 1) % len(self.slots)
+
+    def apply(self, staged: StagedAdapter | None, *, method: Literal["foreach", "peft"] = "foreach",
+              timeout_s: float | None = None) -> float:
+        """Swap to ``staged`` (``None``: the base model) without a smoke check; return the copy's ms.
+
+        Trusts ``staged``: it must come from :func:`~hotswap.staging.stage_adapter` for this
+        engine's spec (checked by fingerprint, nothing else is re-validated).
+
+        Args:
+            method: 'foreach' copies the packed slot prefix in one contiguous copy (the default);
+                'peft' calls PEFT's ``hotswap_adapter_from_state_dict`` on the slot (same result, for comparison).
+            timeout_s: how long to wait for rows still reading the target slot before giving up (nothing changed).
+        """
+        return self.swap_checked(staged, check=None, timeout_s=timeout_s, method=method).swap_ms
+
     def reset_to_base(self, *, timeout_s: float | None = None) -> None:
-        """Zero every LoRA weight (serve the base model), under the swap lock."""
-        with self.lock.swap(timeout_s=timeout_s):
-            self._swap_locked(None)
+        """Serve the base model (every LoRA weight zero)."""
+        self.swap_checked(None, check=None, timeout_s=timeout_s)
 
-    def swap_checked(self, staged: StagedAdapter | None, *, check: Callable[[], None],
-                     timeout_s: float | None = None) -> SwapTimings:
-        """Swap to ``staged`` (``None``: the base model) and run ``check`` under one hold of the swap lock.
+    def swap_checked(self, staged: StagedAdapter | None, *, check: Callable[[int], None] | None = "default",
+                     timeout_s: float | None = None, method: Literal["foreach", "peft"] = "foreach",
+                     ) -> SwapTimings:
+        """Load ``staged`` (``None``: the base model) into the idle slot, check it there, then make it active.
 
-        No request runs on the new adapter before ``check`` passes: requests queue behind the lock
-        from the moment the swap waits until the check is done. If ``check`` raises, the previous
-        adapter is put back (still under the lock) and :class:`SwapError` is raised; if putting it
-        back fails too, :class:`RestoreError` is raised and the model must not serve.
-        ``check`` runs with the lock held: it must use :meth:`smoke_check_unlocked`, not :meth:`smoke_check`.
+        No request joins the slot before ``check(slot)`` passes (it runs requests pinned to the slot,
+        e.g. :meth:`smoke_check`; ``"default"`` is :meth:`smoke_check`, ``None`` skips it). Rows in
+        flight on the active slot keep running on it meanwhile and finish on it. If the load or the
+        check fails the active slot keeps serving and :class:`SwapError` is raised; with one slot the
+        previous version is put back first (:class:`RestoreError` if that fails too: the model must not
+        serve).
         """
         if staged is not None:
             self._check_fits(staged)
-        asked = time.perf_counter()
-        with self.lock.swap(timeout_s=timeout_s):
+        if check == "default":
+            check = self.smoke_check
+        with self._swap_mutex:
+            asked = time.perf_counter()
+            target = self.idle_slot()
+            one_slot = len(self.slots) == 1
+            self._claim(target, timeout_s=timeout_s, hold=one_slot)
             got = time.perf_counter()
-            previous = self._current
-            swap_ms = self._swap_locked(staged)
-            checked = time.perf_counter()
+            previous = self._staged[target]
             try:
-                check()
-            except Exception as e:
-                name = staged.identity.uri if staged is not None else "the base model"
                 try:
-                    self._swap_locked(previous)
-                except Exception as restore_error:
-                    raise RestoreError(f"smoke check of {name} failed ({e}) and the previous adapter could not be "
-                                       f"put back ({restore_error})") from restore_error
-                raise SwapError(f"smoke check failed on {name}: {e}; previous adapter restored") from e
-            done = time.perf_counter()
+                    swap_ms = self._load_claimed(target, staged, method)
+                except Exception as e:
+                    raise self._undo(target, previous, one_slot, f"loading {_name(staged)} failed: {e}") from e
+                checked = time.perf_counter()
+                if check is not None:
+                    try:
+                        check(target)
+                    except Exception as e:
+                        raise self._undo(target, previous, one_slot, f"smoke check failed on {_name(staged)}: {e}"
+                                         ) from e
+                done = time.perf_counter()
+                self._activate(target)
+            finally:
+                with self.scheduler.cond:
+                    self.scheduler.hold_unpinned = False
+                    self.scheduler.cond.notify_all()
+        logger.info("slot %d active: %s (drain %.2f ms, copy %.2f ms, check %.2f ms)", target, _name(staged),
+                    (got - asked) * 1e3, swap_ms, (done - checked) * 1e3)
         return SwapTimings(drain_ms=(got - asked) * 1e3, swap_ms=swap_ms, smoke_ms=(done - checked) * 1e3)
 
-    def _swap_locked(self, staged: StagedAdapter | None, method: str = "foreach") -> float:
-        """Copy ``staged`` in (or zero every LoRA weight); the caller holds the swap lock. Returns ms."""
-        started = time.perf_counter()
-        if staged is None:
-            self._swapper.zero()
-            previous, self.identity, self._current = self.identity, BASE_IDENTITY, None
-            self.swaps += 1
-            logger.info("swapped %s -> the base model (all LoRA weights zero)", previous.uri)
-            return (time.perf_counter() - started) * 1e3
-        try:
-            self._copy(staged, method)
-        except Exception as e:
-            logger.error("swap to %s failed (%s); restoring %s", staged.identity.uri, e, self.identity.uri)
-            self._restore()
-            raise SwapError(f"swap to adapter {staged.identity.uri} failed and was undone: {e}") from e
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        previous, self.identity, self._current = self.identity, staged.identity, staged
-        self.swaps += 1
-        self.last_swap_ms = elapsed_ms
-        logger.info(
-            "swapped %s -> %s (sha256 %s, r=%d) in %.2f ms",
-            previous.uri,
-            staged.identity.uri,
-            staged.identity.sha256[:12],
-            staged.rank,
-            elapsed_ms,
-        )
-        return elapsed_ms
+    def load(self, slot: int, staged: StagedAdapter | None, *, timeout_s: float | None = None) -> float:
+        """Load ``staged`` into ``slot`` (not the active one), waiting up to ``timeout_s`` for its rows to finish;
+        return the copy's ms. A failed load leaves the slot empty (nothing joins it) and raises :class:`SwapError`."""
+        if staged is not None:
+            self._check_fits(staged)
+        if slot == self.scheduler.active:
+            raise SwapError(f"slot {slot} is the active slot; load the idle slot ({self.idle_slot()}) and activate "
+                            "it")
+        with self._swap_mutex:
+            self._claim(slot, timeout_s=timeout_s, hold=False)
+            try:
+                return self._load_claimed(slot, staged, "foreach")
+            except Exception as e:
+                raise self._undo(slot, None, False, f"loading {_name(staged)} failed: {e}") from e
 
-    @property
-    def current(self) -> StagedAdapter | None:
-        """The staged adapter the model runs now (None: the base model)."""
-        return self._current
+    def activate(self, slot: int) -> None:
+        """Make ``slot`` the one new requests join (it must hold a version)."""
+        with self._swap_mutex:
+            if self.slots[slot].version is None:
+                raise SwapError(f"slot {slot} holds no version; load one first")
+            self._activate(slot)
 
-    def _copy(self, staged: StagedAdapter, method: str) -> None:
-        if method == "foreach":
-            self._swapper.apply(staged)
-        elif method == "peft":
-            from peft.utils.hotswap import hotswap_adapter_from_state_dict
-
-            with torch.no_grad():
-                hotswap_adapter_from_state_dict(
-                    self.peft_model, staged.peft_state_dict(self.spec, ADAPTER_NAME), ADAPTER_NAME,
-                    staged.lora_config(),
+    def _claim(self, slot: int, *, timeout_s: float | None, hold: bool) -> None:
+        """Wait until no row reads ``slot`` and mark it loading (nothing joins it); ``hold`` stops unpinned
+        requests from joining meanwhile (the one-slot drain)."""
+        state, sched = self.slots[slot], self.scheduler
+        with sched.cond:
+            sched.hold_unpinned = hold
+            if not sched.cond.wait_for(lambda: state.rows == 0 and state.pinned_waiting == 0, timeout=timeout_s):
+                sched.hold_unpinned = False
+                sched.cond.notify_all()
+                raise SwapError(
+                    f"{state.rows} request(s) still read adapter slot {slot} "
+                    f"({state.version.short() if state.version else 'empty'}) after {timeout_s} s; the swap was "
+                    "not made (raise swap_timeout_s, or retry when the long requests have finished)"
                 )
-            self._swapper.sync_after_external_swap(staged)
+            state.loading = True
+
+    def _load_claimed(self, slot: int, staged: StagedAdapter | None, method: str) -> float:
+        started = time.perf_counter()
+        scale = staged.scaling if staged is not None else 1.0
+        if method == "foreach":
+            self._copy(slot, staged)
+        elif method == "peft":
+            scale = self._peft_copy(slot, staged)
         else:
             raise ValueError(f"unknown swap method {method!r}; use 'foreach' or 'peft'")
-        self._swapper.update_bookkeeping(staged)
+        self._update_bookkeeping(slot, staged)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        with self.scheduler.cond:
+            state = self.slots[slot]
+            previous = state.version
+            state.version = staged.identity if staged is not None else BASE
+            state.scale = scale
+            state.loading = False
+            state.swaps += 1
+            self._staged[slot] = staged
+            self.swaps += 1
+            self.last_swap_ms = elapsed_ms
+            self.scheduler.cond.notify_all()
+        logger.info("slot %d: %s -> %s in %.2f ms", slot, previous.uri if previous else "empty", _name(staged),
+                    elapsed_ms)
+        return elapsed_ms
 
-    def _restore(self) -> None:
+    @torch.no_grad()
+    def _copy(self, slot: int, staged: StagedAdapter | None) -> None:
+        """One contiguous copy of the packed prefix, one contiguous zero of the rank rows beyond it."""
+        buffer, rank = self._buffers[slot], (staged.rank if staged is not None else 0)
+        live = self._live_rank[slot]
+        self._live_rank[slot] = self.layout.max_rank  # until this completes, any rank row may be dirty
+        if staged is not None:
+            buffer[:rank].copy_(staged.packed, non_blocking=True)
+        if live > rank:
+            buffer[rank:live].zero_()
+        self._live_rank[slot] = rank
+
+    @torch.no_grad()
+    def _peft_copy(self, slot: int, staged: StagedAdapter | None) -> float:
+        """PEFT's own ``hotswap_adapter_from_state_dict`` into the slot (the comparison path); returns the
+        scaling PEFT computed.
+
+        PEFT compares and fills ``scaling[name]`` as a scalar, so the slot's selector is set aside for a
+        0-d tensor during the call (the scheduler is paused so no step sees that) and put back after.
+        """
+        if staged is None:
+            self._copy(slot, None)
+            return 1.0
+        from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+        name = self.slot_names[slot]
+        self.scheduler.pause()
+        selectors = [m.scaling[name] for m in self._modules]
         try:
-            if self._current is None:
-                self._swapper.zero()
-            else:
-                self._swapper.apply(self._current)
-                self._swapper.update_bookkeeping(self._current)
-        except Exception:  # pragma: no cover - only if the device itself is failing
-            logger.exception("could not restore the previous adapter; this replica must be restarted")
-            raise
+            stand_ins = [torch.tensor(0.0) for _ in self._modules]
+            for m, stand_in in zip(self._modules, stand_ins):
+                m.scaling[name] = stand_in
+            hotswap_adapter_from_state_dict(self.peft_model, staged.peft_state_dict(self.spec, name), name,
+                                            staged.lora_config())
+        finally:
+            for m, selector in zip(self._modules, selectors):
+                m.scaling[name] = selector
+            self.scheduler.resume()
+        self._live_rank[slot] = staged.rank
+        scales = {float(stand_ins[i]) for i in staged.layer_indices}
+        if len(scales) != 1:
+            raise SwapError(f"PEFT set different scalings on the layers of {staged.identity.uri}: {sorted(scales)}")
+        return scales.pop()
 
-    def generate(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> tuple[list[Completion],
-                                                                                          AdapterIdentity]:
-        """Generate for a batch under the request lock; return completions and the adapter that made them."""
-        with self.lock.request():
-            return self.generator.generate(prompts, params), self.identity
-
-    def last_logits(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Next-token logits after each prompt (float32, CPU), under the request lock."""
-        with self.lock.request():
-            return self.generator.last_logits(prompts)
-
-    def smoke_check(self, prompt: str = "Hello, world") -> None:
-        """A short greedy generation that must give finite logits; raise :class:`SwapError` otherwise."""
-        with self.lock.request():
-            self.smoke_check_unlocked(prompt)
-
-    def smoke_check_unlocked(self, prompt: str = "Hello, world") -> None:
-        """:meth:`smoke_check` for a caller that already holds the lock (the ``check`` of :meth:`swap_checked`)."""
-        logits = self.generator.last_logits([prompt])
-        if not torch.isfinite(logits).all():
-            raise SwapError(f"smoke check failed on adapter {self.identity.uri}: non-finite logits")
-        self.generator.generate([prompt], [SamplingParams(max_tokens=2, ignore_eos=True)])
-
-    @contextmanager
-    def stream(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> Iterator[
-        tuple[Iterator[TokenEvent], AdapterIdentity]
-    ]:
-        """Hold the request lock while the caller consumes the token events of one batch."""
-        with self.lock.request():
-            yield self.generator.stream(prompts, params), self.identity
-
-
-class _InPlaceSwapper:
-    """Copies staged LoRA matrices into the prepared parameters with batched ``torch._foreach_*`` calls.
-
-    Parameter lists are collected once, at construction (after prepare). Per layer it
-    tracks the rank currently live, so a swap zeroes only rows/columns that held the old
-    adapter; the resulting weights are exactly those of PEFT's ``hotswap_adapter_from_state_dict``
-    (tested), without its per-key Python loop.
-    """
-
-    def __init__(self, peft_model, spec: ModelSpec) -> None:
-        modules = dict(peft_model.named_modules())
-        self.model = peft_model
-        self.modules = [modules[layer.name] for layer in spec.layers]
-        self.A = [m.lora_A[ADAPTER_NAME].weight for m in self.modules]
-        self.B = [m.lora_B[ADAPTER_NAME].weight for m in self.modules]
-        self.scaling = [m.scaling[ADAPTER_NAME] for m in self.modules]
-        if not all(isinstance(s, torch.Tensor) for s in self.scaling):
-            raise SwapError("LoRA scalings are not tensors: call prepare_model_for_compiled_hotswap before the engine")
-        self.max_rank = spec.max_rank
-        self.live_rank = [self.max_rank] * len(self.modules)  # unknown at start: treat every row as live
-        self._view_cache: dict[tuple[int, tuple[int, ...]], list[torch.Tensor]] = {}
-
-    @torch.no_grad()
-    def apply(self, staged: StagedAdapter) -> None:
-        new_rank = [0] * len(self.modules)
-        for i in staged.layer_indices:
-            new_rank[i] = staged.rank
-        stale = []
-        for i, (old, new) in enumerate(zip(self.live_rank, new_rank)):
-            if old > new:
-                stale += [self.A[i][new:old], self.B[i][:, new:old]]
-        # until this swap completes, any row may hold either adapter: a restore must zero them all
-        self.live_rank = [self.max_rank] * len(self.modules)
-        if stale:
-            torch._foreach_zero_(stale)
-        dst = self._views(staged.rank, staged.layer_indices)
-        src = [t for pair in zip(staged.lora_A, staged.lora_B) for t in pair]
-        if dst:
-            torch._foreach_copy_(dst, src, non_blocking=True)
-        scale = torch.tensor(staged.scaling, dtype=self.scaling[0].dtype)
-        for s in self.scaling:
-            s.fill_(scale)
-        self.live_rank = new_rank
-
-    def _views(self, rank: int, layers: tuple[int, ...]) -> list[torch.Tensor]:
-        """Destination views (A rows, B columns up to ``rank``) per layer set, built once: views share storage."""
-        key = (rank, layers)
-        views = self._view_cache.get(key)
-        if views is None:
-            views = [v for i in layers for v in (self.A[i][:rank], self.B[i][:, :rank])]
-            if len(self._view_cache) < 64:
-                self._view_cache[key] = views
-        return views
-
-    def sync_after_external_swap(self, staged: StagedAdapter) -> None:
-        """After PEFT's own swap (which zero-fills whole tensors), record the ranks now live."""
-        self.live_rank = [0] * len(self.modules)
-        for i in staged.layer_indices:
-            self.live_rank[i] = staged.rank
-
-    @torch.no_grad()
-    def zero(self) -> None:
-        torch._foreach_zero_(self.A + self.B)
-        self.live_rank = [0] * len(self.modules)
-
-    def update_bookkeeping(self, staged: StagedAdapter) -> None:
-        """Keep PEFT's records true: ``peft_config`` and each layer's ``r``/``lora_alpha``."""
-        for m in self.modules:
-            m.r[ADAPTER_NAME] = staged.rank
-            m.lora_alpha[ADAPTER_NAME] = staged.lora_alpha
-        config = self.model.peft_config[ADAPTER_NAME]
+    def _update_bookkeeping(self, slot: int, staged: StagedAdapter | None) -> None:
+        """Keep PEFT's records true: ``peft_config`` and each layer's ``r``/``lora_alpha`` of the slot."""
+        if staged is None:
+            return
+        name = self.slot_names[slot]
+        for m in self._modules:
+            m.r[name] = staged.rank
+            m.lora_alpha[name] = staged.lora_alpha
+        config = self.peft_model.peft_config[name]
         config.r = staged.rank
         config.lora_alpha = staged.lora_alpha
         config.use_rslora = staged.use_rslora
         config.target_modules = set(staged.target_modules)
+
+    def _undo(self, slot: int, previous: StagedAdapter | None, restore: bool, why: str) -> SwapError:
+        """After a failed load or check of ``slot``: put ``previous`` back (one slot) or empty the slot (two)."""
+        serving = self.slots[self.scheduler.active].version
+        if restore:
+            try:
+                self._copy(slot, previous)
+                self._update_bookkeeping(slot, previous)
+            except Exception as e:
+                logger.exception("could not restore the previous adapter; this replica must be restarted")
+                return RestoreError(f"{why}; and the previous adapter could not be put back ({e})")
+            with self.scheduler.cond:
+                state = self.slots[slot]
+                state.version = previous.identity if previous is not None else BASE
+                state.scale = previous.scaling if previous is not None else 1.0
+                state.loading = False
+                self._staged[slot] = previous
+                self.scheduler.cond.notify_all()
+            logger.error("%s; previous adapter restored", why)
+            return SwapError(f"{why}; previous adapter restored")
+        try:
+            self._copy(slot, None)
+        except Exception:  # the slot stays empty either way: nothing joins it
+            logger.exception("could not zero slot %d after a failed load", slot)
+            self._live_rank[slot] = self.layout.max_rank
+        with self.scheduler.cond:
+            state = self.slots[slot]
+            state.version, state.loading = None, False
+            self._staged[slot] = None
+            self.scheduler.cond.notify_all()
+        logger.error("%s; slot %d emptied, still serving %s", why, slot, serving.uri)
+        return SwapError(f"{why}; still serving {serving.uri} (sha256 {serving.sha256[:12]})")
+
+    def _activate(self, slot: int) -> None:
+        with self.scheduler.cond:
+            previous, self.scheduler.active = self.scheduler.active, slot
+            self.scheduler.cond.notify_all()
+        if previous != slot:
+            logger.info("active slot %d -> %d (%s)", previous, slot, self.slots[slot].version.uri)
+
+
+def _name(staged: StagedAdapter | None) -> str:
+    return staged.identity.uri if staged is not None else "the base model"

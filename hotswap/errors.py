@@ -16,7 +16,8 @@ so callers may catch either::
     ├── StateConflictError       (RuntimeError)       another controller wrote the state: this one is fenced
     ├── ControllerUnavailableError (ConnectionError)  the controller died or is not ready yet
     ├── ControllerNotFoundError  (LookupError)        no running service/controller to talk to
-    └── RequestError             (ValueError)         a generation request is invalid
+    ├── RequestError             (ValueError)         a generation request is invalid
+    └── OverloadedError          (RuntimeError)       a replica's admission queue is full: retry later (429)
 
 Each class knows the HTTP status (``http_status``) and the CLI exit code (``exit_code``) it maps to;
 :func:`unwrap` turns Ray's wrappers (a task error around one of these, a dead actor) into one of them.
@@ -31,6 +32,7 @@ __all__ = [
     "AdapterValidationError",
     "ConfigError",
     "HotswapError",
+    "OverloadedError",
     "ControllerNotFoundError",
     "ControllerUnavailableError",
     "RequestError",
@@ -142,6 +144,16 @@ class RequestError(HotswapError, ValueError):
     """A generation request is invalid (prompt too long, bad sampling values, ...)."""
 
     http_status = 400
+
+
+class OverloadedError(HotswapError, RuntimeError):
+    """A replica's admission queue is full; the request was not taken (retry after ``retry_after_s``)."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def unwrap(error: BaseException) -> BaseException:

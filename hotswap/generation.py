@@ -1,25 +1,31 @@
-"""Batched generation with two fixed shapes, so a compiled model never compiles again after warm-up.
+"""The per-row pieces of generation: request checks, the per-row KV cache, sampling and incremental text.
 
-Every forward call has one of two shapes: a prefill chunk ``(max_batch_size,
-prefill_chunk_tokens)`` or a decode step ``(max_batch_size, 1)``, over a static KV cache of
-``max_seq_len + prefill_chunk_tokens`` slots. Prompts are left-padded to a multiple of the
-chunk; unused batch rows are padding. Each row's attention mask admits only its own tokens,
-so a row's greedy result does not depend on the other rows. (``torch.compile(model).generate``
-would run the uncompiled forward; this loop calls the compiled module directly.)
+The scheduler (:mod:`hotswap.scheduler`) runs every forward call in one of two shapes, a
+prefill chunk ``(max_batch_size, prefill_chunk_tokens)`` or a decode step ``(max_batch_size,
+1)``, so a compiled model never compiles again after warm-up. Rows join and leave between
+steps, so each row keeps its own positions: in :class:`RowCache` a token at position ``p`` of
+a row is stored in cache slot ``p`` of that row, and every write of a step goes to a per-row
+slot index (padding and rows that sit a step out write to a scratch region at the end that no
+query reads). A query at position ``p`` attends to slots ``0..p`` of its own row, which are
+exactly that row's tokens, so a row that joins late needs no reset and its result does not
+depend on the other rows. (``torch.compile(model).generate`` would run the uncompiled forward;
+the scheduler calls the compiled module directly.)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from hotswap.errors import RequestError
+from hotswap.versions import AdapterVersion
 
-__all__ = ["Completion", "SamplingParams", "StaticBatchGenerator", "TokenEvent"]
+__all__ = ["Completion", "IncrementalText", "RequestChecker", "RowCache", "SamplingParams", "TokenEvent",
+           "choose_tokens"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -42,6 +48,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
+    version: AdapterVersion | None = None  # the adapter version every token came from
 
     @property
     def completion_tokens(self) -> int:
@@ -50,72 +57,19 @@ class Completion:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Progress of one row: new text (possibly empty), and the finish reason once it is done."""
+    """Progress of one request: new text (possibly empty), and the finish reason once it is done."""
 
     row: int
     delta: str
     finish_reason: FinishReason | None = None
 
 
-@dataclass
-class _Row:
-    prompt_len: int
-    params: SamplingParams
-    generator: torch.Generator | None
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: FinishReason | None = None
+class RequestChecker:
+    """Tokenizes prompts and refuses requests that cannot be served within the window."""
 
-
-class StaticBatchGenerator:
-    """Runs ``forward`` (compiled or eager) over fixed shapes; not thread-safe (the engine's lock orders callers).
-
-    Args:
-        forward: the causal LM module (``LlamaForCausalLM`` with LoRA layers, or its compiled wrapper).
-        config: the model config (for the static cache).
-        tokenizer: a ``transformers`` tokenizer.
-        batch_size: rows per forward call.
-        chunk: prefill chunk length.
-        max_seq_len: prompt + completion tokens allowed per request.
-    """
-
-    def __init__(
-        self,
-        forward: Callable,
-        *,
-        config,
-        tokenizer,
-        batch_size: int,
-        chunk: int,
-        max_seq_len: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        from transformers import StaticCache
-
-        self.forward = forward
+    def __init__(self, tokenizer, *, max_seq_len: int) -> None:
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.chunk = chunk
         self.max_seq_len = max_seq_len
-        self.device = device
-        self.dtype = dtype
-        self.cache_len = max_seq_len + chunk
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.cache = StaticCache(config=config, max_cache_len=self.cache_len)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cache.early_initialization(
-            batch_size=batch_size,
-            num_heads=config.num_key_value_heads,
-            head_dim=head_dim,
-            dtype=dtype,
-            device=device,
-        )
-        self._slots = torch.arange(self.cache_len, device=device)
-        self._min = torch.finfo(dtype).min
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids for a prompt (text is tokenized with the tokenizer's special tokens)."""
@@ -144,144 +98,127 @@ class StaticBatchGenerator:
         if not 0 < params.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {params.top_p}")
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams]) -> list[Completion]:
-        """Generate for up to ``batch_size`` prompts together and return their completions."""
-        rows: list[_Row] = []
-        for _ in self.stream(prompts, params, rows_out=rows):
-            pass
-        return [Completion(r.text, r.tokens, r.finish_reason or "length", r.prompt_len) for r in rows]
 
-    @torch.no_grad()
-    def stream(
-        self,
-        prompts: Sequence[str | Sequence[int]],
-        params: Sequence[SamplingParams],
-        *,
-        rows_out: list | None = None,
-    ) -> Iterator[TokenEvent]:
-        """Yield :class:`TokenEvent` s as tokens are decided; every row ends with one carrying its finish reason."""
-        if not 1 <= len(prompts) <= self.batch_size or len(prompts) != len(params):
-            raise RequestError(f"a batch holds 1 to {self.batch_size} prompts, each with its params")
-        encoded = [self.encode(p) for p in prompts]
-        for ids, p in zip(encoded, params):
-            self.check(len(ids), p)
-        rows = [
-            _Row(len(ids), p, torch.Generator().manual_seed(p.seed) if p.seed is not None else None)
-            for ids, p in zip(encoded, params)
-        ]
-        if rows_out is not None:
-            rows_out.extend(rows)
+class RowCache:
+    """A static KV cache whose writes go to a per-row slot index (``(batch, cache_len)`` per layer).
 
-        logits, next_pos, valid, padded = self._prefill(encoded)
-        b = self.batch_size
-        for slot in range(padded, padded + max(p.max_tokens for p in params)):
-            chosen = self._choose(logits[:, -1, :].float(), rows)
-            for i, row in enumerate(rows):
-                if row.finish_reason is None:
-                    event = self._advance(i, row, chosen[i])
-                    if event is not None:
-                        yield event
-            if all(r.finish_reason is not None for r in rows):
-                return
-            valid[:, slot] = True
-            tokens = torch.tensor(chosen + [self.pad_id] * (b - len(chosen)), device=self.device).view(b, 1)
-            logits = self._step(tokens, next_pos, valid, slot)
-            next_pos = next_pos + 1
+    ``cache_len`` is ``max_seq_len + chunk``: positions ``0..max_seq_len-1`` plus ``chunk`` scratch
+    slots. Before each forward the scheduler writes the step's slot index into :attr:`index`
+    (prefill) or :attr:`decode_index` in place; the tensors keep their identity, so the compiled
+    graphs see the same inputs every step.
+    """
 
-    @torch.no_grad()
-    def last_logits(self, prompts: Sequence[str | Sequence[int]]) -> torch.Tensor:
-        """Next-token logits (float32, CPU) after each prompt, through the same prefill shape as generation."""
-        if not 1 <= len(prompts) <= self.batch_size:
-            raise RequestError(f"a batch holds 1 to {self.batch_size} prompts")
-        encoded = [self.encode(p) for p in prompts]
-        for ids in encoded:
-            self.check(len(ids), SamplingParams(max_tokens=1))
-        logits = self._prefill(encoded)[0]
-        return logits[: len(prompts), -1, :].float().cpu()
+    def __init__(self, config, *, batch_size: int, chunk: int, max_seq_len: int, device, dtype) -> None:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
 
-    def _prefill(self, encoded: list[list[int]]):
-        b, chunk = self.batch_size, self.chunk
-        padded = math.ceil(max(len(ids) for ids in encoded) / chunk) * chunk
-        input_ids = torch.full((b, padded), self.pad_id, dtype=torch.long)
-        positions = torch.zeros((b, padded), dtype=torch.long)
-        valid = torch.zeros((b, self.cache_len), dtype=torch.bool)
-        for i in range(b):
-            ids = encoded[i] if i < len(encoded) else [self.pad_id]
-            start = padded - len(ids)
-            input_ids[i, start:] = torch.tensor(ids)
-            positions[i, start:] = torch.arange(len(ids))
-            valid[i, start:padded] = True
-        input_ids, positions, valid = (t.to(self.device) for t in (input_ids, positions, valid))
-        self.cache.reset()
-        logits = None
-        for start in range(0, padded, chunk):
-            end = start + chunk
-            # contiguous copies: a slice keeps the padded tensor's stride, which would be a new guard per length
-            ids, pos = input_ids[:, start:end].contiguous(), positions[:, start:end].contiguous()
-            logits = self._step(ids, pos, valid, start)
-        return logits, positions[:, -1:] + 1, valid, padded
+        self.cache_len = max_seq_len + chunk
+        self.scratch = max_seq_len
+        self.prefill_index = torch.zeros((batch_size, chunk), dtype=torch.long, device=device)
+        self.decode_index = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
+        chunk_len = chunk
 
-    def _step(self, tokens, positions, valid, start: int):
-        q = tokens.shape[1]
-        slots = self._slots[start : start + q]
-        # a query attends to valid slots up to its own, and always to itself (a padding query would
-        # otherwise have no key at all and turn the cache's padding slots into NaN)
-        allowed = (valid[:, None, :] & (self._slots[None, None, :] <= slots[None, :, None])) | (
-            self._slots[None, None, :] == slots[None, :, None]
+        class _RowLayer(StaticLayer):
+            """StaticLayer whose update scatters each row's keys to its own slots."""
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                q = key_states.shape[-2]
+                index = owner.decode_index if q == 1 and chunk_len != 1 else owner.prefill_index
+                index = index[:, None, :, None]
+                self.keys.scatter_(2, index.expand(-1, key_states.shape[1], -1, key_states.shape[-1]), key_states)
+                self.values.scatter_(2, index.expand(-1, value_states.shape[1], -1, value_states.shape[-1]),
+                                     value_states)
+                return self.keys, self.values
+
+        owner = self
+        self.cache = StaticCache(config=config, max_cache_len=self.cache_len)
+        for layer in self.cache.layers:
+            if type(layer) is not StaticLayer:
+                raise TypeError(f"the base model's cache layers are {type(layer).__name__}; hotswap's scheduler "
+                                "supports full-attention models (StaticLayer) only")
+            layer.__class__ = _RowLayer
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache.early_initialization(
+            batch_size=batch_size, num_heads=config.num_key_value_heads, head_dim=head_dim, dtype=dtype,
+            device=device,
         )
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, self._min)
-        out = self.forward(
-            input_ids=tokens,
-            attention_mask=mask[:, None, :, :],
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
-        chosen = []
-        for i, row in enumerate(rows):
-            p = row.params
-            if p.temperature == 0 or row.finish_reason is not None:
-                chosen.append(greedy[i])
-                continue
-            # Shift so the top logit is 0, then scale in float64: a temperature that rounds to 0 in float32
-            # (the API allows any float >= 0) would give inf - inf = NaN; this way it tends to greedy.
-            row_logits = logits[i].cpu().double()
-            probs = torch.softmax((row_logits - row_logits.max()) / p.temperature, dim=-1)
-            if p.top_p < 1:
-                sorted_probs, order = probs.sort(descending=True)
-                keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
-                probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-            chosen.append(int(torch.multinomial(probs, 1, generator=row.generator)))
-        return chosen
 
-    def _advance(self, i: int, row: _Row, token: int) -> TokenEvent | None:
-        if token in self.eos_ids and not row.params.ignore_eos:
-            return self._finish(i, row, "stop")
-        row.tokens.append(token)
-        row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        for stop in row.params.stop:
-            at = row.text.find(stop)
-            if stop and at != -1:
-                row.text = row.text[:at]
-                return self._finish(i, row, "stop")
-        if len(row.tokens) >= row.params.max_tokens:
-            return self._finish(i, row, "length")
-        # hold back what could still become a stop string or an incomplete UTF-8 character
-        hold = max((len(s) - 1 for s in row.params.stop), default=0)
-        safe = len(row.text) - hold
-        while safe > row.emitted and row.text[safe - 1] == "\ufffd":
-            safe -= 1
-        if safe > row.emitted:
-            delta, row.emitted = row.text[row.emitted : safe], safe
-            return TokenEvent(i, delta)
-        return None
+def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams | None],
+                  generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One next token per row of ``logits`` (float32); rows whose params are ``None`` get the greedy token."""
+    greedy = logits.argmax(dim=-1).tolist()
+    chosen = []
+    for i, p in enumerate(params):
+        if p is None or p.temperature == 0:
+            chosen.append(greedy[i])
+            continue
+        # Shift so the top logit is 0, then scale in float64: a temperature that rounds to 0 in float32
+        # (the API allows any float >= 0) would give inf - inf = NaN; this way it tends to greedy.
+        row_logits = logits[i].cpu().double()
+        probs = torch.softmax((row_logits - row_logits.max()) / p.temperature, dim=-1)
+        if p.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        chosen.append(int(torch.multinomial(probs, 1, generator=generators[i])))
+    return chosen
 
-    def _finish(self, i: int, row: _Row, reason: FinishReason) -> TokenEvent:
-        row.finish_reason = reason
-        delta, row.emitted = row.text[row.emitted :], len(row.text)
-        return TokenEvent(i, delta, reason)
+
+@dataclass
+class IncrementalText:
+    """A completion's text, decoded incrementally: each token decodes a short window, never the whole text.
+
+    The window starts a few tokens back (``prefix``) so that tokenizers whose decoders strip or
+    merge at the start of a sequence decode the new tokens the same way as in the full text;
+    text that ends in an incomplete UTF-8 character (``\\ufffd``) waits for the next token.
+    What could still become a stop string is held back, never sent and then taken back.
+    """
+
+    tokenizer: object
+    stop: tuple[str, ...] = ()
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    _prefix: int = 0
+    _read: int = 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Append ``token``; return the text that may be sent now and whether a stop string ended it."""
+        self.tokens.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.tokens)
+            for stop in self.stop:
+                at = self.text.find(stop, searched_from) if stop else -1
+                if at != -1:
+                    self.text = self.text[:at]
+                    return self.flush(), True
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = max(self.emitted, len(self.text) - hold)
+        delta, self.emitted = self.text[self.emitted:safe], safe
+        return delta, False
+
+    def finish(self) -> str:
+        """The rest of the text, including an incomplete character at the end; call once, at the end."""
+        decode = self.tokenizer.decode
+        if self._read < len(self.tokens):
+            before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+            after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
+            self.text += after[len(before):]
+            self._read = len(self.tokens)
+            for stop in self.stop:
+                at = self.text.find(stop) if stop else -1
+                if at != -1:
+                    self.text = self.text[:at]
+        return self.flush()
+
+    def flush(self) -> str:
+        delta, self.emitted = self.text[self.emitted:], len(self.text)
+        return delta

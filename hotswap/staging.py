@@ -1,10 +1,11 @@
 """Staging: turn a validated adapter into exactly the tensors a replica copies, once.
 
 A :class:`StagedAdapter` is what travels to replicas (through the Ray object store):
-the LoRA matrices in the model's dtype, on CPU (pinned when CUDA is present), ordered as
-the :class:`~hotswap.validation.ModelSpec` orders its layers, plus the adapter's identity
-(an :class:`~hotswap.versions.AdapterVersion`) and the spec fingerprint it was staged for. Staging happens once per
-adapter version, however many replicas apply it.
+the LoRA matrices in the model's dtype, on CPU (pinned when CUDA is present), packed in the
+replicas' rank-major slot layout (:mod:`hotswap.slots`: one contiguous ``(rank, R)`` buffer,
+so a replica's swap is one memcpy), plus the adapter's identity (an
+:class:`~hotswap.versions.AdapterVersion`) and the spec fingerprint it was staged for. Staging
+happens once per adapter version, however many replicas apply it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hotswap.slots import SlotLayout
 from hotswap.validation import ModelSpec, ValidatedAdapter
 from hotswap.versions import AdapterVersion
 
@@ -26,9 +28,10 @@ AdapterIdentity = AdapterVersion  # the name engine and replica code used before
 class StagedAdapter:
     """Validated, remapped, dtype-converted LoRA tensors, ready for :meth:`SwapEngine.apply`.
 
-    ``layer_indices[i]`` is the position in the spec's layer list of the module whose
-    matrices are ``lora_A[i]`` (rank x in) and ``lora_B[i]`` (out x rank). Layers of the spec
-    that are not listed are zeroed by a swap.
+    ``packed`` is the ``(rank, R)`` prefix of a slot buffer in ``layout``; ``lora_A[i]``
+    (rank x in) and ``lora_B[i]`` (out x rank) are views into it for the spec layer
+    ``layer_indices[i]``. Layers of the spec that are not listed are zero in ``packed``.
+    Only ``packed`` is pickled (the views are rebuilt), so it crosses the object store once.
     """
 
     identity: AdapterIdentity
@@ -38,16 +41,31 @@ class StagedAdapter:
     use_rslora: bool
     target_modules: tuple[str, ...]
     layer_indices: tuple[int, ...]
-    lora_A: tuple[torch.Tensor, ...]
-    lora_B: tuple[torch.Tensor, ...]
+    packed: torch.Tensor
+    layout: SlotLayout
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
     @property
+    def lora_A(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.layout.a_view(self.packed, i) for i in self.layer_indices)
+
+    @property
+    def lora_B(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.layout.b_view(self.packed, i) for i in self.layer_indices)
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.lora_A, *self.lora_B))
+        """Bytes of the adapter's own matrices (what a per-tensor copy would move)."""
+        return sum(self.rank * (self.layout.in_features[i] + self.layout.out_features[i]) for i in self.layer_indices
+                   ) * self.packed.element_size()
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes a swap copies (the adapter's rank rows of every layer of the slot, untargeted ones zero)."""
+        return self.packed.numel() * self.packed.element_size()
 
     def peft_state_dict(self, spec: ModelSpec, adapter_name: str) -> dict[str, torch.Tensor]:
         """The same tensors keyed for PEFT's ``hotswap_adapter_from_state_dict`` on a PeftModel."""
@@ -88,15 +106,9 @@ def stage_adapter(
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     index = {layer.name: i for i, layer in enumerate(spec.layers)}
-    items = sorted((index[name], pair) for name, pair in validated.tensors.items())
-    lora_a, lora_b = [], []
-    for _, (a, b) in items:
-        a = a.to(dtype=dtype).contiguous()
-        b = b.to(dtype=dtype).contiguous()
-        if pin_memory:
-            a, b = a.pin_memory(), b.pin_memory()
-        lora_a.append(a)
-        lora_b.append(b)
+    items = dict(sorted((index[name], pair) for name, pair in validated.tensors.items()))
+    layout = SlotLayout.from_spec(spec)
+    packed = layout.pack(validated.rank, items, dtype=dtype, pin_memory=pin_memory)
     return StagedAdapter(
         identity=AdapterVersion(validated.uri, validated.sha256, validated.config_sha256),
         spec_fingerprint=spec.fingerprint,
@@ -104,7 +116,7 @@ def stage_adapter(
         lora_alpha=validated.lora_alpha,
         use_rslora=validated.use_rslora,
         target_modules=validated.target_modules,
-        layer_indices=tuple(i for i, _ in items),
-        lora_A=tuple(lora_a),
-        lora_B=tuple(lora_b),
+        layer_indices=tuple(items),
+        packed=packed,
+        layout=layout,
     )

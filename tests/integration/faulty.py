@@ -4,14 +4,16 @@ replicas share the file system):
 - ``hold-<replica id>``: the replica waits before its next swap (a test can act "mid-rollout");
 - it writes ``swapping-<replica id>`` while a swap runs (including its wait for requests in flight);
 - ``fail-<replica id>``: its smoke check fails;
-- ``hold-request``: a request sent with ``seed == HOLD_SEED`` stops inside the engine's request
-  lock, before its first token, and writes ``holding-<replica id>`` while it waits.
+- ``hold-request``: a request sent with ``seed == HOLD_SEED`` joins a row of the running batch (on
+  the slot active then) and sits out every step before its first token, writing
+  ``holding-<replica id>`` while it waits; the other rows keep running.
 
 Every wait is bounded (60 s) so that a test that forgets a marker still ends.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -34,21 +36,29 @@ class _FaultyReplica(ModelReplica.func_or_class):
     async def __init__(self, settings) -> None:
         await super().__init__(settings)
         marks = Path(settings.cache_dir) / "fault-marks"
-        generator = self.engine.generator
-        original = generator.stream
+        engine = self.engine
+        original = engine.submit
         replica_id = self.replica_id
 
-        def stream(prompts, params, **kwargs):
-            if any(p.seed == HOLD_SEED for p in params):  # runs under the engine's request lock
-                holding = marks / f"holding-{replica_id}"
-                holding.touch()
-                try:
-                    _wait_while(marks / "hold-request")
-                finally:
-                    holding.unlink(missing_ok=True)
-            yield from original(prompts, params, **kwargs)
+        def release(ticket) -> None:
+            holding = marks / f"holding-{replica_id}"
+            holding.touch()
+            try:
+                _wait_while(marks / "hold-request")
+            finally:
+                holding.unlink(missing_ok=True)
+                ticket.held = False
+                engine.scheduler.wake()
 
-        generator.stream = stream
+        def submit(token_ids, params, **kwargs):
+            ticket = original(token_ids, params, **kwargs)
+            if params.seed == HOLD_SEED and (marks / "hold-request").exists():
+                # it joins a row (on the active slot) and sits out every step until the mark is gone
+                ticket.held = True
+                threading.Thread(target=release, args=(ticket,), daemon=True).start()
+            return ticket
+
+        engine.submit = submit
 
     def _swap_and_check(self, staged):
         marks = Path(self.settings.cache_dir) / "fault-marks"
@@ -60,10 +70,10 @@ class _FaultyReplica(ModelReplica.func_or_class):
         finally:
             swapping.unlink(missing_ok=True)
 
-    def _smoke_check(self):
+    def _smoke_check(self, slot):
         if (Path(self.settings.cache_dir) / "fault-marks" / f"fail-{self.replica_id}").exists():
             raise RuntimeError("injected smoke-check failure")
-        super()._smoke_check()
+        super()._smoke_check(slot)
 
 
 FaultyReplica = serve.deployment(_FaultyReplica, name="ModelReplica", ray_actor_options={"num_cpus": 0.3},

@@ -1,15 +1,18 @@
-"""The swap engine on a torch.compile'd model: same outputs as eager PEFT, no recompiles, nothing half-swapped."""
+"""The swap engine on a torch.compile'd model: same outputs as eager PEFT, no recompiles, nothing half-swapped;
+swaps into the idle slot that never drain, and a one-slot engine that does."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
 
-from hotswap.engine import SwapEngine, SwapLock
-from hotswap.errors import SwapError
+from hotswap.engine import SwapEngine
+from hotswap.errors import RequestError, SwapError
+from hotswap.generation import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +76,25 @@ def test_swap_changes_outputs_and_keeps_every_data_ptr(compiled_engine, adapters
 def test_peft_bookkeeping_is_kept_true(compiled_engine, adapters, stage):
     engine = compiled_engine
     engine.apply(stage(adapters["r4-mlp-rslora"]))
-    config = engine.peft_model.peft_config["default"]
+    name = engine.slot_names[engine.active_slot]
+    config = engine.peft_model.peft_config[name]
     assert (config.r, config.lora_alpha, config.use_rslora) == (4, 3, True)
     assert config.target_modules == {"gate_proj", "down_proj"}
     for module in engine.peft_model.modules():
-        if hasattr(module, "r") and isinstance(module.r, dict) and "default" in module.r:
-            assert module.r["default"] == 4 and module.lora_alpha["default"] == 3
-            assert module.scaling["default"].item() == pytest.approx(3 / 2)  # alpha / sqrt(r)
+        if hasattr(module, "r") and isinstance(module.r, dict) and name in module.r:
+            assert module.r[name] == 4 and module.lora_alpha[name] == 3
+            assert module.scaling[name].shape == (engine.settings.max_batch_size, 1, 1)  # the per-row selector
+    assert engine.slots[engine.active_slot].scale == pytest.approx(3 / 2)  # alpha / sqrt(r)
+
+
+def test_lora_weights_are_views_of_one_contiguous_buffer_per_slot(compiled_engine):
+    engine = compiled_engine
+    for k, name in enumerate(engine.slot_names):
+        buffer = engine._buffers[k]
+        start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel() * buffer.element_size()
+        for m in engine._modules:
+            for weight in (m.lora_A[name].weight, m.lora_B[name].weight):
+                assert start <= weight.data_ptr() < end and weight.untyped_storage().data_ptr() == start
 
 
 def _compiled_peft(tiny_base, folder):
@@ -96,11 +111,9 @@ def _compiled_peft(tiny_base, folder):
 
 
 def test_control_a_swap_mid_generation_gives_a_torn_text(compiled_engine, adapters, stage):
-    """The control of the integration check "every text equals the output of the version it names": decoding
-    straight from the generator (around the request lock) and swapping after the first token yields an output
-    that is neither version's, so a torn response cannot pass that check."""
-    from hotswap.generation import SamplingParams
-
+    """The control of the check "every text equals the output of the version it names": writing a version into
+    the slot a row is reading (what the slots exist to avoid) after its first token yields an output that is
+    neither version's, so a torn response cannot pass that check."""
     engine = compiled_engine
     first, second = stage(adapters["r16-all"]), stage(adapters["r2-o"])
     params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)]
@@ -109,11 +122,26 @@ def test_control_a_swap_mid_generation_gives_a_torn_text(compiled_engine, adapte
     [whole_second], _ = engine.generate(prompt, params)
     engine.apply(first)
     [whole_first], _ = engine.generate(prompt, params)
-    rows: list = []
-    for i, _ in enumerate(engine.generator.stream(prompt, params, rows_out=rows)):  # no request lock held
-        if i == 0:
-            engine.apply(second)  # the writer lock is free: nothing stops the swap mid-generation
-    torn = rows[0].tokens
+    done = threading.Event()
+    torn: list = []
+    active = engine.active_slot
+
+    def on_event(event):
+        from hotswap.generation import TokenEvent
+        from hotswap.scheduler import Finished
+
+        if isinstance(event, TokenEvent) and not torn:
+            torn.append("swapped")
+            engine._copy(active, second)  # between two steps, into the slot the row reads: no claim, no check
+            engine.slots[active].scale = second.scaling
+            engine.scheduler._selector_dirty = True
+        elif isinstance(event, Finished):
+            torn[:] = event.completion.token_ids
+            done.set()
+
+    engine.submit(engine.encode(prompt[0]), params[0], on_event=on_event)
+    assert done.wait(60)
+    engine.apply(first)  # a proper swap puts a known version back (the slot's records were bypassed above)
     # compared as token ids: this tiny random model often decodes to U+FFFD, so texts can collide (the
     # integration test only uses prompts whose texts differ between every pair of versions)
     assert whole_first.token_ids != whole_second.token_ids
@@ -155,16 +183,22 @@ def test_control_unprepared_alpha_change_recompiles(tiny_base, adapters):
 
 @pytest.fixture(scope="module")
 def eager_pair(base_settings):
-    """Two uncompiled engines: one swaps with our foreach routine, the other with PEFT's function."""
+    """Two uncompiled engines: one swaps with our contiguous slot copy, the other with PEFT's function."""
     settings = base_settings.model_copy(update={"compile": False})
     return SwapEngine.build(settings, warmup=False), SwapEngine.build(settings, warmup=False)
+
+
+@pytest.fixture(scope="module")
+def one_slot(base_settings):
+    """An uncompiled engine with one adapter slot: a swap drains."""
+    return SwapEngine.build(base_settings.model_copy(update={"compile": False, "adapter_slots": 1}), warmup=False)
 
 
 def _lora_state(engine):
     return {n: p.detach().clone() for n, p in engine.peft_model.named_parameters() if "lora_" in n}
 
 
-def test_foreach_swap_equals_peft_hotswap_from_state_dict(eager_pair, adapters, stage):
+def test_slot_copy_equals_peft_hotswap_from_state_dict(eager_pair, adapters, stage):
     ours, peft = eager_pair
     for name in ["r16-all", "r2-o", "r8-qv", "r4-mlp-rslora", "r12-kv-dropout", "r16-all"]:
         staged = stage(adapters[name])
@@ -174,25 +208,44 @@ def test_foreach_swap_equals_peft_hotswap_from_state_dict(eager_pair, adapters, 
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs"
-        for m_ours, m_peft, index in zip(ours._swapper.modules, peft._swapper.modules, range(10**6)):
-            if index in staged.layer_indices:
-                assert torch.equal(m_ours.scaling["default"], m_peft.scaling["default"])
+        assert [s.scale for s in ours.slots] == [s.scale for s in peft.slots]  # PEFT's own scaling, kept
         assert torch.equal(ours.last_logits(PROMPTS), peft.last_logits(PROMPTS))
 
 
-def test_failed_swap_is_undone(eager_pair, adapters, stage):
+def test_failed_load_leaves_the_active_slot_serving_and_empties_the_other(eager_pair, adapters, stage):
     engine = eager_pair[0]
     good = stage(adapters["r8-qv"])
     engine.apply(good)
-    before, identity, swaps = _lora_state(engine), engine.identity, engine.swaps
+    active, logits = engine.active_slot, engine.last_logits(PROMPTS)
+    before = _lora_state(engine)
     other = stage(adapters["r16-all"])
-    # a source that cannot be read (a meta tensor): the copy fails on the last layer, after the others were written
-    broken = dataclasses.replace(other, lora_B=other.lora_B[:-1] + (torch.empty(32, 16, device="meta"),))
-    with pytest.raises(SwapError, match="was undone"):
+    broken = dataclasses.replace(other, packed=torch.empty(other.packed.shape, device="meta"))  # cannot be read
+    with pytest.raises(SwapError, match=f"still serving {good.identity.uri}"):
         engine.apply(broken)
+    assert engine.active_slot == active and engine.identity == good.identity
+    assert torch.equal(engine.last_logits(PROMPTS), logits)
+    active_name = engine.slot_names[active]
     after = _lora_state(engine)
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert engine.identity == identity and engine.swaps == swaps
+    assert all(torch.equal(before[k], after[k]) for k in before if f".{active_name}." in k)
+    assert engine.slots[engine.idle_slot()].version is None  # emptied: nothing joins it
+    with pytest.raises(RequestError, match="holds no version"):
+        engine.generate(["x"], [SamplingParams(max_tokens=1)], slot=engine.idle_slot())
+    engine.apply(other)  # the emptied slot takes the next version
+    assert engine.identity == other.identity
+
+
+def test_failed_load_with_one_slot_restores_the_previous_adapter(one_slot, adapters, stage):
+    engine = one_slot
+    good = stage(adapters["r8-qv"])
+    engine.apply(good)
+    before, logits = _lora_state(engine), engine.last_logits(PROMPTS)
+    other = stage(adapters["r16-all"])
+    broken = dataclasses.replace(other, packed=torch.empty(other.packed.shape, device="meta"))
+    with pytest.raises(SwapError, match="previous adapter restored"):
+        engine.apply(broken)
+    assert engine.identity == good.identity
+    assert all(torch.equal(before[k], v) for k, v in _lora_state(engine).items())
+    assert torch.equal(engine.last_logits(PROMPTS), logits)
 
 
 def test_adapter_staged_for_another_layout_is_refused(eager_pair, adapters, stage):
@@ -204,123 +257,169 @@ def test_adapter_staged_for_another_layout_is_refused(eager_pair, adapters, stag
     assert all(torch.equal(before[k], v) for k, v in _lora_state(engine).items())
 
 
-def test_swap_waits_for_the_request_in_flight_and_holds_new_ones_back():
-    lock = SwapLock()
-    events = []
-    in_request, release = threading.Event(), threading.Event()
+class _Events:
+    """Records one request's events (from the scheduler thread) and lets a test wait for them."""
 
-    def request(name, hold=False):
-        with lock.request():
-            events.append(f"{name}-start")
-            if hold:
-                in_request.set()
-                release.wait(5)
-            events.append(f"{name}-end")
+    def __init__(self, log: list | None = None, name: str = "") -> None:
+        self.tokens, self.done, self.version, self.completion = 0, threading.Event(), None, None
+        self.first_token = threading.Event()
+        self.log, self.name = log, name
 
-    def swap():
-        with lock.swap(timeout_s=5):
-            events.append("swap")
+    def __call__(self, event) -> None:
+        from hotswap.generation import TokenEvent
+        from hotswap.scheduler import Failed, Finished, Started
 
-    first = threading.Thread(target=request, args=("r1", True))
-    first.start()
-    in_request.wait(5)
-    swapper = threading.Thread(target=swap)
-    swapper.start()
-    while not lock.swap_waiting:
-        threading.Event().wait(0.005)
-    late = threading.Thread(target=request, args=("r2",))
-    late.start()
-    threading.Event().wait(0.05)
-    assert events == ["r1-start"]  # the swap waits for r1; r2 waits behind the swap
-    release.set()
-    for t in (first, swapper, late):
-        t.join(5)
-    assert events == ["r1-start", "r1-end", "swap", "r2-start", "r2-end"]
+        if isinstance(event, Started):
+            self.version = event.version
+        elif isinstance(event, TokenEvent):
+            self.tokens += 1
+            self.first_token.set()
+        elif isinstance(event, (Finished, Failed)):
+            self.completion = getattr(event, "completion", None)
+            if self.log is not None:
+                self.log.append(f"{self.name}-end")
+            self.done.set()
 
 
-def test_swap_gives_up_after_its_timeout_without_changing_anything():
-    lock = SwapLock()
-    entered, release = threading.Event(), threading.Event()
-
-    def hold():
-        with lock.request():
-            entered.set()
-            release.wait(5)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    entered.wait(5)
-    with pytest.raises(SwapError, match="did not finish within 0.05 s"):
-        with lock.swap(timeout_s=0.05):
-            pass
-    release.set()
-    t.join(5)
-    with lock.request():  # the lock is usable again
-        pass
+LONG = SamplingParams(max_tokens=40, ignore_eos=True)
 
 
-def test_no_request_runs_on_a_swapped_adapter_before_its_smoke_check_passes(eager_pair, adapters, stage):
-    """Defect 9: the swap released the lock before the smoke check took it, so queued requests could run on
-    an unchecked adapter. ``swap_checked`` holds the lock across both."""
-    from hotswap.generation import SamplingParams
-
+def test_two_slots_a_swap_with_rows_in_flight_does_not_wait_for_them(eager_pair, adapters, stage):
     engine = eager_pair[0]
+    old, new = stage(adapters["r8-qv"]), stage(adapters["r2-o"])
+    engine.apply(old)
+    [alone], _ = engine.generate([PROMPTS[0]], [LONG])
+    log: list[str] = []
+    long = _Events(log, "long")
+    engine.submit(engine.encode(PROMPTS[0]), LONG, on_event=long)
+    assert long.first_token.wait(30)
+    timings = engine.swap_checked(new)
+    log.append("swapped")
+    assert timings.drain_ms < 50  # nothing to wait for (a lock and a condition check); never a generation
+    late = engine.generate([PROMPTS[0]], [LONG])[0][0]
+    assert long.done.wait(60)
+    assert log == ["swapped", "long-end"]  # the swap and its smoke check ran while the long row was in flight
+    assert long.completion.version == old.identity and long.completion.token_ids == alone.token_ids
+    assert late.version == new.identity and late.token_ids != alone.token_ids
+
+
+def test_two_slots_a_third_version_waits_only_for_the_older_slots_rows(eager_pair, adapters, stage):
+    engine = eager_pair[0]
+    first, second, third = (stage(adapters[n]) for n in ("r8-qv", "r2-o", "r16-all"))
+    engine.apply(first)
+    log: list[str] = []
+    on_first = _Events(log, "first")
+    engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=20, ignore_eos=True), on_event=on_first)
+    assert on_first.first_token.wait(30)
+    engine.swap_checked(second)  # into the free slot: no wait
+    on_second = _Events(log, "second")
+    engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=55, ignore_eos=True), on_event=on_second)
+    assert on_second.first_token.wait(30)
+    with pytest.raises(SwapError, match="still read adapter slot"):
+        engine.swap_checked(third, timeout_s=0.01)  # the older slot is busy: refused after the timeout
+    assert engine.identity == second.identity and on_first.version == first.identity
+    timings = engine.swap_checked(third, timeout_s=60)
+    log.append("third")
+    assert log[:2] == ["first-end", "third"]  # it waited for the first version's row, not the second's
+    assert on_second.done.wait(60) and on_second.completion.version == second.identity
+    assert timings.drain_ms > 0 and engine.identity == third.identity
+
+
+def test_one_slot_a_swap_waits_for_the_rows_in_flight_and_holds_new_ones_back(one_slot, adapters, stage):
+    engine = one_slot
+    old, new = stage(adapters["r8-qv"]), stage(adapters["r2-o"])
+    engine.apply(old)
+    log: list[str] = []
+    long = _Events(log, "long")
+    engine.submit(engine.encode(PROMPTS[0]), LONG, on_event=long)
+    assert long.first_token.wait(30)
+    swapper = threading.Thread(target=lambda: (engine.swap_checked(new, timeout_s=60), log.append("swapped")))
+    swapper.start()
+    while not engine.scheduler.hold_unpinned:
+        time.sleep(0.002)
+    late = _Events(log, "late")
+    engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=1), on_event=late)
+    assert late.done.wait(60)
+    swapper.join(60)
+    assert log == ["long-end", "swapped", "late-end"]  # the late request waited behind the swap
+    assert long.completion.version == old.identity and late.completion.version == new.identity
+
+
+def test_one_slot_a_swap_gives_up_after_its_timeout_without_changing_anything(one_slot, adapters, stage):
+    engine = one_slot
+    old = stage(adapters["r8-qv"])
+    engine.apply(old)
+    before = _lora_state(engine)
+    long = _Events()
+    engine.submit(engine.encode(PROMPTS[0]), LONG, on_event=long)
+    assert long.first_token.wait(30)
+    with pytest.raises(SwapError, match="after 0.01 s; the swap was not made"):
+        engine.swap_checked(stage(adapters["r2-o"]), timeout_s=0.01)
+    assert long.done.wait(60) and long.completion.version == old.identity
+    assert engine.identity == old.identity and not engine.scheduler.hold_unpinned
+    assert all(torch.equal(before[k], v) for k, v in _lora_state(engine).items())
+    assert engine.generate(["ok"], [SamplingParams(max_tokens=1)])[1] == old.identity  # still serves
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_no_request_joins_a_new_version_before_its_smoke_check_passes(eager_pair, one_slot, adapters, stage, slots):
+    """Defect 9 (v1): requests could run on an unchecked adapter. Here nothing unpinned joins the loaded slot
+    before the check passes, and after a failed check the old version serves."""
+    engine = eager_pair[0] if slots == 2 else one_slot
     engine.apply(stage(adapters["r8-qv"]))
+    previous = engine.identity
     seen: list[str] = []
-    started = threading.Event()
 
-    def request():
-        started.set()
-        _, identity = engine.generate([engine.generator.encode("Hello")], [SamplingParams(max_tokens=1)])
-        seen.append(identity.uri)
-
-    def check():
-        worker.start()
-        started.wait(10)
-        worker.join(0.3)  # the request is queued behind the swap lock: it cannot finish during the check
+    def check(slot):
+        events = _Events()
+        engine.submit(engine.encode("Hello"), SamplingParams(max_tokens=1), on_event=events)  # not pinned
+        if slots == 2:
+            assert events.done.wait(30)  # it ran meanwhile, on the active slot
+            seen.append(events.version.uri)
+        else:
+            assert not events.done.wait(0.3)  # it waits: nothing runs while the only slot is being checked
+            waiting.append(events)
+        engine.smoke_check(slot)  # pinned requests do run on the loaded slot
         seen.append("checked")
         raise RuntimeError("injected smoke-check failure")
 
-    worker = threading.Thread(target=request)
-    previous = engine.identity
-    with pytest.raises(SwapError, match="previous adapter restored"):
+    waiting: list = []
+    with pytest.raises(SwapError, match="smoke check failed"):
         engine.swap_checked(stage(adapters["r16-all"]), check=check)
-    worker.join(30)
-    assert seen == ["checked", previous.uri]  # the request ran after the check, on the restored adapter
+    for events in waiting:
+        assert events.done.wait(30)
+        seen.append(events.version.uri)
+    assert seen == ([previous.uri, "checked"] if slots == 2 else ["checked", previous.uri])
     assert engine.identity == previous
 
 
-def test_control_a_check_outside_the_lock_lets_a_request_run_on_the_unchecked_adapter(eager_pair, adapters, stage):
-    """The v1 order (swap, release, then check): the same queued request runs on the new adapter first."""
-    from hotswap.generation import SamplingParams
-
+def test_control_activating_before_the_check_lets_a_request_run_on_the_unchecked_version(eager_pair, adapters,
+                                                                                        stage):
+    """The v1 order (swap, admit, then check): the same request runs on the new version first."""
     engine = eager_pair[0]
     engine.apply(stage(adapters["r8-qv"]))
-    seen: list[str] = []
     new = stage(adapters["r16-all"])
-    worker = threading.Thread(target=lambda: seen.append(engine.generate(
-        [engine.generator.encode("Hello")], [SamplingParams(max_tokens=1)])[1].uri))
-    engine.apply(new)
-    worker.start()
-    worker.join(30)
-    seen.append("checked")
+    slot = engine.idle_slot()
+    engine.load(slot, new)
+    engine.activate(slot)
+    seen = [engine.generate(["Hello"], [SamplingParams(max_tokens=1)])[1].uri, "checked"]
     assert seen == [new.identity.uri, "checked"]
 
 
-def test_a_failed_restore_after_a_failed_check_raises_restore_error(eager_pair, adapters, stage, monkeypatch):
+def test_a_failed_restore_after_a_failed_check_raises_restore_error(one_slot, adapters, stage, monkeypatch):
     from hotswap.engine import RestoreError
 
-    engine = eager_pair[0]
+    engine = one_slot
     engine.apply(stage(adapters["r8-qv"]))
-    real = engine._swap_locked
+    real = engine._copy
     calls = {"n": 0}
 
-    def second_fails(staged, method="foreach"):
+    def second_fails(slot, staged):
         calls["n"] += 1
         if calls["n"] == 2:
             raise SwapError("injected: the device failed")
-        return real(staged, method)
+        return real(slot, staged)
 
-    monkeypatch.setattr(engine, "_swap_locked", second_fails)
+    monkeypatch.setattr(engine, "_copy", second_fails)
     with pytest.raises(RestoreError, match="could not be put back"):
-        engine.swap_checked(stage(adapters["r16-all"]), check=lambda: (_ for _ in ()).throw(RuntimeError("bad")))
+        engine.swap_checked(stage(adapters["r16-all"]), check=lambda slot: (_ for _ in ()).throw(RuntimeError("bad")))

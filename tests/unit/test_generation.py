@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -119,15 +120,24 @@ def test_max_tokens_stop_strings_and_eos(compiled_engine, adapters, stage):
 
 
 def test_streamed_deltas_add_up_to_the_text(compiled_engine):
+    from hotswap.generation import TokenEvent
+
     engine = compiled_engine
     params = [SamplingParams(max_tokens=10, ignore_eos=True), SamplingParams(max_tokens=4, ignore_eos=True)]
-    with engine.stream(["stream one", "two"], params) as (events, identity):
-        collected = {0: "", 1: ""}
-        finished = {}
-        for event in events:
-            collected[event.row] += event.delta
-            if event.finish_reason:
-                finished[event.row] = event.finish_reason
+    collected, finished, done = {0: "", 1: ""}, {}, [threading.Event(), threading.Event()]
+
+    def on_event(i):
+        def record(event):
+            if isinstance(event, TokenEvent):
+                collected[i] += event.delta
+                if event.finish_reason:
+                    finished[i] = event.finish_reason
+                    done[i].set()
+        return record
+
+    for i, prompt in enumerate(["stream one", "two"]):
+        engine.submit(engine.encode(prompt), params[i], on_event=on_event(i))
+    assert all(d.wait(60) for d in done)
     completions, _ = engine.generate(["stream one", "two"], params)
     assert collected == {0: completions[0].text, 1: completions[1].text}
     assert finished == {0: "length", 1: "length"}

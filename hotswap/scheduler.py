@@ -1,0 +1,442 @@
+"""The replica's scheduler: one thread owns the model and batches at the iteration level.
+
+The batch has ``max_batch_size`` rows. A request waits in a bounded admission queue, joins a
+free row before the next step and leaves it when it finishes (or its caller cancels it), so a
+short request never waits for a long one. Each step is one of the two compiled shapes:
+
+- a **prefill** chunk ``(max_batch_size, prefill_chunk_tokens)`` for the rows still reading their
+  prompt (a prompt is left-padded to a multiple of the chunk so its last token ends a chunk and
+  gives the first token's logits);
+- a **decode** step ``(max_batch_size, 1)`` for the rows generating.
+
+When both kinds of rows exist the steps alternate, so streams keep flowing while a long
+prompt is read. Rows that sit a step out compute padding that writes to the cache's scratch
+slots (:class:`~hotswap.generation.RowCache`), so their state is untouched.
+
+**Adapter slots.** The model carries ``adapter_slots`` (1 or 2) LoRA adapters, all active in one
+compiled graph; each has one per-row scaling tensor ``(max_batch_size, 1, 1)`` shared by all its
+layers (:class:`SlotSelector`). Before a step the scheduler writes, for every row, the slot's
+scaling into the slot the row reads and 0 into the other, so each row reads exactly one slot.
+A row keeps the slot it joined on to its last token; a request that does not name a slot joins
+the *active* one. The engine (:mod:`hotswap.engine`) loads a new version into the slot no row
+reads, checks it there with a request pinned to it, then makes it active: no drain, and no
+answer ever mixes two versions.
+
+Events go to each request's ``on_event`` callback from the scheduler thread: :class:`Started`
+(the version it runs on), one :class:`~hotswap.generation.TokenEvent` per token (its text may
+be empty while held back), :class:`Logits` (if asked),
+then :class:`Finished` or :class:`Failed`. Callbacks must be quick and must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hotswap.errors import OverloadedError, RequestError, SwapError
+from hotswap.generation import (
+    Completion,
+    IncrementalText,
+    RequestChecker,
+    RowCache,
+    SamplingParams,
+    TokenEvent,
+    choose_tokens,
+)
+from hotswap.versions import BASE, AdapterVersion
+
+__all__ = ["Failed", "Finished", "Logits", "Scheduler", "SlotSelector", "SlotState", "Started", "Ticket"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Started:
+    version: AdapterVersion
+    slot: int
+
+
+@dataclass(frozen=True)
+class Logits:
+    logits: torch.Tensor  # float32, CPU: the next-token logits after the prompt
+
+
+@dataclass(frozen=True)
+class Finished:
+    completion: Completion
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+@dataclass
+class SlotState:
+    """One adapter slot as the scheduler sees it (the engine owns its buffer and fills it)."""
+
+    index: int
+    version: AdapterVersion | None = BASE  # None: emptied after a failed load; nothing may join it
+    scale: float = 1.0
+    rows: int = 0  # rows in flight on this slot
+    pinned_waiting: int = 0  # queued requests pinned to this slot
+    swaps: int = 0
+    loading: bool = False  # being written: nothing may join it
+
+
+class SlotSelector:
+    """The per-row scaling tensors, one ``(batch, 1, 1)`` tensor per slot, shared by every LoRA layer."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self._host = torch.zeros((len(tensors), tensors[0].shape[0]), dtype=tensors[0].dtype)
+
+    def write(self, row_slots: list[int | None], scales: list[float]) -> None:
+        """Row ``b`` reads slot ``row_slots[b]`` at that slot's scale and every other slot at 0."""
+        self._host.zero_()
+        for b, s in enumerate(row_slots):
+            if s is not None:
+                self._host[s, b] = scales[s]
+        for k, t in enumerate(self.tensors):
+            t.view(-1).copy_(self._host[k])
+
+
+@dataclass
+class Ticket:
+    """A submitted request; :meth:`cancel` frees its row at the next step (or drops it from the queue)."""
+
+    token_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[object], None]
+    slot: int | None = None  # None: the active slot when it joins
+    want_logits: bool = False
+    cancelled: bool = False
+    held: bool = False  # its row sits out steps until cleared (then call Scheduler.wake); a fault-test seam
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    ticket: Ticket
+    slot: int
+    version: AdapterVersion
+    text: IncrementalText
+    generator: torch.Generator | None
+    padded: int  # prompt length rounded up to the chunk
+    prefilled: int = 0  # prompt columns (of ``padded``) written so far
+    last_token: int | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.ticket.token_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < self.padded
+
+
+class Scheduler:
+    """Owns the model's forward calls in one thread; thread-safe ``submit``.
+
+    Args:
+        forward: the causal LM (compiled or eager), called with the two fixed shapes only.
+        config: the model config (for the cache).
+        tokenizer: a ``transformers`` tokenizer.
+        selector: the slots' per-row scaling tensors.
+        slots: the slots' states (the engine fills their buffers).
+        max_queued: requests that may wait for a row; one more is refused with :class:`OverloadedError`.
+    """
+
+    def __init__(self, forward: Callable, *, config, tokenizer, selector: SlotSelector, slots: list[SlotState],
+                 batch_size: int, chunk: int, max_seq_len: int, max_queued: int, device, dtype) -> None:
+        self.forward = forward
+        self.tokenizer = tokenizer
+        self.checker = RequestChecker(tokenizer, max_seq_len=max_seq_len)
+        self.selector = selector
+        self.slots = slots
+        self.active = 0
+        self.batch_size = batch_size
+        self.chunk = chunk
+        self.max_queued = max_queued
+        self.device = device
+        self.dtype = dtype
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.kv = RowCache(config, batch_size=batch_size, chunk=chunk, max_seq_len=max_seq_len, device=device,
+                           dtype=dtype)
+        self._slot_ids = torch.arange(self.kv.cache_len, device=device)
+        self._min = torch.finfo(dtype).min
+        self.rows: list[_Row | None] = [None] * batch_size
+        self.queue: deque[Ticket] = deque()
+        self.hold_unpinned = False  # a one-slot swap: unpinned requests wait (the drain)
+        self.cond = threading.Condition()
+        self.steps = {"prefill": 0, "decode": 0}
+        self._last_prefill = False
+        self._selector_dirty = True
+        self._paused = 0
+        self._idle = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="hotswap-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side ---------------------------------------------------------------------------------
+
+    def submit(self, token_ids: list[int], params: SamplingParams, *, on_event: Callable[[object], None],
+               slot: int | None = None, want_logits: bool = False, check: bool = True) -> Ticket:
+        """Queue a request; raise :class:`OverloadedError` when the queue is full, :class:`RequestError` if invalid."""
+        if check:
+            self.checker.check(len(token_ids), params)
+        ticket = Ticket(list(token_ids), params, on_event, slot=slot, want_logits=want_logits)
+        with self.cond:
+            if self._stopping:
+                raise SwapError("the engine is shut down")
+            if slot is not None:
+                if not 0 <= slot < len(self.slots) or self.slots[slot].version is None:
+                    raise RequestError(f"adapter slot {slot} holds no version")
+                self.slots[slot].pinned_waiting += 1
+            elif len(self.queue) - sum(r is None for r in self.rows) >= self.max_queued:  # free rows take some
+                raise OverloadedError(
+                    f"the replica's admission queue is full ({self.max_queued} requests wait for one of "
+                    f"{self.batch_size} rows); retry shortly, or raise max_queued_requests / add replicas"
+                )
+            self.queue.append(ticket)
+            self.cond.notify_all()
+        return ticket
+
+    def queued(self) -> int:
+        with self.cond:
+            return len(self.queue)
+
+    def in_flight(self) -> int:
+        with self.cond:
+            return sum(r is not None for r in self.rows)
+
+    def pause(self, timeout_s: float | None = None) -> None:
+        """Stop stepping after the current step (for exclusive access to the model); :meth:`resume` undoes it."""
+        with self.cond:
+            self._paused += 1
+            self.cond.notify_all()
+            if not self.cond.wait_for(lambda: self._idle.is_set(), timeout=timeout_s):
+                self._paused -= 1
+                raise SwapError(f"the scheduler did not pause within {timeout_s} s")
+
+    def resume(self) -> None:
+        with self.cond:
+            self._paused -= 1
+            self._selector_dirty = True
+            self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Look at the rows again (after a ticket's ``held`` was cleared)."""
+        with self.cond:
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self._stopping = True
+            self.cond.notify_all()
+        self._thread.join(timeout=30)
+
+    # -- the scheduler thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while True:
+                    if self._stopping:
+                        self._fail_all(SwapError("the engine shut down before this request finished"))
+                        return
+                    events = self._admit()
+                    work = self._paused == 0 and any(r is not None and not r.ticket.held for r in self.rows)
+                    if events or work:
+                        break
+                    self._idle.set()
+                    self.cond.notify_all()
+                    self.cond.wait()
+                self._idle.clear()
+                prefill = self._pick_step()
+                selector = self._selector_args() if self._selector_dirty else None
+                self._selector_dirty = False
+            self._deliver(events)
+            if not work:
+                continue
+            try:
+                if selector is not None:
+                    self.selector.write(*selector)
+                self._step(prefill)
+            except Exception as e:  # the step failed as a whole: every row in it fails, the loop goes on
+                logger.exception("a %s step failed; failing its rows", "prefill" if prefill else "decode")
+                with self.cond:
+                    failed = [(r, i) for i, r in enumerate(self.rows) if r is not None]
+                    for row, i in failed:
+                        self._free(i)
+                self._deliver([(row.ticket, Failed(e)) for row, _ in failed])
+
+    def _admit(self) -> list:
+        """Under the lock: drop cancelled requests, move queued ones into free rows; return Started events."""
+        events = []
+        for i, row in enumerate(self.rows):
+            if row is not None and row.ticket.cancelled:
+                self._free(i)
+        kept: deque[Ticket] = deque()
+        while self.queue:
+            ticket = self.queue.popleft()
+            if ticket.cancelled:
+                self._unpin(ticket)
+                continue
+            free = next((i for i, r in enumerate(self.rows) if r is None), None)
+            slot = ticket.slot if ticket.slot is not None else self.active
+            state = self.slots[slot]
+            if free is None or state.loading or (ticket.slot is None and self.hold_unpinned):
+                kept.append(ticket)
+                continue
+            if state.version is None:
+                self._unpin(ticket)
+                events.append((ticket, Failed(SwapError(f"adapter slot {slot} was emptied before the request "
+                                                        "joined it"))))
+                continue
+            self._unpin(ticket)
+            state.rows += 1
+            params = ticket.params
+            generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+            padded = math.ceil(len(ticket.token_ids) / self.chunk) * self.chunk
+            self.rows[free] = _Row(ticket, slot, state.version, IncrementalText(self.tokenizer, params.stop),
+                                   generator, padded)
+            self._selector_dirty = True
+            events.append((ticket, Started(state.version, slot)))
+        self.queue = kept
+        return events
+
+    def _unpin(self, ticket: Ticket) -> None:
+        if ticket.slot is not None:
+            self.slots[ticket.slot].pinned_waiting -= 1
+
+    def _free(self, i: int) -> None:
+        row = self.rows[i]
+        self.rows[i] = None
+        self.slots[row.slot].rows -= 1
+        self._selector_dirty = True
+        self.cond.notify_all()
+
+    def _fail_all(self, error: BaseException) -> None:
+        events = [(r.ticket, Failed(error)) for r in self.rows if r is not None]
+        events += [(t, Failed(error)) for t in self.queue]
+        for i, r in enumerate(self.rows):
+            if r is not None:
+                self._free(i)
+        self.queue.clear()
+        self._deliver(events)
+
+    def _pick_step(self) -> bool:
+        rows = [r for r in self.rows if r is not None and not r.ticket.held]
+        prefilling = any(r.prefilling for r in rows)
+        decoding = any(not r.prefilling for r in rows)
+        prefill = prefilling and not (decoding and self._last_prefill)
+        self._last_prefill = prefill
+        return prefill
+
+    def _selector_args(self) -> tuple[list[int | None], list[float]]:
+        return [r.slot if r is not None else None for r in self.rows], [s.scale for s in self.slots]
+
+    @staticmethod
+    def _deliver(events: list) -> None:
+        for ticket, event in events:
+            try:
+                ticket.on_event(event)
+            except Exception:  # a broken callback must not stop the loop
+                logger.exception("an event callback failed")
+
+    @torch.no_grad()
+    def _step(self, prefill: bool) -> None:
+        b, q = self.batch_size, (self.chunk if prefill else 1)
+        ids = torch.full((b, q), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((b, q), dtype=torch.long)
+        write = self.kv.scratch + torch.arange(q).repeat(b, 1)  # sitting out: scratch slots
+        real = torch.zeros((b, q), dtype=torch.bool)
+        taking = []  # rows whose logits this step decides a token for
+        for i, row in enumerate(self.rows):
+            if row is None or row.ticket.held:
+                continue
+            if prefill and row.prefilling:
+                offset = row.padded - row.prompt_len  # left padding of the first chunk
+                for c in range(q):
+                    j = row.prefilled + c - offset
+                    if j >= 0:
+                        ids[i, c], positions[i, c], write[i, c], real[i, c] = row.ticket.token_ids[j], j, j, True
+                row.prefilled += q
+                if not row.prefilling:
+                    taking.append(i)
+            elif not prefill and not row.prefilling:
+                p = row.prompt_len + len(row.text.tokens) - 1
+                ids[i, 0], positions[i, 0], write[i, 0], real[i, 0] = row.last_token, p, p, True
+                taking.append(i)
+        (self.kv.prefill_index if prefill else self.kv.decode_index).copy_(write)
+        ids, positions, write, real = (t.to(self.device) for t in (ids, positions, write, real))
+        # a real query at position p attends to slots 0..p of its row (exactly its tokens); a padding
+        # query attends to its own scratch slot only (otherwise it would have no key and give NaN)
+        slots = self._slot_ids[None, None, :]
+        allowed = ((slots <= positions[:, :, None]) & real[:, :, None]) | (slots == write[:, :, None])
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, self._min)
+        out = self.forward(
+            input_ids=ids,
+            attention_mask=mask[:, None, :, :],
+            position_ids=positions,
+            past_key_values=self.kv.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.steps["prefill" if prefill else "decode"] += 1
+        if taking:
+            self._take(out.logits[:, -1, :].float(), taking)
+
+    def _take(self, logits: torch.Tensor, taking: list[int]) -> None:
+        rows = self.rows
+        params: list[SamplingParams | None] = [None] * self.batch_size
+        generators: list[torch.Generator | None] = [None] * self.batch_size
+        for i in taking:
+            params[i], generators[i] = rows[i].ticket.params, rows[i].generator
+        chosen = choose_tokens(logits, params, generators)
+        events, done = [], []
+        for i in taking:
+            row = rows[i]
+            if row.ticket.want_logits and not row.text.tokens:
+                events.append((row.ticket, Logits(logits[i].cpu())))
+            finish = self._advance(i, row, chosen[i], events)
+            if finish is not None:
+                done.append(i)
+        with self.cond:
+            for i in done:
+                self._free(i)
+        self._deliver(events)
+
+    def _advance(self, i: int, row: _Row, token: int, events: list) -> str | None:
+        p = row.ticket.params
+        if token in self.eos_ids and not p.ignore_eos:
+            return self._finish(i, row, "stop", events)
+        delta, stopped = row.text.add(token)
+        row.last_token = token
+        if stopped:
+            return self._finish(i, row, "stop", events, delta)
+        if len(row.text.tokens) >= p.max_tokens:
+            return self._finish(i, row, "length", events, delta)
+        events.append((row.ticket, TokenEvent(i, delta)))  # one per token, the text possibly held back
+        return None
+
+    def _finish(self, i: int, row: _Row, reason: str, events: list, delta: str = "") -> str:
+        delta += row.text.finish()
+        tokens = row.text.tokens
+        events.append((row.ticket, TokenEvent(i, delta, reason)))
+        events.append((row.ticket, Finished(Completion(row.text.text, list(tokens), reason, row.prompt_len,
+                                                       row.version))))
+        return reason
