@@ -3,12 +3,13 @@
 A chat request's messages are rendered here, with the base model's own chat template
 (:class:`hotswap.chat.ChatRenderer`, the tokenizer loaded on the first chat request), and the
 prompt goes to the replicas' ordinary ``complete`` / ``stream``: chat and completions share
-batching, adapters, retries and errors.
+the running batch, adapters, retries and errors.
 
 Every completion, streamed or not, names the adapter that produced it in the headers
 ``x-adapter-uri`` / ``x-adapter-sha256`` (and ``x-adapter-config-sha256``) and in the JSON body, and the replica that
 answered in ``x-replica-id`` (the id ``hotswap status`` lists). Bad requests get a 4xx with
-an OpenAI-shaped JSON error body, never a 500.
+an OpenAI-shaped JSON error body, never a 500; a replica whose admission queue is full
+answers 429 with ``Retry-After``.
 """
 
 
@@ -111,11 +112,13 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     user: str | None = Field(None, max_length=256)
+    ignore_eos: bool = Field(False, description="Generate max_tokens even past the end-of-sequence token (as vLLM's "
+                             "extra parameter): for benchmarks and load tests.")
 
     def _replica_request(self, prompt: str, max_tokens: int) -> dict:
         """What a replica's ``complete`` / ``stream`` take."""
         return {"prompt": prompt, "max_tokens": max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "stop": self.stop, "seed": self.seed}
+                "top_p": self.top_p, "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos}
 
 
 class CompletionRequest(_SamplingRequest):

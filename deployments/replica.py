@@ -96,6 +96,7 @@ def _params(request: dict) -> SamplingParams:
         top_p=request.get("top_p", 1.0),
         seed=request.get("seed"),
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        ignore_eos=bool(request.get("ignore_eos", False)),
     )
 
 
@@ -235,7 +236,7 @@ class ModelReplica:
     def _smoke_check(self, slot: int) -> None:
         """A short greedy generation with finite logits on ``slot``, before any request joins it (a seam: tests
         override it to inject a failure)."""
-        self.engine.smoke_check(slot)
+        self.engine.smoke_check(slot, timeout_s=self.settings.swap_timeout_s)
 
     def _prepare(self, request: dict) -> _Job:
         params = _params(request)
@@ -347,6 +348,7 @@ class ModelReplica:
             "phase": self.phase.value,
             "compiled_graphs": s.compiled_graphs,
             "slots": list(s.slots),
+            "rows_in_flight": self.engine.scheduler.in_flight(),
             "queued": self.engine.scheduler.queued(),
             "pid": os.getpid(),
         }

@@ -179,11 +179,21 @@ def _cmd_status(args) -> int:
     print(f"app {status['app']}   stable: {short(status['stable'])}   canary: {short(status['canary'])}")
     if status.get("fenced") or status.get("retired"):
         print(f"controller {status['controller']} serves no operation: {status.get('fenced') or status['retired']}")
-    rows = [("REPLICA", "ADAPTER", "SHA256", "SWAPS", "LAST_SWAP_MS", "GRAPHS", "LIVE")]
+    def ms(value) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    def slots(r) -> str:  # "0*:v2 1:v1(3)": * the active slot, (n) rows still reading it
+        out = []
+        for slot in r.get("slots") or ():
+            sha = (slot.get("adapter_sha256") or "")[:8] or ("base" if slot.get("adapter_uri") else "empty")
+            rows = f"({slot['rows']})" if slot.get("rows") else ""
+            out.append(f"{slot['slot']}{'*' if slot.get('active') else ''}:{sha}{rows}")
+        return " ".join(out) or "-"
+
+    rows = [("REPLICA", "ADAPTER", "SHA256", "SWAPS", "LAST_SWAP_MS", "LAST_DRAIN_MS", "SLOTS", "GRAPHS", "LIVE")]
     for r in status["replicas"]:
-        ms = r["last_swap_ms"]
-        rows.append((r["id"], r["adapter_uri"], r["adapter_sha256"][:12], str(r["swaps"]),
-                     "-" if ms is None else f"{ms:.2f}", str(r["compiled_graphs"]), "yes" if r["live"] else "no"))
+        rows.append((r["id"], r["adapter_uri"], r["adapter_sha256"][:12], str(r["swaps"]), ms(r["last_swap_ms"]),
+                     ms(r.get("last_drain_ms")), slots(r), str(r["compiled_graphs"]), "yes" if r["live"] else "no"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -119,8 +119,9 @@ class _Waiter:
             self.error = event.error
             self.done.set()
 
-    def wait(self) -> Completion:
-        self.done.wait()
+    def wait(self, timeout_s: float | None = None) -> Completion:
+        if not self.done.wait(timeout_s):
+            raise TimeoutError
         if self.error is not None:
             raise self.error
         return self.completion
@@ -259,14 +260,16 @@ class SwapEngine:
         self.checker.check(prompt_len, params)
 
     def submit(self, token_ids: list[int], params: SamplingParams, *, on_event: Callable[[object], None],
-               slot: int | None = None, want_logits: bool = False) -> Ticket:
+               slot: int | None = None, want_logits: bool = False, held: bool = False) -> Ticket:
         """Queue one request (already encoded); events go to ``on_event`` from the scheduler thread.
 
         ``slot=None`` joins the active slot when a row frees up; a slot index pins it to that slot
-        (a smoke check, or request-level A/B). Raises :class:`~hotswap.errors.OverloadedError` when
+        (a smoke check, or request-level A/B). ``held`` keeps it in its row without stepping until
+        ``scheduler.release(ticket)``. Raises :class:`~hotswap.errors.OverloadedError` when
         the admission queue is full and :class:`~hotswap.errors.RequestError` when it is invalid.
         """
-        return self.scheduler.submit(token_ids, params, on_event=on_event, slot=slot, want_logits=want_logits)
+        return self.scheduler.submit(token_ids, params, on_event=on_event, slot=slot, want_logits=want_logits,
+                                     held=held)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams], *,
                  slot: int | None = None) -> tuple[list[Completion], AdapterIdentity]:
@@ -295,13 +298,26 @@ class SwapEngine:
             w.wait()
         return torch.stack([w.logits for w in waiters])
 
-    def smoke_check(self, slot: int | None = None, prompt: str = _SMOKE_PROMPT) -> None:
-        """A short greedy generation on ``slot`` (default: the active one) that must give finite logits."""
-        logits = self.last_logits([prompt], slot=slot)
+    def smoke_check(self, slot: int | None = None, *, prompt: str = _SMOKE_PROMPT,
+                    timeout_s: float | None = None) -> None:
+        """A short greedy generation on ``slot`` (default: the active one) that must give finite logits.
+
+        Its request takes the next free row ahead of queued ones; if none frees up within ``timeout_s``
+        (every row busy with long requests) :class:`SwapError` is raised.
+        """
         version = self.slots[self.scheduler.active if slot is None else slot].version
-        if not torch.isfinite(logits).all():
-            raise SwapError(f"smoke check failed on adapter {version.uri if version else '?'}: non-finite logits")
-        self.generate([prompt], [SamplingParams(max_tokens=2, ignore_eos=True)], slot=slot)
+        name = version.uri if version else "an empty slot"
+        waiter = _Waiter()
+        ticket = self.submit(self.encode(prompt), SamplingParams(max_tokens=2, ignore_eos=True), on_event=waiter,
+                             slot=slot, want_logits=True)
+        try:
+            waiter.wait(timeout_s)
+        except TimeoutError:
+            ticket.cancel()
+            raise SwapError(f"smoke check on {name} got no batch row within {timeout_s} s (every row busy); "
+                            "raise swap_timeout_s or max_batch_size") from None
+        if not torch.isfinite(waiter.logits).all():
+            raise SwapError(f"smoke check failed on adapter {name}: non-finite logits")
 
     # -- versions ------------------------------------------------------------------------------------------
 
@@ -380,13 +396,14 @@ class SwapEngine:
         if staged is not None:
             self._check_fits(staged)
         if check == "default":
-            check = self.smoke_check
+            def check(slot: int) -> None:
+                self.smoke_check(slot, timeout_s=timeout_s)
         with self._swap_mutex:
             asked = time.perf_counter()
             target = self.idle_slot()
             one_slot = len(self.slots) == 1
-            self._claim(target, timeout_s=timeout_s, hold=one_slot)
-            got = time.perf_counter()
+            waited = self._claim(target, timeout_s=timeout_s, hold=one_slot)
+            got = time.perf_counter() if waited else asked  # a free slot: nothing was drained
             previous = self._staged[target]
             try:
                 try:
@@ -432,13 +449,15 @@ class SwapEngine:
                 raise SwapError(f"slot {slot} holds no version; load one first")
             self._activate(slot)
 
-    def _claim(self, slot: int, *, timeout_s: float | None, hold: bool) -> None:
+    def _claim(self, slot: int, *, timeout_s: float | None, hold: bool) -> bool:
         """Wait until no row reads ``slot`` and mark it loading (nothing joins it); ``hold`` stops unpinned
-        requests from joining meanwhile (the one-slot drain)."""
+        requests from joining meanwhile (the one-slot drain). Returns whether it had to wait."""
         state, sched = self.slots[slot], self.scheduler
+        free = lambda: state.rows == 0 and state.pinned_waiting == 0  # noqa: E731
         with sched.cond:
             sched.hold_unpinned = hold
-            if not sched.cond.wait_for(lambda: state.rows == 0 and state.pinned_waiting == 0, timeout=timeout_s):
+            waited = not free()
+            if waited and not sched.cond.wait_for(free, timeout=timeout_s):
                 sched.hold_unpinned = False
                 sched.cond.notify_all()
                 raise SwapError(
@@ -447,6 +466,7 @@ class SwapEngine:
                     "not made (raise swap_timeout_s, or retry when the long requests have finished)"
                 )
             state.loading = True
+        return waited
 
     def _load_claimed(self, slot: int, staged: StagedAdapter | None, method: str) -> float:
         started = time.perf_counter()

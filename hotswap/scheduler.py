@@ -118,11 +118,15 @@ class Ticket:
     slot: int | None = None  # None: the active slot when it joins
     want_logits: bool = False
     cancelled: bool = False
-    held: bool = False  # its row sits out steps until cleared (then call Scheduler.wake); a fault-test seam
+    held: bool = False  # its row sits out steps until Scheduler.release
     submitted: float = field(default_factory=time.perf_counter)
+    _wake: Callable[[], None] | None = field(default=None, repr=False)
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            if self._wake is not None:
+                self._wake()
 
 
 @dataclass
@@ -193,11 +197,15 @@ class Scheduler:
     # -- the caller's side ---------------------------------------------------------------------------------
 
     def submit(self, token_ids: list[int], params: SamplingParams, *, on_event: Callable[[object], None],
-               slot: int | None = None, want_logits: bool = False, check: bool = True) -> Ticket:
-        """Queue a request; raise :class:`OverloadedError` when the queue is full, :class:`RequestError` if invalid."""
-        if check:
-            self.checker.check(len(token_ids), params)
-        ticket = Ticket(list(token_ids), params, on_event, slot=slot, want_logits=want_logits)
+               slot: int | None = None, want_logits: bool = False, held: bool = False) -> Ticket:
+        """Queue a request; raise :class:`OverloadedError` when the queue is full, :class:`RequestError` if invalid.
+
+        ``held``: it joins a row as usual but sits out every step until :meth:`release` (tests and fault
+        seams use it to keep a request in flight).
+        """
+        self.checker.check(len(token_ids), params)
+        ticket = Ticket(list(token_ids), params, on_event, slot=slot, want_logits=want_logits, held=held,
+                        _wake=self.wake)
         with self.cond:
             if self._stopping:
                 raise SwapError("the engine is shut down")
@@ -205,7 +213,10 @@ class Scheduler:
                 if not 0 <= slot < len(self.slots) or self.slots[slot].version is None:
                     raise RequestError(f"adapter slot {slot} holds no version")
                 self.slots[slot].pinned_waiting += 1
-            elif len(self.queue) - sum(r is None for r in self.rows) >= self.max_queued:  # free rows take some
+                self.queue.appendleft(ticket)  # pinned requests (a swap's smoke check) take the next free row
+                self.cond.notify_all()
+                return ticket
+            if len(self.queue) - sum(r is None for r in self.rows) >= self.max_queued:  # free rows take some
                 raise OverloadedError(
                     f"the replica's admission queue is full ({self.max_queued} requests wait for one of "
                     f"{self.batch_size} rows); retry shortly, or raise max_queued_requests / add replicas"
@@ -235,6 +246,12 @@ class Scheduler:
         with self.cond:
             self._paused -= 1
             self._selector_dirty = True
+            self.cond.notify_all()
+
+    def release(self, ticket: Ticket) -> None:
+        """Let a held ticket's row run."""
+        with self.cond:
+            ticket.held = False
             self.cond.notify_all()
 
     def wake(self) -> None:

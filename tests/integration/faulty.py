@@ -47,14 +47,13 @@ class _FaultyReplica(ModelReplica.func_or_class):
                 _wait_while(marks / "hold-request")
             finally:
                 holding.unlink(missing_ok=True)
-                ticket.held = False
-                engine.scheduler.wake()
+                engine.scheduler.release(ticket)
 
         def submit(token_ids, params, **kwargs):
-            ticket = original(token_ids, params, **kwargs)
-            if params.seed == HOLD_SEED and (marks / "hold-request").exists():
-                # it joins a row (on the active slot) and sits out every step until the mark is gone
-                ticket.held = True
+            hold = params.seed == HOLD_SEED and (marks / "hold-request").exists()
+            # it joins a row (on the slot active then) and sits out every step until the mark is gone
+            ticket = original(token_ids, params, held=hold, **kwargs)
+            if hold:
                 threading.Thread(target=release, args=(ticket,), daemon=True).start()
             return ticket
 

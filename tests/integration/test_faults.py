@@ -154,8 +154,9 @@ def test_replica_killed_mid_rollout_under_load(service, versions, how, reliabili
             holding = wait_for_condition(lambda: list(marks.glob("holding-*")), timeout_s=30,
                                          message="a held request")
             victim = holding[0].name.removeprefix("holding-")
+            (marks / f"hold-{victim}").touch()  # a swap never waits for requests: make the victim's wait
             rolling = client.actor.roll.remote(versions[target][0])
-            # the replicas before the victim move; the victim's swap waits for the request it holds
+            # the replicas before the victim move; the victim's swap waits (its mark), holding a request
             _wait_done(client, order.index(victim))
             wait_for_condition(lambda: client.status()["rollout"] is not None, timeout_s=30, message="rollout")
             if how == "actor":
@@ -166,6 +167,7 @@ def test_replica_killed_mid_rollout_under_load(service, versions, how, reliabili
         finally:
             (marks / "hold-request").unlink()
             (marks / f"holding-{victim}").unlink(missing_ok=True)
+            (marks / f"hold-{victim}").unlink(missing_ok=True)
         request.join(timeout=120)
         result = HotswapClient._get(rolling)
         # gone, so not counted as moved (it never reported the version); its replacement starts on the version

@@ -262,7 +262,7 @@ class _Events:
 
     def __init__(self, log: list | None = None, name: str = "") -> None:
         self.tokens, self.done, self.version, self.completion = 0, threading.Event(), None, None
-        self.first_token = threading.Event()
+        self.started = threading.Event()
         self.log, self.name = log, name
 
     def __call__(self, event) -> None:
@@ -271,9 +271,9 @@ class _Events:
 
         if isinstance(event, Started):
             self.version = event.version
+            self.started.set()
         elif isinstance(event, TokenEvent):
             self.tokens += 1
-            self.first_token.set()
         elif isinstance(event, (Finished, Failed)):
             self.completion = getattr(event, "completion", None)
             if self.log is not None:
@@ -284,21 +284,26 @@ class _Events:
 LONG = SamplingParams(max_tokens=40, ignore_eos=True)
 
 
+def _in_flight(engine, events: _Events, prompt: str = PROMPTS[0], params: SamplingParams = LONG):
+    """A request that has joined a row (of the active slot) and sits there until released: in flight, for sure."""
+    ticket = engine.submit(engine.encode(prompt), params, on_event=events, held=True)
+    assert events.started.wait(30)
+    return ticket
+
+
 def test_two_slots_a_swap_with_rows_in_flight_does_not_wait_for_them(eager_pair, adapters, stage):
     engine = eager_pair[0]
     old, new = stage(adapters["r8-qv"]), stage(adapters["r2-o"])
     engine.apply(old)
     [alone], _ = engine.generate([PROMPTS[0]], [LONG])
-    log: list[str] = []
-    long = _Events(log, "long")
-    engine.submit(engine.encode(PROMPTS[0]), LONG, on_event=long)
-    assert long.first_token.wait(30)
+    long = _Events()
+    ticket = _in_flight(engine, long)
     timings = engine.swap_checked(new)
-    log.append("swapped")
-    assert timings.drain_ms < 50  # nothing to wait for (a lock and a condition check); never a generation
+    assert timings.drain_ms == 0  # the idle slot was free: nothing was waited for
     late = engine.generate([PROMPTS[0]], [LONG])[0][0]
+    assert not long.done.is_set()  # the swap, its smoke check and a whole new request ran beside it
+    engine.scheduler.release(ticket)
     assert long.done.wait(60)
-    assert log == ["swapped", "long-end"]  # the swap and its smoke check ran while the long row was in flight
     assert long.completion.version == old.identity and long.completion.token_ids == alone.token_ids
     assert late.version == new.identity and late.token_ids != alone.token_ids
 
@@ -308,21 +313,21 @@ def test_two_slots_a_third_version_waits_only_for_the_older_slots_rows(eager_pai
     first, second, third = (stage(adapters[n]) for n in ("r8-qv", "r2-o", "r16-all"))
     engine.apply(first)
     log: list[str] = []
-    on_first = _Events(log, "first")
-    engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=20, ignore_eos=True), on_event=on_first)
-    assert on_first.first_token.wait(30)
-    engine.swap_checked(second)  # into the free slot: no wait
-    on_second = _Events(log, "second")
-    engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=55, ignore_eos=True), on_event=on_second)
-    assert on_second.first_token.wait(30)
+    on_first, on_second = _Events(log, "first"), _Events(log, "second")
+    first_ticket = _in_flight(engine, on_first)
+    assert engine.swap_checked(second).drain_ms == 0  # into the free slot
+    second_ticket = _in_flight(engine, on_second)
     with pytest.raises(SwapError, match="still read adapter slot"):
         engine.swap_checked(third, timeout_s=0.01)  # the older slot is busy: refused after the timeout
     assert engine.identity == second.identity and on_first.version == first.identity
+    threading.Timer(0.2, engine.scheduler.release, args=(first_ticket,)).start()
     timings = engine.swap_checked(third, timeout_s=60)
     log.append("third")
-    assert log[:2] == ["first-end", "third"]  # it waited for the first version's row, not the second's
-    assert on_second.done.wait(60) and on_second.completion.version == second.identity
+    assert log == ["first-end", "third"]  # it waited for the first version's row, not the second's
     assert timings.drain_ms > 0 and engine.identity == third.identity
+    engine.scheduler.release(second_ticket)
+    assert on_second.done.wait(60) and on_second.completion.version == second.identity
+    assert on_first.completion.version == first.identity
 
 
 def test_one_slot_a_swap_waits_for_the_rows_in_flight_and_holds_new_ones_back(one_slot, adapters, stage):
@@ -331,34 +336,50 @@ def test_one_slot_a_swap_waits_for_the_rows_in_flight_and_holds_new_ones_back(on
     engine.apply(old)
     log: list[str] = []
     long = _Events(log, "long")
-    engine.submit(engine.encode(PROMPTS[0]), LONG, on_event=long)
-    assert long.first_token.wait(30)
+    ticket = _in_flight(engine, long)
     swapper = threading.Thread(target=lambda: (engine.swap_checked(new, timeout_s=60), log.append("swapped")))
     swapper.start()
     while not engine.scheduler.hold_unpinned:
         time.sleep(0.002)
     late = _Events(log, "late")
     engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=1), on_event=late)
+    assert not late.started.wait(0.3)  # it waits behind the swap, which waits for the long row
+    engine.scheduler.release(ticket)
     assert late.done.wait(60)
     swapper.join(60)
-    assert log == ["long-end", "swapped", "late-end"]  # the late request waited behind the swap
+    assert log == ["long-end", "swapped", "late-end"]
     assert long.completion.version == old.identity and late.completion.version == new.identity
 
 
 def test_one_slot_a_swap_gives_up_after_its_timeout_without_changing_anything(one_slot, adapters, stage):
     engine = one_slot
-    old = stage(adapters["r8-qv"])
+    old, new = stage(adapters["r8-qv"]), stage(adapters["r2-o"])
     engine.apply(old)
     before = _lora_state(engine)
     long = _Events()
-    engine.submit(engine.encode(PROMPTS[0]), LONG, on_event=long)
-    assert long.first_token.wait(30)
+    ticket = _in_flight(engine, long)
     with pytest.raises(SwapError, match="after 0.01 s; the swap was not made"):
-        engine.swap_checked(stage(adapters["r2-o"]), timeout_s=0.01)
+        engine.swap_checked(new, timeout_s=0.01)
+    engine.scheduler.release(ticket)
     assert long.done.wait(60) and long.completion.version == old.identity
     assert engine.identity == old.identity and not engine.scheduler.hold_unpinned
     assert all(torch.equal(before[k], v) for k, v in _lora_state(engine).items())
     assert engine.generate(["ok"], [SamplingParams(max_tokens=1)])[1] == old.identity  # still serves
+
+
+def test_a_smoke_check_that_gets_no_row_gives_up_within_the_timeout(eager_pair, adapters, stage):
+    engine = eager_pair[0]
+    engine.apply(stage(adapters["r8-qv"]))
+    serving = engine.identity
+    held = [_Events() for _ in range(engine.settings.max_batch_size)]
+    tickets = [_in_flight(engine, e) for e in held]  # every row taken
+    with pytest.raises(SwapError, match="got no batch row within 0.2 s"):
+        engine.swap_checked(stage(adapters["r2-o"]), timeout_s=0.2)
+    assert engine.identity == serving
+    for t in tickets:
+        engine.scheduler.release(t)
+    assert all(e.done.wait(60) for e in held)
+    assert engine.scheduler.in_flight() == 0 and engine.scheduler.queued() == 0
 
 
 @pytest.mark.parametrize("slots", [1, 2])
@@ -377,7 +398,7 @@ def test_no_request_joins_a_new_version_before_its_smoke_check_passes(eager_pair
             assert events.done.wait(30)  # it ran meanwhile, on the active slot
             seen.append(events.version.uri)
         else:
-            assert not events.done.wait(0.3)  # it waits: nothing runs while the only slot is being checked
+            assert not events.started.wait(0.3)  # it waits: nothing joins while the only slot is being checked
             waiting.append(events)
         engine.smoke_check(slot)  # pinned requests do run on the loaded slot
         seen.append("checked")
