@@ -19,8 +19,12 @@ PROMPTS = ("Hello", "The quick brown fox", "Once upon a time", "hotswap swaps ad
            "What is LoRA?", "x")
 
 
+_STARTED = time.monotonic()
+
+
 def progress(message: str) -> None:
-    print(f"  .. {message}", file=sys.stderr, flush=True)
+    """A progress line on stderr, with the seconds since the benchmark started."""
+    print(f"  .. [{time.monotonic() - _STARTED:6.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 def free_port() -> int:

@@ -1,5 +1,7 @@
 """Closed-loop HTTP load for the benchmarks and the reliability tests: N clients, each sends its next request
 as soon as the previous one answers, and every answer is recorded (times, status, adapter, replica, text).
+With ``stream=True`` each request asks for server-sent events (``"stream": true``) and the client reads every
+chunk as it arrives; the sample also records when the first text came and how many chunks did.
 
 Bounded by count and time: :meth:`ClosedLoop.stop` ends it, and every client also stops after
 ``max_requests`` requests or ``max_seconds``, whichever comes first.
@@ -26,8 +28,10 @@ class Sample:
     adapter_sha256: str = ""
     replica_id: str = ""
     text: str = ""
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # from the answer's usage; streamed answers carry none (0)
     error: str = ""
+    first_text: float | None = None  # streamed: time.monotonic() of the first chunk with text
+    chunks: int = 0  # streamed: data chunks received (not counting [DONE])
 
     @property
     def ok(self) -> bool:
@@ -43,9 +47,10 @@ class ClosedLoop:
     JSON of client ``client``'s ``k``-th request (a ``prompt`` key is recorded with the sample)."""
 
     def __init__(self, url: str, *, clients: int, body: Callable[[int, int], dict], timeout_s: float = 120,
-                 max_requests: int = 100_000, max_seconds: float = 900) -> None:
+                 max_requests: int = 100_000, max_seconds: float = 900, stream: bool = False) -> None:
         self.url = url
         self.body = body
+        self.stream = stream
         self.timeout_s = timeout_s
         self.max_requests = max_requests
         self.max_seconds = max_seconds
@@ -90,8 +95,11 @@ class ClosedLoop:
                 body = self.body(i, k)
                 t0 = time.monotonic()
                 try:
-                    r = http.post(self.url, json=body)
-                    sample = _sample(i, t0, time.monotonic(), r, body)
+                    if self.stream:
+                        sample = _streamed(http, self.url, i, t0, {**body, "stream": True})
+                    else:
+                        r = http.post(self.url, json=body)
+                        sample = _sample(i, t0, time.monotonic(), r, body)
                 except httpx.HTTPError as e:
                     sample = Sample(i, t0, time.monotonic(), 0, prompt=str(body.get("prompt", "")),
                                     error=f"{type(e).__name__}: {e}")
@@ -107,6 +115,36 @@ def _sample(client: int, t0: float, t1: float, r: httpx.Response, body: dict) ->
     return Sample(client, t0, t1, 200, prompt=prompt, adapter_sha256=r.headers.get("x-adapter-sha256", ""),
                   replica_id=r.headers.get("x-replica-id", ""), text=payload["choices"][0]["text"],
                   completion_tokens=payload.get("usage", {}).get("completion_tokens", 0))
+
+
+def _streamed(http: httpx.Client, url: str, client: int, t0: float, body: dict) -> Sample:
+    """One streamed completion, read chunk by chunk as the server sends it."""
+    import json
+
+    prompt = str(body.get("prompt", ""))
+    with http.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            r.read()
+            return Sample(client, t0, time.monotonic(), r.status_code, prompt=prompt, error=r.text[:500])
+        text, chunks, first, error = [], 0, None, ""
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                break
+            chunks += 1
+            chunk = json.loads(data)
+            if "error" in chunk:
+                error = str(chunk["error"])[:500]
+                continue
+            delta = chunk["choices"][0].get("text") or ""
+            if delta and first is None:
+                first = time.monotonic()
+            text.append(delta)
+        return Sample(client, t0, time.monotonic(), 200 if not error else 500, prompt=prompt,
+                      adapter_sha256=r.headers.get("x-adapter-sha256", ""), replica_id="", text="".join(text),
+                      error=error, first_text=first, chunks=chunks)
 
 
 def percentile(values: list[float], q: float) -> float | None:

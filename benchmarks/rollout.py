@@ -9,7 +9,11 @@ by side in one run:
     Serve replaces the replicas, which load the model and compile again.
 
 Reported: time from the command to every replica serving the new version, failed requests,
-and p50/p99 latency in steady state vs during (a) and during (b).
+p50/p99 latency in steady state vs during (a) and during (b), and for every swap of (a) what
+the replica spent on it (``hotswap status``: ``last_drain_ms``, ``last_swap_ms``,
+``last_smoke_ms``). With ``adapter_slots: 2`` (the default) a replica loads the slot no request
+reads, so a swap that finds that slot free waits for nothing: its drain is the time to look
+(microseconds), not a batch in flight.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def _live_on(client, sha: str, n: int) -> bool:
 
 
 def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[str, str]], rolls: int, clients: int,
-                   steady_s: float, max_tokens: int) -> dict:
+                   steady_s: float, max_tokens: int, adapter_slots: int = 2) -> dict:
     import ray
     from ray import serve
 
@@ -70,7 +74,8 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
 
     app = f"bench-rollout-n{n}"
     options = {"num_replicas": n, "ray_actor_options": {"num_cpus": 0.5}}
-    args = {"initial_adapter": versions[0][0], "cache_dir": str(cache), "state_uri": str(cache / f"{app}-a.json")}
+    args = {"initial_adapter": versions[0][0], "cache_dir": str(cache), "state_uri": str(cache / f"{app}-a.json"),
+            "adapter_slots": adapter_slots}
     progress(f"N={n}: starting {n} compiled replicas on {versions[0][0]}")
     serve.run(make_app(args, replica_options=options), name=app, route_prefix=f"/{app}")
     client = HotswapClient(app)
@@ -88,6 +93,8 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
         progress(f"N={n}: (a) {rolls} rolls, each to a new version from S3")
         windows, roll_s, swap_phase_ms, prepare_windows, swap_windows = [], [], [], [], []
         per_replica: dict[str, list[float]] = {"drain_ms": [], "copy_ms": [], "smoke_ms": []}
+        swaps = []  # one row per replica and roll
+        swap_counts = {r["id"]: r.get("swaps") or 0 for r in client.status()["replicas"] if r["live"]}
         for j in range(rolls):
             uri, sha = versions[1 + j]
             t0 = time.monotonic()
@@ -99,11 +106,18 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
             swap_phase_ms.append(result["ms"])  # the controller's time from first assignment to last ack
             prepare_windows.append((t0, t1 - result["ms"] / 1e3))
             swap_windows.append((t1 - result["ms"] / 1e3, t1))
-            for r in client.status()["replicas"]:  # what each replica's last swap spent, by phase
+            for r in client.status()["replicas"]:  # what each replica's last swap (this roll's) spent, by phase
                 if r["live"]:
                     per_replica["drain_ms"].append(r.get("last_drain_ms") or 0.0)
                     per_replica["copy_ms"].append(r.get("last_swap_ms") or 0.0)
                     per_replica["smoke_ms"].append(r.get("last_smoke_ms") or 0.0)
+                    count = r.get("swaps") or 0
+                    swaps.append({"roll": j + 1, "replica": r["id"], "drain_ms": r.get("last_drain_ms"),
+                                  "copy_ms": r.get("last_swap_ms"), "smoke_ms": r.get("last_smoke_ms"),
+                                  # the figures are this roll's when the replica's swap count went up by one
+                                  "this_roll": count == swap_counts.get(r["id"], count - 1) + 1,
+                                  "slots": r.get("slots")})
+                    swap_counts[r["id"]] = count
             progress(f"N={n}:   roll {j + 1}/{rolls} to {uri}: {(t1 - t0) * 1e3:.0f} ms")
             time.sleep(1.0)
         roll_phase = (windows[0][0], time.monotonic())
@@ -142,6 +156,7 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
     redeploy_s = t1 - t0
     result = {
         "replicas": n,
+        "adapter_slots": adapter_slots,
         "clients": clients,
         "max_tokens": max_tokens,
         "steady": latency_summary(steady),
@@ -151,6 +166,10 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
             "swap_phase_ms": {"median": statistics.median(swap_phase_ms), "max": max(swap_phase_ms)},
             # per replica and swap: waiting for the batch in flight, the copy, the smoke check
             "replica_phases_ms": {k: {"median": statistics.median(v), "max": max(v)} for k, v in per_replica.items()},
+            "swaps": swaps,
+            "drain_ms_max": max(per_replica["drain_ms"]),
+            # a swap that waited for no row takes microseconds to find its slot free; one that waited, a step or more
+            "swaps_that_waited": sum((s["drain_ms"] or 0.0) >= 1.0 for s in swaps),
             "during_prepare": latency_summary(_overlapping(samples, prepare_windows)),
             "during_swaps": latency_summary(_overlapping(samples, swap_windows)),
             "cli_roll_s": cli_s,
@@ -183,7 +202,8 @@ def _print_table(results: list[dict]) -> None:
 
     for r in results:
         a, b, s = r["hotswap_roll"], r["serve_redeploy"], r["steady"]
-        print(f"\nN={r['replicas']} replicas, {r['clients']} closed-loop clients, max_tokens {r['max_tokens']}")
+        print(f"\nN={r['replicas']} replicas ({r['adapter_slots']} adapter slots), {r['clients']} closed-loop "
+              f"clients, max_tokens {r['max_tokens']}")
         print(f"  {'phase':34} {'to new version':>15} {'requests':>9} {'failed':>7} {'p50 ms':>8} {'p99 ms':>8}")
         print(f"  {'steady state':34} {'':>15} {s['requests']:9d} {s['failed']:7d} {ms(s['p50_ms']):>8} "
               f"{ms(s['p99_ms']):>8}")
@@ -193,8 +213,10 @@ def _print_table(results: list[dict]) -> None:
         print(f"  {'    of which swapping replicas':34} {a['swap_phase_ms']['median']:12.0f} ms  (the rest: fetch, "
               "validate, stage)")
         ph = a["replica_phases_ms"]
-        print(f"  {'    per replica: drain / copy / smoke':34} {ph['drain_ms']['median']:.1f} / "
+        print(f"  {'    per replica: drain / copy / smoke':34} {ph['drain_ms']['median']:.3f} / "
               f"{ph['copy_ms']['median']:.2f} / {ph['smoke_ms']['median']:.1f} ms (medians)")
+        print(f"  {'    drain, every swap':34} max {a['drain_ms_max']:.3f} ms over {len(a['swaps'])} swaps; "
+              f"{a['swaps_that_waited']} waited >= 1 ms for rows on the slot")
         for key, label in (("during_prepare", "    p99 during fetch+validate+stage"),
                            ("during_swaps", "    p99 during the swaps")):
             print(f"  {label:34} {'':>15} {a[key]['requests']:9d} {a[key]['failed']:7d} "
@@ -218,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="closed-loop clients (default 4)")
     parser.add_argument("--steady-s", type=float, default=10.0, help="seconds of steady state measured first")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per request (default 8)")
+    parser.add_argument("--adapter-slots", type=int, choices=(1, 2), default=2,
+                        help="the replicas' adapter_slots (default 2; 1 drains on every swap)")
     args = parser.parse_args(argv)
     if args.rolls < 1 or args.clients < 1 or min(args.replicas) < 1:
         parser.error("--rolls, --clients and --replicas must be at least 1")
@@ -229,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             versions = _versions(cache, args.rolls + 3)
             with serve_cluster(cache) as base_url:
                 results = [bench_replicas(n, base_url=base_url, cache=cache, versions=versions, rolls=args.rolls,
-                                          clients=args.clients, steady_s=args.steady_s, max_tokens=args.max_tokens)
+                                          clients=args.clients, steady_s=args.steady_s, max_tokens=args.max_tokens,
+                                          adapter_slots=args.adapter_slots)
                            for n in args.replicas]
     write_result("rollout", args.json, argv, {"results": results})
     _print_table(results)

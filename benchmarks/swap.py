@@ -1,10 +1,12 @@
 """One adapter swap, per method, side by side in one run: ``python -m benchmarks.swap [--quick] --json PATH``.
 
-For each model: the memory-copy floor (the same bytes between preallocated tensors), our
-engine's swap from staged tensors, PEFT's ``hotswap_adapter_from_state_dict`` with the same
-staged tensors, PEFT's ``hotswap_adapter`` from the folder on disk, and what users do
-without hotswap: ``delete_adapter`` + ``load_adapter`` + the first forward of the compiled
-model (a recompile). Reports median and p90 and the recompiles each path caused.
+For each model: the memory-copy floor (the bytes a swap copies, between preallocated tensors),
+our engine's swap from staged tensors (``engine.apply``, method ``foreach``: one contiguous copy
+of the packed rank-major prefix into the idle slot, see :mod:`hotswap.slots`), PEFT's
+``hotswap_adapter_from_state_dict`` with the same staged tensors into the same slot
+(``engine.apply(method="peft")``), PEFT's ``hotswap_adapter`` from the folder on disk, and what
+users do without hotswap: ``delete_adapter`` + ``load_adapter`` + the first forward of the
+compiled model (a recompile). Reports median and p90 and the recompiles each path caused.
 
 ``--quick`` runs the built-in tiny model only (under 2 minutes on 2 CPU cores); without it
 a TinyLlama-1.1B-shaped model (random weights) with a rank-16 adapter on all seven
@@ -81,15 +83,45 @@ def _print_profile(name: str, fn, reps: int) -> None:
         print(f"  {own / reps * 1e3:8.3f}  {calls // reps:5d} calls  {func} ({Path(file).name}:{line})")
 
 
+def _peft_hotswap_from_disk(engine, folder: Path, device) -> None:
+    """PEFT's ``hotswap_adapter`` from the folder on disk into the engine's idle slot.
+
+    The engine's slots read one per-row scaling tensor each, which PEFT's ``_update_scaling``
+    cannot compare with a float, so this does what ``SwapEngine._peft_copy`` does for the
+    staged path: pause the scheduler, set each layer's selector aside for a 0-d tensor while
+    PEFT runs, put it back. PEFT's ``hotswap_adapter`` checks the new config against
+    ``model.active_peft_config``: that is the slot's own for the duration.
+    """
+    from peft.utils.hotswap import hotswap_adapter
+
+    slot = engine.idle_slot()
+    name = engine.slot_names[slot]
+    model = engine.peft_model
+    engine.scheduler.pause()
+    modules = engine._modules
+    selectors = [m.scaling[name] for m in modules]
+    active = model.active_adapter
+    try:
+        for m in modules:
+            m.scaling[name] = torch.tensor(0.0)
+        model.active_adapter = name  # what active_peft_config reads (the layers' active set is unchanged)
+        with torch.no_grad():
+            hotswap_adapter(model, str(folder), adapter_name=name, torch_device=str(device))
+    finally:
+        model.active_adapter = active
+        for m, selector in zip(modules, selectors):
+            m.scaling[name] = selector
+        engine.scheduler.resume()
+
+
 def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], reps: int, reload_reps: int,
                 cache: Path, compile_model: bool, profile: bool = False) -> dict:
     from peft import PeftModel
-    from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
     from transformers import AutoModelForCausalLM
 
     from hotswap.adapters import model_spec_for, prepare_adapter
     from hotswap.builtin import write_random_adapter
-    from hotswap.engine import ADAPTER_NAME, SwapEngine
+    from hotswap.engine import SwapEngine
     from hotswap.settings import HotswapSettings
 
     settings = HotswapSettings(base_model=str(base), cache_dir=cache, local_store_root=cache / "bench-store",
@@ -110,35 +142,37 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
     staged = [prepare_adapter(str(f), settings=settings, spec=spec, dtype=engine.dtype) for f in folders]
     nbytes = staged[0].nbytes
 
-    # the floor: the same bytes, one copy between preallocated tensors on the model's device
-    src = torch.empty(nbytes // engine.dtype.itemsize, dtype=engine.dtype, device=device).normal_()
+    # the floor: the bytes a swap copies (the packed (rank, R) slot prefix), one copy between preallocated tensors
+    # on the model's device
+    copy_bytes = staged[0].packed_nbytes
+    src = torch.empty(copy_bytes // engine.dtype.itemsize, dtype=engine.dtype, device=device).normal_()
     dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up, as every method gets: the first copy also faults the destination's pages in
     memcpy = _timed(lambda: dst.copy_(src), reps, sync=sync)
 
     graphs = engine.compiled_graphs
     flip = [0]
+    copy_ms = []  # what the engine itself reports for the copy (and PEFT's bookkeeping), per swap
 
     def engine_swap():
         flip[0] ^= 1
-        engine.apply(staged[flip[0]])
+        copy_ms.append(engine.apply(staged[flip[0]]))  # into the idle slot, then made active
 
     progress(f"{name}: engine swaps")
     with torch._dynamo.config.patch(error_on_recompile=True):
         engine_swap()  # warm-up
+        copy_ms.clear()
         ours = _timed(engine_swap, reps, sync=sync)
         engine.last_logits(["still serving"])
     engine_recompiles = engine.compiled_graphs - graphs
     if profile:
         _print_profile(name, engine_swap, reps)
 
-    progress(f"{name}: PEFT hotswap_adapter_from_state_dict")
-    state_dicts = [s.peft_state_dict(spec, ADAPTER_NAME) for s in staged]
-    configs = [s.lora_config() for s in staged]
+    progress(f"{name}: PEFT hotswap_adapter_from_state_dict (engine.apply(method='peft'))")
 
     def peft_swap():
         flip[0] ^= 1
-        with torch.no_grad():
-            hotswap_adapter_from_state_dict(engine.peft_model, state_dicts[flip[0]], ADAPTER_NAME, configs[flip[0]])
+        engine.apply(staged[flip[0]], method="peft")
 
     peft_swap()
     peft_sd = _timed(peft_swap, reps, sync=sync)
@@ -147,10 +181,12 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
 
     def peft_disk():
         flip[0] ^= 1
-        hotswap_adapter(engine.peft_model, str(folders[flip[0]]), adapter_name=ADAPTER_NAME, torch_device=str(device))
+        _peft_hotswap_from_disk(engine, folders[flip[0]], device)
 
     peft_disk()
     peft_from_disk = _timed(peft_disk, reps, sync=sync)
+    engine.apply(staged[0])  # the slots' bookkeeping true again (PEFT wrote the idle slot behind the engine's back)
+    engine.last_logits(["still serving"])
 
     reload_ms, reload_recompiles = [], None
     if compile_model:
@@ -191,30 +227,38 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
         "device": str(device),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "adapter_bytes": nbytes,
+        "copy_bytes": copy_bytes,
+        "adapter_slots": settings.adapter_slots,
         "adapter_rank": staged[0].rank,
         "max_rank": max_rank,
         "memcpy_ms": _stats(memcpy),
         "engine_swap_ms": _stats(ours),
+        "engine_copy_ms": _stats(copy_ms),
         "peft_from_state_dict_ms": _stats(peft_sd),
         "peft_hotswap_adapter_ms": _stats(peft_from_disk),
         "reload_recompile_ms": _stats(reload_ms) if reload_ms else None,
         "engine_recompiles": engine_recompiles,
         "reload_recompiles": reload_recompiles,
     }
+    engine.close()
     med = result["engine_swap_ms"]["median"]
     result["ratios"] = {
         "engine_swap_over_memcpy": med / result["memcpy_ms"]["median"],
+        "engine_copy_over_memcpy": result["engine_copy_ms"]["median"] / result["memcpy_ms"]["median"],
         "peft_from_state_dict_over_engine_swap": result["peft_from_state_dict_ms"]["median"] / med,
+        "peft_hotswap_adapter_over_engine_swap": result["peft_hotswap_adapter_ms"]["median"] / med,
         "reload_recompile_over_engine_swap": (result["reload_recompile_ms"]["median"] / med) if reload_ms else None,
     }
     return result
 
 
 def _print_table(results: list[dict]) -> None:
-    keys = ["memcpy_ms", "engine_swap_ms", "peft_from_state_dict_ms", "peft_hotswap_adapter_ms", "reload_recompile_ms"]
+    keys = ["memcpy_ms", "engine_swap_ms", "engine_copy_ms", "peft_from_state_dict_ms", "peft_hotswap_adapter_ms",
+            "reload_recompile_ms"]
     for r in results:
         print(f"\n{r['model']}  ({r['device']}, {r['dtype']}, adapter r={r['adapter_rank']}, "
-              f"{r['adapter_bytes'] / 1e6:.2f} MB, max_rank {r['max_rank']})")
+              f"{r['adapter_bytes'] / 1e6:.2f} MB, {r['copy_bytes'] / 1e6:.2f} MB copied per swap, "
+              f"max_rank {r['max_rank']}, {r['adapter_slots']} slots)")
         print(f"  {'method':28} {'median ms':>11} {'p90 ms':>10} {'max ms':>10} {'n':>4}")
         for k in keys:
             s = r[k]
@@ -222,7 +266,8 @@ def _print_table(results: list[dict]) -> None:
                 print(f"  {k:28} {s['median']:11.3f} {s['p90']:10.3f} {s['max']:10.3f} {s['n']:4d}")
         print(f"  recompiles: engine {r['engine_recompiles']}, reload {r['reload_recompiles']}")
         ratios = r["ratios"]
-        print(f"  engine_swap / memcpy = {ratios['engine_swap_over_memcpy']:.2f}x;  "
+        print(f"  engine_swap / memcpy = {ratios['engine_swap_over_memcpy']:.2f}x "
+              f"(engine_copy / memcpy = {ratios['engine_copy_over_memcpy']:.2f}x);  "
               f"peft_from_state_dict / engine_swap = {ratios['peft_from_state_dict_over_engine_swap']:.2f}x"
               + (f";  reload_recompile / engine_swap = {ratios['reload_recompile_over_engine_swap']:.0f}x"
                  if ratios["reload_recompile_over_engine_swap"] else ""))

@@ -19,10 +19,25 @@ def test_swap_benchmark_quick_writes_its_json(tmp_path):
     assert "engine_swap_ms" in result.stdout  # the table is printed
     payload = json.loads(out.read_text())
     [tiny] = payload["results"]
-    for key in ("model", "adapter_bytes", "device", "dtype", "memcpy_ms", "engine_swap_ms",
-                "peft_from_state_dict_ms", "peft_hotswap_adapter_ms", "reload_recompile_ms"):
+    for key in ("model", "adapter_bytes", "copy_bytes", "adapter_slots", "device", "dtype", "memcpy_ms",
+                "engine_swap_ms", "engine_copy_ms", "peft_from_state_dict_ms", "peft_hotswap_adapter_ms",
+                "reload_recompile_ms", "ratios"):
         assert key in tiny
-    assert tiny["engine_swap_ms"]["n"] >= 20
+    assert tiny["engine_swap_ms"]["n"] >= 20 and tiny["engine_copy_ms"]["n"] == tiny["engine_swap_ms"]["n"]
+    assert tiny["peft_from_state_dict_ms"]["n"] >= 20 and tiny["peft_hotswap_adapter_ms"]["n"] >= 20
+    assert tiny["copy_bytes"] >= tiny["adapter_bytes"] > 0  # the packed slot prefix holds the adapter
     assert tiny["engine_recompiles"] == 0
     assert tiny["reload_recompiles"] >= 1  # the naive path does recompile (the control of the line above)
 
+
+
+def test_swap_layout_benchmark_writes_its_json(tmp_path):
+    out = tmp_path / "layout.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.swap_layout", "--reps", "3", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    for key in ("flat_copy_ms", "lora_A_rows_ms", "lora_B_strided_cols_ms", "rank_major_copy_ms", "layout_over_flat",
+                "rank_major_over_flat"):
+        assert payload[key] > 0
+    assert payload["destinations"] == 308 and payload["slot_buffer_shape"] == [64, 788480]
