@@ -1,13 +1,26 @@
-"""What compile buys when serving: ``python -m benchmarks.serving --json PATH``.
+"""The continuous-batching replica in service and in-process: ``python -m benchmarks.serving --json PATH``.
 
-Side by side in one run, the same service (one replica, the built-in tiny model on CPU by
-default) with ``compile: true`` and with ``compile: false``:
+Side by side in one run, the built-in tiny model on CPU by default, every configuration with the
+same ``max_batch_size`` (default 8, so that the mixed workload below has rows to spare):
 
-- service: tokens/s and p50/p99 latency of ``POST /v1/completions`` through the Serve ingress,
-  with 1, 4 and 16 closed-loop clients;
-- engine: tokens/s of the replica's generation loop called in-process (no HTTP, no Serve),
-  for a batch of 1 and a full batch, which separates the model's compute from Serve's
-  per-request overhead.
+- **engine**: the replica's scheduler called in-process (no HTTP, no Serve): a closed loop keeps 1
+  and then ``max_batch_size`` requests in flight through ``engine.submit`` (each finished request
+  is replaced at once by the next), and the tokens generated inside the measured window are
+  counted. The same prompts and sampling as the service's clients. For ``compile: true`` with 2
+  adapter slots (the service's configuration), with 1 slot (what the second slot costs per step)
+  and, unless ``--no-eager``, ``compile: false``.
+- **service**: ``POST /v1/completions`` through Serve's proxy and the ingress to one replica (1 CPU),
+  closed-loop clients at each ``--concurrency`` level, non-streaming and streaming
+  (``"stream": true``, server-sent events read as they arrive): tokens/s, p50/p99 latency, and for
+  streams the time to the first text.
+- **mixed**: short requests (``--short-tokens``, non-streaming, ``--short-clients`` clients) alone, then
+  the same under ``--long-streams`` streaming clients of ``--long-tokens`` tokens each: their p50.
+- unless ``--no-eager``, the service again with ``compile: false`` (non-streaming levels): what compile buys.
+
+Throughput counts the tokens of the requests that *finish* inside the measured window (a closed
+loop in steady state); latency percentiles are over the same requests. A streamed answer carries no
+token count, so each (prompt, max_tokens) is first asked once without streaming (greedy: the same
+tokens) and a streamed answer with the same text counts that many tokens.
 """
 
 from __future__ import annotations
@@ -16,16 +29,18 @@ import argparse
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from benchmarks._cluster import PROMPTS, progress, serve_cluster, wait_until, write_result
-from benchmarks.load import ClosedLoop, latency_summary
+from benchmarks.load import ClosedLoop, Sample, latency_summary, percentile
 
 
-def _settings_args(args, cache: Path, compiled: bool) -> dict:
+def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2) -> dict:
     out = {"base_model": args.base_model, "initial_adapter": "builtin:demo", "cache_dir": str(cache),
-           "compile": compiled, "device": args.device}
+           "compile": compiled, "device": args.device, "max_batch_size": args.max_batch_size,
+           "max_seq_len": args.max_seq_len, "adapter_slots": adapter_slots}
     if args.dtype:
         out["dtype"] = args.dtype
     if compiled and args.compile_mode:
@@ -33,43 +48,196 @@ def _settings_args(args, cache: Path, compiled: bool) -> dict:
     return out
 
 
-def bench_engine(settings_args: dict, *, max_tokens: int, reps: int) -> dict:
-    """Tokens/s of the generation loop in-process, batch of 1 and a full batch (every row runs to max_tokens)."""
+def _prompt(i: int, k: int) -> str:
+    """Client ``i``'s ``k``-th prompt (the engine's closed loop uses the same sequence)."""
+    return PROMPTS[(i * 3 + k) % len(PROMPTS)]
+
+
+# -- in-process ----------------------------------------------------------------------------------------------
+
+
+class _EngineLoop:
+    """``rows`` closed-loop requests through ``engine.submit``; every token's time is recorded."""
+
+    def __init__(self, engine, rows: int, params) -> None:
+        from hotswap.generation import TokenEvent
+        from hotswap.scheduler import Failed, Finished
+
+        self._types = (TokenEvent, Finished, Failed)
+        self.engine = engine
+        self.params = params
+        self.rows = rows
+        self.token_times: list[float] = []
+        self.finished = 0
+        self.failed: list[BaseException] = []
+        self._stop = False
+        self._in_flight = 0
+        self._lock = threading.Condition()
+        self._ids = {p: engine.encode(p) for p in PROMPTS}
+        self._k = [0] * rows
+
+    def _submit(self, i: int) -> None:
+        token, finished, failed = self._types
+        prompt = _prompt(i, self._k[i])
+        self._k[i] += 1
+        times: list[float] = []
+
+        def on_event(event) -> None:
+            if isinstance(event, token):
+                times.append(time.perf_counter())
+            elif isinstance(event, (finished, failed)):
+                with self._lock:
+                    if isinstance(event, finished):
+                        # one TokenEvent per token, plus one for an EOS that ends the answer (not a token)
+                        self.token_times.extend(times[:event.completion.completion_tokens])
+                        self.finished += 1
+                    else:
+                        self.failed.append(event.error)
+                    again = not self._stop and not isinstance(event, failed)
+                    if not again:
+                        self._in_flight -= 1
+                    self._lock.notify_all()
+                if again:
+                    self._submit(i)
+
+        self.engine.submit(self._ids[prompt], self.params, on_event=on_event)
+
+    def run(self, seconds: float) -> dict:
+        steps = self.engine.scheduler.steps
+        with self._lock:
+            self._in_flight = self.rows
+        for i in range(self.rows):
+            self._submit(i)
+        with self._lock:  # warm: every row has finished a request
+            self._lock.wait_for(lambda: self.finished >= 2 * self.rows or self.failed, timeout=120)
+        before = dict(steps)
+        t0 = time.perf_counter()
+        time.sleep(seconds)
+        t1 = time.perf_counter()
+        after = dict(steps)
+        with self._lock:
+            self._stop = True
+            self._lock.wait_for(lambda: self._in_flight == 0, timeout=120)
+        if self.failed:
+            raise RuntimeError(f"{len(self.failed)} in-process requests failed: {self.failed[0]!r}")
+        tokens = sum(t0 <= t <= t1 for t in self.token_times)
+        decode = after["decode"] - before["decode"]
+        prefill = after["prefill"] - before["prefill"]
+        return {"rows_in_flight": self.rows, "tokens_per_s": tokens / (t1 - t0), "tokens": tokens,
+                "seconds": t1 - t0, "decode_steps": decode, "prefill_steps": prefill,
+                "ms_per_step": (t1 - t0) * 1e3 / max(1, decode + prefill),
+                "tokens_per_decode_step": tokens / decode if decode else None}
+
+
+def bench_engine(settings_args: dict, *, max_tokens: int, seconds: float) -> dict:
+    """Tokens/s of the replica's scheduler in-process with 1 and with ``max_batch_size`` requests in flight."""
     from hotswap.adapters import model_spec_for, prepare_adapter
     from hotswap.engine import SwapEngine
     from hotswap.generation import SamplingParams
     from hotswap.settings import HotswapSettings
 
     settings = HotswapSettings.from_args(settings_args)
+    started = time.perf_counter()
     engine = SwapEngine.build(settings)
-    engine.apply(prepare_adapter(settings.initial_adapter, settings=settings, spec=model_spec_for(settings),
-                                 dtype=engine.dtype))
-    out = {}
-    for batch in sorted({1, settings.max_batch_size}):
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        params = [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)] * batch
-        engine.generate(prompts, params)  # warm-up
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            completions, _ = engine.generate(prompts, params)
-            times.append(time.perf_counter() - t)
-        tokens = sum(c.completion_tokens for c in completions)
-        median = statistics.median(times)
-        out[f"batch_{batch}"] = {"tokens_per_s": tokens / median, "ms_per_batch": median * 1e3,
-                                 "tokens_per_batch": tokens}
-    out["compiled_graphs"] = engine.compiled_graphs
+    build_s = time.perf_counter() - started
+    try:
+        engine.apply(prepare_adapter(settings.initial_adapter, settings=settings, spec=model_spec_for(settings),
+                                     dtype=engine.dtype))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)  # what the service's clients ask for
+        out = {"adapter_slots": settings.adapter_slots, "compile": settings.compile, "build_s": build_s}
+        for rows in sorted({1, settings.max_batch_size}):
+            out[f"batch_{rows}"] = _EngineLoop(engine, rows, params).run(seconds)
+        out["compiled_graphs"] = engine.compiled_graphs
+    finally:
+        engine.close()
     return out
 
 
-def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency: list[int], seconds: float,
-                  max_tokens: int) -> dict:
+# -- through the service -------------------------------------------------------------------------------------
+
+
+def _finished_in(samples: list[Sample], t0: float, t1: float) -> list[Sample]:
+    return [s for s in samples if t0 <= s.finished <= t1]
+
+
+class _Tokens:
+    """Completion tokens per (prompt, max_tokens), from one non-streaming answer each (greedy: deterministic)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.known: dict[tuple[str, int], tuple[str, int, str]] = {}
+        self.mismatches = 0
+
+    def learn(self, prompt: str, max_tokens: int) -> tuple[str, int, str]:
+        import httpx
+
+        key = (prompt, max_tokens)
+        if key not in self.known:
+            r = httpx.post(self.url, json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}, timeout=120)
+            r.raise_for_status()
+            payload = r.json()
+            choice = payload["choices"][0]
+            self.known[key] = (choice["text"], payload["usage"]["completion_tokens"], choice["finish_reason"])
+        return self.known[key]
+
+    def count(self, samples: list[Sample], max_tokens: int) -> list[Sample]:
+        """The streamed samples with ``completion_tokens`` filled in."""
+        from dataclasses import replace
+
+        out = []
+        for s in samples:
+            if s.ok:
+                text, tokens, _ = self.learn(s.prompt, max_tokens)
+                if s.text != text:  # should not happen (greedy, rows independent): count chunks instead
+                    self.mismatches += 1
+                    tokens = s.chunks
+                s = replace(s, completion_tokens=tokens)
+            out.append(s)
+        return out
+
+
+def _window(url: str, *, clients: int, body, seconds: float, stream: bool = False, warm: int = 2
+            ) -> tuple[list[Sample], float, float]:
+    """Closed-loop clients, warmed up (``warm`` answers per client), then ``seconds`` measured: the requests that
+    finished in the window, and its start and end."""
+    with ClosedLoop(url, clients=clients, body=body, stream=stream) as load:
+        load.wait_for(warm * clients, timeout_s=300)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        t1 = time.monotonic()
+    return _finished_in(load.samples, t0, t1), t0, t1
+
+
+def _level(url: str, *, clients: int, seconds: float, body, stream: bool, tokens: _Tokens, max_tokens: int,
+           what: str) -> dict:
+    progress(f"{what}: {clients} {'streaming ' if stream else ''}clients for {seconds:.0f} s")
+    window, t0, t1 = _window(url, clients=clients, body=body, seconds=seconds, stream=stream)
+    return _summary(window, t1 - t0, stream=stream, tokens=tokens, max_tokens=max_tokens,
+                    extra={"concurrency": clients, "stream": stream})
+
+
+def _summary(window: list[Sample], seconds: float, *, stream: bool, tokens: _Tokens, max_tokens: int,
+             extra: dict | None = None) -> dict:
+    if stream:
+        window = tokens.count(window, max_tokens)
+    ok = [s for s in window if s.ok]
+    n_tokens = sum(s.completion_tokens for s in ok)
+    out = {**(extra or {}), **latency_summary(window), "tokens_per_s": n_tokens / seconds,
+           "requests_per_s": len(ok) / seconds, "mean_completion_tokens": n_tokens / max(1, len(ok))}
+    if stream:
+        ttft = [(s.first_text - s.started) * 1e3 for s in ok if s.first_text is not None]
+        out["first_text_p50_ms"] = percentile(ttft, 50)
+        out["first_text_p99_ms"] = percentile(ttft, 99)
+        # server-sent chunks per token: 1 means one event per token all the way from the scheduler to the client
+        out["chunks_per_token"] = sum(s.chunks for s in ok) / n_tokens if n_tokens else None
+    return out
+
+
+def _start_app(settings_args: dict, name: str, base_url: str) -> tuple[str, str]:
     import httpx
-    import ray
     from ray import serve
 
     from deployments.app import make_app
-    from hotswap.controller import get_controller
 
     app = f"bench-serving-{name}"
     serve.run(make_app(settings_args, replica_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}),
@@ -77,90 +245,240 @@ def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency:
     url = f"{base_url}/{app}/v1/completions"
     wait_until(lambda: httpx.post(url, json={"prompt": "x", "max_tokens": 1}, timeout=60)
                .status_code == 200, timeout_s=300, what=f"{app} to answer")
+    return app, url
 
-    def body(i: int, k: int) -> dict:
-        return {"prompt": PROMPTS[(i * 3 + k) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
 
-    out = {}
-    for c in concurrency:
-        progress(f"{name}: {c} clients for {seconds:.0f} s")
-        with ClosedLoop(url, clients=c, body=body) as load:
-            load.wait_for(2 * c)  # warm: every client has an answer, batches have formed
-            t0 = time.monotonic()
-            time.sleep(seconds)
-            t1 = time.monotonic()
-        window = [s for s in load.samples if t0 <= s.started and s.finished <= t1]
-        tokens = sum(s.completion_tokens for s in window if s.ok)
-        out[f"c{c}"] = {"concurrency": c, **latency_summary(window), "tokens_per_s": tokens / (t1 - t0),
-                        "requests_per_s": len(window) / (t1 - t0),
-                        "mean_completion_tokens": tokens / max(1, sum(s.ok for s in window))}
+def _stop_app(app: str) -> None:
+    import ray
+    from ray import serve
+
+    from hotswap.controller import get_controller
+
     serve.delete(app)
     ray.kill(get_controller(app), no_restart=True)
+
+
+def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency: list[int], seconds: float,
+                  max_tokens: int, streams: bool, mixed: dict | None) -> dict:
+    app, url = _start_app(settings_args, name, base_url)
+    tokens = _Tokens(url)
+
+    def body(i: int, k: int) -> dict:
+        return {"prompt": _prompt(i, k), "max_tokens": max_tokens, "temperature": 0}
+
+    out: dict = {"service": {}}
+    for c in concurrency:
+        out["service"][f"c{c}"] = _level(url, clients=c, seconds=seconds, body=body, stream=False, tokens=tokens,
+                                         max_tokens=max_tokens, what=name)
+    if streams:
+        for p in PROMPTS:
+            tokens.learn(p, max_tokens)
+        out["stream"] = {}
+        for c in concurrency:
+            out["stream"][f"c{c}"] = _level(url, clients=c, seconds=seconds, body=body, stream=True, tokens=tokens,
+                                            max_tokens=max_tokens, what=name)
+    if mixed is not None:
+        out["mixed"] = _mixed(url, tokens=tokens, seconds=seconds, **mixed)
+    out["stream_text_mismatches"] = tokens.mismatches
+    _stop_app(app)
     return out
 
 
-def _ratio(a: float, b: float) -> float | None:
-    """a / b, or None when nothing finished inside b's window (a very short run on a loaded machine)."""
-    return a / b if b else None
+def _mixed(url: str, *, tokens: _Tokens, seconds: float, short_tokens: int, short_clients: int, long_tokens: int,
+           long_streams: int) -> dict:
+    """Short requests alone, then the same under long streams."""
+    # long streams from the prompts whose greedy answer runs longest (the tiny model stops at EOS on some)
+    learned = sorted(PROMPTS, key=lambda p: -tokens.learn(p, long_tokens)[1])
+    long_prompts = [p for p in learned if tokens.learn(p, long_tokens)[2] == "length"] or learned[:1]
+
+    def short_body(i: int, k: int) -> dict:
+        return {"prompt": _prompt(i, k), "max_tokens": short_tokens, "temperature": 0}
+
+    def long_body(i: int, k: int) -> dict:
+        return {"prompt": long_prompts[(i + k) % len(long_prompts)], "max_tokens": long_tokens, "temperature": 0}
+
+    progress(f"mixed: {short_clients} clients of {short_tokens}-token requests alone for {seconds:.0f} s")
+    window, t0, t1 = _window(url, clients=short_clients, body=short_body, seconds=seconds, warm=4)
+    alone = _summary(window, t1 - t0, stream=False, tokens=tokens, max_tokens=short_tokens)
+
+    progress(f"mixed: the same under {long_streams} streams of {long_tokens} tokens for {seconds:.0f} s")
+    with ClosedLoop(url, clients=long_streams, body=long_body, stream=True) as streams:
+        time.sleep(2.0)  # the streams are running (closed loop: each restarts as soon as it ends)
+        window, t0, t1 = _window(url, clients=short_clients, body=short_body, seconds=seconds, warm=4)
+    under = _summary(window, t1 - t0, stream=False, tokens=tokens, max_tokens=short_tokens)
+    # the streams' own figures over the same window (streams that finished in it)
+    long_window = _finished_in(streams.samples, t0, t1)
+    long_summary = _summary(long_window, t1 - t0, stream=True, tokens=tokens, max_tokens=long_tokens)
+    # a stream's tokens count at the end; those still running are not counted, so this is a lower bound
+    return {"short_tokens": short_tokens, "short_clients": short_clients, "long_tokens": long_tokens,
+            "long_streams": long_streams, "long_prompts": long_prompts,
+            "long_mean_completion_tokens": statistics.fmean(tokens.learn(p, long_tokens)[1] for p in long_prompts),
+            "short_alone": alone, "short_under_long": under, "long": long_summary}
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when b measured nothing (a very short run on a loaded machine)."""
+    return a / b if a is not None and b else None
+
+
+def _ratios(results: dict, concurrency: list[int], batch: int) -> tuple[dict, list[dict]]:
+    top = max(concurrency)
+    compiled = results["compiled"]
+    engine_full = compiled["engine"][f"batch_{batch}"]["tokens_per_s"]
+    ratios: dict = {}
+    targets = []
+
+    def target(name: str, value: float | None, *, at_least: float | None = None, at_most: float | None = None):
+        met = None if value is None else (value >= at_least if at_least is not None else value <= at_most)
+        targets.append({"target": name, "value": value, "met": met})
+
+    ratios[f"service_c{top}_over_engine_batch_{batch}"] = v = _ratio(
+        compiled["service"][f"c{top}"]["tokens_per_s"], engine_full)
+    target(f"service tokens/s at {top} clients >= 0.6 x the in-process engine (batch {batch})", v, at_least=0.6)
+    if "stream" in compiled:
+        ratios[f"stream_c{top}_over_service_c{top}"] = v = _ratio(compiled["stream"][f"c{top}"]["tokens_per_s"],
+                                                                compiled["service"][f"c{top}"]["tokens_per_s"])
+        target(f"{top} streaming clients >= 0.9 x the tokens/s of {top} non-streaming clients", v, at_least=0.9)
+    if "mixed" in compiled:
+        m = compiled["mixed"]
+        ratios["short_p50_under_long_over_alone"] = v = _ratio(m["short_under_long"]["p50_ms"],
+                                                               m["short_alone"]["p50_ms"])
+        target(f"p50 of {m['short_tokens']}-token requests under {m['long_streams']} streams of "
+               f"{m['long_tokens']} tokens <= 2 x alone", v, at_most=2.0)
+    if "compiled_1slot" in results:
+        one = results["compiled_1slot"]["engine"]
+        for key in (f"batch_{b}" for b in sorted({1, batch})):
+            ratios[f"engine_{key}_1slot_over_2slots"] = _ratio(one[key]["tokens_per_s"],
+                                                                compiled["engine"][key]["tokens_per_s"])
+    if "eager" in results:
+        eager = results["eager"]
+        ratios["compiled_over_eager"] = {
+            **{f"service c{c}": _ratio(compiled["service"][f"c{c}"]["tokens_per_s"],
+                                       eager["service"][f"c{c}"]["tokens_per_s"])
+               for c in concurrency if f"c{c}" in eager.get("service", {})},
+            **{f"engine {k.replace('_', ' ')}": _ratio(compiled["engine"][k]["tokens_per_s"],
+                                                        eager["engine"][k]["tokens_per_s"])
+               for k in compiled["engine"] if k.startswith("batch_")},
+        }
+    return ratios, targets
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
 
 
 def _print_table(payload: dict) -> None:
     results = payload["results"]
-    print(f"\nservice: POST /v1/completions through Serve, 1 replica, max_tokens {payload['max_tokens']}, "
-          f"{payload['seconds']:.0f} s per level")
-    print(f"  {'mode':9} {'clients':>7} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7}")
-    for mode in ("compiled", "eager"):
-        for row in results[mode]["service"].values():
-            print(f"  {mode:9} {row['concurrency']:7d} {row['tokens_per_s']:9.1f} {row['requests_per_s']:7.1f} "
-                  f"{row['p50_ms']:8.1f} {row['p99_ms']:8.1f} {row['failed']:7d}")
-    print(f"\nengine: generation loop in-process, every row {payload['max_tokens']} tokens")
-    print(f"  {'mode':9} {'batch':>7} {'tokens/s':>9} {'ms/batch':>9}")
-    for mode in ("compiled", "eager"):
+    print(f"\nengine in-process (scheduler, closed loop), max_tokens {payload['max_tokens']}, "
+          f"{payload['engine_seconds']:.0f} s per level")
+    print(f"  {'config':16} {'in flight':>9} {'tokens/s':>9} {'ms/step':>8} {'tok/decode step':>16}")
+    for mode, label in (("compiled", "compiled 2 slots"), ("compiled_1slot", "compiled 1 slot"),
+                        ("eager", "eager 2 slots")):
+        if mode not in results:
+            continue
         for key, row in results[mode]["engine"].items():
             if key.startswith("batch_"):
-                print(f"  {mode:9} {key.removeprefix('batch_'):>7} {row['tokens_per_s']:9.1f} "
-                      f"{row['ms_per_batch']:9.1f}")
-    print("\ncompiled / eager tokens/s:  " + ",  ".join(f"{k} {v:.2f}x" if v is not None else f"{k} n/a"
-                                                         for k, v in payload["ratios"].items()))
+                per = row["tokens_per_decode_step"]
+                print(f"  {label:16} {row['rows_in_flight']:9d} {row['tokens_per_s']:9.1f} {row['ms_per_step']:8.2f} "
+                      f"{per if per is None else round(per, 2)!s:>16}")
+    print(f"\nservice: POST /v1/completions through Serve, 1 replica, max_batch_size {payload['max_batch_size']}, "
+          f"max_tokens {payload['max_tokens']}, {payload['seconds']:.0f} s per level")
+    print(f"  {'mode':9} {'kind':7} {'clients':>7} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'1st text p50':>12} {'failed':>7}")
+    for mode in ("compiled", "eager"):
+        if mode not in results:
+            continue
+        for kind in ("service", "stream"):
+            for row in results[mode].get(kind, {}).values():
+                print(f"  {mode:9} {'stream' if row['stream'] else 'whole':7} {row['concurrency']:7d} "
+                      f"{row['tokens_per_s']:9.1f} {row['requests_per_s']:7.1f} {_ms(row['p50_ms']):>8} "
+                      f"{_ms(row['p99_ms']):>8} {_ms(row.get('first_text_p50_ms')):>12} {row['failed']:7d}")
+    m = results["compiled"].get("mixed")
+    if m:
+        print(f"\nmixed: {m['short_clients']} clients of {m['short_tokens']}-token requests, alone and under "
+              f"{m['long_streams']} streams of {m['long_tokens']} tokens (mean {m['long_mean_completion_tokens']:.0f})")
+        for key in ("short_alone", "short_under_long"):
+            row = m[key]
+            print(f"  {key:17} {row['requests']:6d} requests  p50 {_ms(row['p50_ms'])} ms  p99 {_ms(row['p99_ms'])} ms"
+                  f"  failed {row['failed']}")
+        row = m["long"]
+        print(f"  {'long streams':17} {row['requests']:6d} finished  {row['tokens_per_s']:.1f} tokens/s (finished "
+              f"ones)  first text p50 {_ms(row.get('first_text_p50_ms'))} ms  failed {row['failed']}")
+    print("\nratios:")
+    for key, value in payload["ratios"].items():
+        if isinstance(value, dict):
+            print(f"  {key}: " + ",  ".join(f"{k} {_x(v)}" for k, v in value.items()))
+        else:
+            print(f"  {key}: {_x(value)}")
+    print("\ntargets:")
+    for t in payload["targets"]:
+        met = {True: "met", False: "NOT met", None: "n/a"}[t["met"]]
+        print(f"  {t['target']}: {_x(t['value'])} ({met})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", required=True, help="where to write the JSON result")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="clients (default 1 4 16)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per level (default 10)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per service level (default 10)")
+    parser.add_argument("--engine-seconds", type=float, default=5.0,
+                        help="measured seconds per in-process level (default 5)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
-    parser.add_argument("--engine-reps", type=int, default=20, help="timed batches per engine measurement")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="rows per step, everywhere (default 8)")
+    parser.add_argument("--max-seq-len", type=int, default=256, help="the replicas' window (default 256)")
+    parser.add_argument("--short-tokens", type=int, default=4, help="mixed: tokens of a short request (default 4)")
+    parser.add_argument("--short-clients", type=int, default=2, help="mixed: clients of short requests (default 2)")
+    parser.add_argument("--long-tokens", type=int, default=200, help="mixed: tokens of a long stream (default 200)")
+    parser.add_argument("--long-streams", type=int, default=4, help="mixed: long streams at a time (default 4)")
+    parser.add_argument("--no-stream", action="store_true", help="skip the streaming levels and the mixed workload")
+    parser.add_argument("--no-eager", action="store_true", help="skip compile: false (engine and service)")
+    parser.add_argument("--no-1slot", action="store_true", help="skip the in-process engine with adapter_slots 1")
     parser.add_argument("--base-model", default="builtin:tiny-llama", help="a Hugging Face model folder or builtin:")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the device's)")
     parser.add_argument("--compile-mode", default=None, help="default, reduce-overhead (CUDA), ...")
     args = parser.parse_args(argv)
-    if min(args.concurrency) < 1 or args.seconds <= 0:
-        parser.error("--concurrency must be >= 1 and --seconds > 0")
+    if min(args.concurrency) < 1 or args.seconds <= 0 or args.engine_seconds <= 0:
+        parser.error("--concurrency must be >= 1 and --seconds, --engine-seconds > 0")
+    if not args.no_stream and args.long_streams + args.short_clients > args.max_batch_size:
+        parser.error("--long-streams + --short-clients must fit in --max-batch-size (else the short requests "
+                     "wait for a stream to end, which measures the queue, not the batching)")
 
-    results = {}
+    engines = [("compiled", True, 2)]
+    if not args.no_1slot:
+        engines.append(("compiled_1slot", True, 1))
+    if not args.no_eager:
+        engines.append(("eager", False, 2))
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
-        for mode, compiled in (("compiled", True), ("eager", False)):
-            progress(f"{mode}: engine in-process")
-            results[mode] = {"engine": bench_engine(_settings_args(args, cache, compiled), max_tokens=args.max_tokens,
-                                                    reps=args.engine_reps)}
+        for mode, compiled, slots in engines:
+            progress(f"{mode}: engine in-process ({slots} adapter slot{'s' if slots > 1 else ''})")
+            results[mode] = {"engine": bench_engine(_settings_args(args, cache, compiled, adapter_slots=slots),
+                                                    max_tokens=args.max_tokens, seconds=args.engine_seconds)}
+        mixed = None if args.no_stream else {
+            "short_tokens": args.short_tokens, "short_clients": args.short_clients, "long_tokens": args.long_tokens,
+            "long_streams": args.long_streams}
         with serve_cluster(cache) as base_url:
-            for mode, compiled in (("compiled", True), ("eager", False)):
+            services = [("compiled", True)] + ([] if args.no_eager else [("eager", False)])
+            for mode, compiled in services:
                 progress(f"{mode}: starting the service")
-                results[mode]["service"] = bench_service(
+                results[mode].update(bench_service(
                     _settings_args(args, cache, compiled), base_url=base_url, name=mode,
-                    concurrency=args.concurrency, seconds=args.seconds, max_tokens=args.max_tokens)
-    ratios = {f"service c{c}": _ratio(results["compiled"]["service"][f"c{c}"]["tokens_per_s"],
-                                      results["eager"]["service"][f"c{c}"]["tokens_per_s"]) for c in args.concurrency}
-    for key in results["compiled"]["engine"]:
-        if key.startswith("batch_"):
-            ratios[f"engine {key.replace('_', ' ')}"] = _ratio(results["compiled"]["engine"][key]["tokens_per_s"],
-                                                               results["eager"]["engine"][key]["tokens_per_s"])
+                    concurrency=args.concurrency, seconds=args.seconds, max_tokens=args.max_tokens,
+                    streams=compiled and not args.no_stream, mixed=mixed if compiled else None))
+    ratios, targets = _ratios(results, args.concurrency, args.max_batch_size)
     payload = write_result("serving", args.json, argv, {
         "base_model": args.base_model, "device": args.device, "max_tokens": args.max_tokens, "seconds": args.seconds,
-        "results": results, "ratios": ratios})
+        "engine_seconds": args.engine_seconds, "max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
+        "results": results, "ratios": ratios, "targets": targets})
     _print_table(payload)
     print(f"\nwrote {args.json}")
     return 0

@@ -32,18 +32,38 @@ def test_rollout_benchmark_small_run_writes_its_json(tmp_path):
     assert row["serve_redeploy"]["time_to_new_version_s"] > 0
     for summary in (row["steady"], row["hotswap_roll"]["during_prepare"], row["hotswap_roll"]["during_swaps"]):
         assert {"requests", "failed", "p50_ms", "p99_ms"} <= set(summary)
+    roll = row["hotswap_roll"]
+    assert row["adapter_slots"] == 2
+    [swap] = roll["swaps"]  # one replica, one roll: one swap, with the replica's own phase figures
+    assert swap["roll"] == 1 and swap["this_roll"] and swap["drain_ms"] is not None and swap["copy_ms"] is not None
+    assert roll["drain_ms_max"] == swap["drain_ms"] and "swaps_that_waited" in roll
+    assert "p99_during_roll_over_steady" in row["ratios"]
 
 
 def test_serving_benchmark_small_run_writes_its_json(tmp_path):
     out = tmp_path / "serving.json"
-    result = _run(["benchmarks.serving", "--concurrency", "1", "2", "--seconds", "3", "--engine-reps", "2",
+    result = _run(["benchmarks.serving", "--concurrency", "1", "2", "--seconds", "3", "--engine-seconds", "1",
+                   "--max-batch-size", "4", "--long-streams", "2", "--short-clients", "1", "--long-tokens", "24",
                    "--json", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled / eager" in result.stdout
+    assert "targets:" in result.stdout and "compiled_over_eager" in result.stdout
     payload = json.loads(out.read_text())
+    results = payload["results"]
     for mode in ("compiled", "eager"):
-        assert set(payload["results"][mode]["service"]) == {"c1", "c2"}
-        assert payload["results"][mode]["service"]["c2"]["tokens_per_s"] > 0
-        assert payload["results"][mode]["engine"]["batch_1"]["tokens_per_s"] > 0
-    assert payload["results"]["eager"]["engine"]["compiled_graphs"] == 0  # eager really ran eagerly
-    assert payload["results"]["compiled"]["engine"]["compiled_graphs"] >= 2
+        assert set(results[mode]["service"]) == {"c1", "c2"}
+        assert results[mode]["service"]["c2"]["tokens_per_s"] > 0
+        assert results[mode]["engine"]["batch_1"]["tokens_per_s"] > 0
+        assert results[mode]["engine"]["batch_4"]["tokens_per_s"] > 0
+    assert set(results["compiled"]["stream"]) == {"c1", "c2"}  # streaming clients, compiled only
+    assert results["compiled"]["stream"]["c2"]["tokens_per_s"] > 0
+    assert results["compiled"]["stream"]["c2"]["first_text_p50_ms"] > 0
+    mixed = results["compiled"]["mixed"]
+    for key in ("short_alone", "short_under_long", "long"):
+        assert mixed[key]["requests"] > 0 and mixed[key]["failed"] == 0
+    assert results["compiled_1slot"]["engine"]["adapter_slots"] == 1
+    assert results["compiled"]["engine"]["adapter_slots"] == 2
+    assert results["eager"]["engine"]["compiled_graphs"] == 0  # eager really ran eagerly
+    assert results["compiled"]["engine"]["compiled_graphs"] >= 2
+    assert {"service_c2_over_engine_batch_4", "stream_c2_over_service_c2", "short_p50_under_long_over_alone",
+            "engine_batch_4_1slot_over_2slots", "compiled_over_eager"} <= set(payload["ratios"])
+    assert len(payload["targets"]) == 3
