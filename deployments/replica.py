@@ -263,7 +263,7 @@ class ModelReplica:
             return None, {**_error(str(e), 429), "retry_after_s": e.retry_after_s}
         return (ticket, job), None
 
-    def _failed(self, version, error: BaseException) -> dict:
+    def _internal_error(self, version, error: BaseException) -> dict:
         incident = uuid.uuid4().hex[:8]
         logger.error("request failed (incident %s): %r", incident, error)
         self.metrics.error(version or self.engine.identity, "internal")
@@ -286,7 +286,7 @@ class ModelReplica:
                 if isinstance(event, Started):
                     version = event.version
                 elif isinstance(event, Failed):
-                    return self._failed(version, event.error)
+                    return self._internal_error(version, event.error)
                 elif isinstance(event, Finished):
                     c = event.completion
                     self.metrics.record(c.version, tokens=c.completion_tokens,
@@ -325,7 +325,7 @@ class ModelReplica:
                     if event.delta or event.finish_reason:
                         yield {"delta": event.delta, "finish_reason": event.finish_reason}
                 elif isinstance(event, Failed):
-                    yield self._failed(version, event.error)
+                    yield self._internal_error(version, event.error)
                     return
                 elif isinstance(event, Finished):
                     c = event.completion
@@ -360,5 +360,7 @@ class ModelReplica:
         if self.phase == ReplicaPhase.FAILED:  # out of rotation: Serve replaces it, the new one converges
             raise RuntimeError(f"replica {self.replica_id} could not restore its adapter after a failed swap: "
                                f"{self._failed and self._failed[2]}")
+        if not self.engine.scheduler.alive:
+            raise RuntimeError(f"the replica's scheduler stopped: {self.engine.scheduler.dead!r}")
         if self._watcher.done() and not self._watcher.cancelled():
             raise RuntimeError(f"the controller watch task stopped: {self._watcher.exception()!r}")

@@ -97,6 +97,18 @@ class EngineStats:
     slots: tuple[dict, ...] = ()
 
 
+class _RowGate(torch.nn.Module):
+    """Stands in for a slot's identity dropout: multiplies the LoRA input by the slot's per-row gate (1 for rows
+    that read the slot, 0 for the others), so a slot a row does not read contributes an exact 0."""
+
+    def __init__(self, gate: torch.Tensor) -> None:
+        super().__init__()
+        self.gate = gate  # a plain attribute, not a buffer: one tensor shared by every layer of the slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate
+
+
 class _Waiter:
     """Collects one request's events for a blocking caller."""
 
@@ -148,19 +160,24 @@ class SwapEngine:
         n = settings.adapter_slots
         self.slot_names = SLOT_NAMES[:n]
         self._buffers = []
-        selectors = []
+        scales, gates = [], []
         for name in self.slot_names:
             if not all(isinstance(m.scaling[name], torch.Tensor) for m in self._modules):
                 raise SwapError("LoRA scalings are not tensors: call prepare_model_for_compiled_hotswap before "
                                 "the engine")
+            if not all(isinstance(m.lora_dropout[name], torch.nn.Identity) for m in self._modules):
+                raise SwapError("the engine's LoRA layers must have lora_dropout=0 (inference)")
             buffer = self.layout.allocate(dtype=dtype, device=device)
             self.layout.bind(self._modules, name, buffer)
             buffer.zero_()  # B = 0 already; A zero too, so the slot is exactly the packed base
             self._buffers.append(buffer)
-            selector = torch.zeros((settings.max_batch_size, 1, 1), dtype=dtype, device=device)
+            scale = torch.zeros((settings.max_batch_size, 1, 1), dtype=dtype, device=device)
+            gate = torch.zeros((settings.max_batch_size, 1, 1), dtype=dtype, device=device)
             for m in self._modules:
-                m.scaling[name] = selector
-            selectors.append(selector)
+                m.scaling[name] = scale
+                m.lora_dropout[name] = _RowGate(gate)
+            scales.append(scale)
+            gates.append(gate)
         self._live_rank = [0] * n
         self._staged: list[StagedAdapter | None] = [None] * n
         self.slots = [SlotState(i) for i in range(n)]
@@ -179,7 +196,7 @@ class SwapEngine:
             forward,
             config=lm.config,
             tokenizer=tokenizer,
-            selector=SlotSelector(selectors),
+            selector=SlotSelector(scales, gates),
             slots=self.slots,
             batch_size=settings.max_batch_size,
             chunk=settings.prefill_chunk_tokens,
@@ -260,16 +277,18 @@ class SwapEngine:
         self.checker.check(prompt_len, params)
 
     def submit(self, token_ids: list[int], params: SamplingParams, *, on_event: Callable[[object], None],
-               slot: int | None = None, want_logits: bool = False, held: bool = False) -> Ticket:
+               slot: int | None = None, want_logits: bool = False, held: bool = False, probe: bool = False
+               ) -> Ticket:
         """Queue one request (already encoded); events go to ``on_event`` from the scheduler thread.
 
         ``slot=None`` joins the active slot when a row frees up; a slot index pins it to that slot
         (a smoke check, or request-level A/B). ``held`` keeps it in its row without stepping until
-        ``scheduler.release(ticket)``. Raises :class:`~hotswap.errors.OverloadedError` when
+        ``scheduler.release(ticket)``; ``probe`` marks a swap check's own request (only those may join a
+        slot loaded by :meth:`swap_checked` before its check passes). Raises :class:`~hotswap.errors.OverloadedError` when
         the admission queue is full and :class:`~hotswap.errors.RequestError` when it is invalid.
         """
         return self.scheduler.submit(token_ids, params, on_event=on_event, slot=slot, want_logits=want_logits,
-                                     held=held)
+                                     held=held, probe=probe)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams], *,
                  slot: int | None = None) -> tuple[list[Completion], AdapterIdentity]:
@@ -309,12 +328,12 @@ class SwapEngine:
         name = version.uri if version else "an empty slot"
         waiter = _Waiter()
         ticket = self.submit(self.encode(prompt), SamplingParams(max_tokens=2, ignore_eos=True), on_event=waiter,
-                             slot=slot, want_logits=True)
+                             slot=slot, want_logits=True, probe=True)
         try:
             waiter.wait(timeout_s)
         except TimeoutError:
             ticket.cancel()
-            raise SwapError(f"smoke check on {name} got no batch row within {timeout_s} s (every row busy); "
+            raise SwapError(f"smoke check on {name} got no batch row within {timeout_s:.3g} s (every row busy); "
                             "raise swap_timeout_s or max_batch_size") from None
         if not torch.isfinite(waiter.logits).all():
             raise SwapError(f"smoke check failed on adapter {name}: non-finite logits")
@@ -386,39 +405,49 @@ class SwapEngine:
                      ) -> SwapTimings:
         """Load ``staged`` (``None``: the base model) into the idle slot, check it there, then make it active.
 
-        No request joins the slot before ``check(slot)`` passes (it runs requests pinned to the slot,
-        e.g. :meth:`smoke_check`; ``"default"`` is :meth:`smoke_check`, ``None`` skips it). Rows in
-        flight on the active slot keep running on it meanwhile and finish on it. If the load or the
-        check fails the active slot keeps serving and :class:`SwapError` is raised; with one slot the
-        previous version is put back first (:class:`RestoreError` if that fails too: the model must not
-        serve).
+        No request joins the slot before ``check(slot)`` passes, except the check's own (``probe``) requests,
+        e.g. :meth:`smoke_check`; ``"default"`` is :meth:`smoke_check`, ``None`` skips it. Rows in flight
+        on the active slot keep running on it meanwhile and finish on it. If the idle slot already holds
+        the version (a revert to the previous one), it is made active again without a copy. If the load
+        or the check fails the active slot keeps serving and :class:`SwapError` is raised; with one slot
+        the previous version is put back first (:class:`RestoreError` if that fails too: the model must not
+        serve). ``timeout_s`` bounds the wait for the slot and the check together.
         """
         if staged is not None:
             self._check_fits(staged)
-        if check == "default":
-            def check(slot: int) -> None:
-                self.smoke_check(slot, timeout_s=timeout_s)
+        identity = staged.identity if staged is not None else BASE
         with self._swap_mutex:
             asked = time.perf_counter()
+            deadline = None if timeout_s is None else asked + timeout_s
             target = self.idle_slot()
             one_slot = len(self.slots) == 1
+            if not one_slot and self.slots[target].version == identity:
+                self._activate(target)  # checked when it was loaded, unchanged since: a flip, no copy
+                self.swaps += 1
+                logger.info("slot %d active again: %s (no copy)", target, identity.uri)
+                return SwapTimings(drain_ms=0.0, swap_ms=0.0, smoke_ms=0.0)
             waited = self._claim(target, timeout_s=timeout_s, hold=one_slot)
             got = time.perf_counter() if waited else asked  # a free slot: nothing was drained
             previous = self._staged[target]
             try:
                 try:
-                    swap_ms = self._load_claimed(target, staged, method)
+                    swap_ms = self._load_claimed(target, staged, method, checking=check is not None)
                 except Exception as e:
                     raise self._undo(target, previous, one_slot, f"loading {_name(staged)} failed: {e}") from e
                 checked = time.perf_counter()
                 if check is not None:
                     try:
-                        check(target)
+                        if check == "default":
+                            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                            self.smoke_check(target, timeout_s=left)
+                        else:
+                            check(target)
                     except Exception as e:
                         raise self._undo(target, previous, one_slot, f"smoke check failed on {_name(staged)}: {e}"
                                          ) from e
                 done = time.perf_counter()
                 self._activate(target)
+                self.swaps += 1
             finally:
                 with self.scheduler.cond:
                     self.scheduler.hold_unpinned = False
@@ -432,10 +461,10 @@ class SwapEngine:
         return the copy's ms. A failed load leaves the slot empty (nothing joins it) and raises :class:`SwapError`."""
         if staged is not None:
             self._check_fits(staged)
-        if slot == self.scheduler.active:
-            raise SwapError(f"slot {slot} is the active slot; load the idle slot ({self.idle_slot()}) and activate "
-                            "it")
         with self._swap_mutex:
+            if slot == self.scheduler.active:
+                raise SwapError(f"slot {slot} is the active slot; load the idle slot ({self.idle_slot()}) and "
+                                "activate it")
             self._claim(slot, timeout_s=timeout_s, hold=False)
             try:
                 return self._load_claimed(slot, staged, "foreach")
@@ -447,7 +476,9 @@ class SwapEngine:
         with self._swap_mutex:
             if self.slots[slot].version is None:
                 raise SwapError(f"slot {slot} holds no version; load one first")
-            self._activate(slot)
+            if slot != self.scheduler.active:
+                self._activate(slot)
+                self.swaps += 1
 
     def _claim(self, slot: int, *, timeout_s: float | None, hold: bool) -> bool:
         """Wait until no row reads ``slot`` and mark it loading (nothing joins it); ``hold`` stops unpinned
@@ -468,7 +499,8 @@ class SwapEngine:
             state.loading = True
         return waited
 
-    def _load_claimed(self, slot: int, staged: StagedAdapter | None, method: str) -> float:
+    def _load_claimed(self, slot: int, staged: StagedAdapter | None, method: str, *, checking: bool = False
+                      ) -> float:
         started = time.perf_counter()
         scale = staged.scaling if staged is not None else 1.0
         if method == "foreach":
@@ -487,9 +519,9 @@ class SwapEngine:
             state.version = staged.identity if staged is not None else BASE
             state.scale = scale
             state.loading = False
+            state.checking = checking
             state.swaps += 1
             self._staged[slot] = staged
-            self.swaps += 1
             self.last_swap_ms = elapsed_ms
             self.scheduler.cond.notify_all()
         logger.info("slot %d: %s -> %s in %.2f ms", slot, previous.uri if previous else "empty", _name(staged),
@@ -568,7 +600,7 @@ class SwapEngine:
                 state = self.slots[slot]
                 state.version = previous.identity if previous is not None else BASE
                 state.scale = previous.scaling if previous is not None else 1.0
-                state.loading = False
+                state.loading = state.checking = False
                 self._staged[slot] = previous
                 self.scheduler.cond.notify_all()
             logger.error("%s; previous adapter restored", why)
@@ -580,7 +612,7 @@ class SwapEngine:
             self._live_rank[slot] = self.layout.max_rank
         with self.scheduler.cond:
             state = self.slots[slot]
-            state.version, state.loading = None, False
+            state.version, state.loading, state.checking = None, False, False
             self._staged[slot] = None
             self.scheduler.cond.notify_all()
         logger.error("%s; slot %d emptied, still serving %s", why, slot, serving.uri)
@@ -588,6 +620,7 @@ class SwapEngine:
 
     def _activate(self, slot: int) -> None:
         with self.scheduler.cond:
+            self.slots[slot].checking = False
             previous, self.scheduler.active = self.scheduler.active, slot
             self.scheduler.cond.notify_all()
         if previous != slot:

@@ -97,6 +97,8 @@ class RequestChecker:
             raise RequestError(f"temperature must be >= 0, got {params.temperature}")
         if not 0 < params.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {params.top_p}")
+        if params.seed is not None and not 0 <= params.seed < 2**63:
+            raise RequestError(f"seed must be in [0, 2**63), got {params.seed}")
 
 
 class RowCache:
@@ -115,7 +117,9 @@ class RowCache:
         self.cache_len = max_seq_len + chunk
         self.scratch = max_seq_len
         self.prefill_index = torch.zeros((batch_size, chunk), dtype=torch.long, device=device)
-        self.decode_index = torch.zeros((batch_size, 1), dtype=torch.long, device=device)
+        # with chunk 1 both steps have one shape, so the layer cannot tell them apart: one index for both
+        self.decode_index = (self.prefill_index if chunk == 1 else
+                             torch.zeros((batch_size, 1), dtype=torch.long, device=device))
         chunk_len = chunk
 
         class _RowLayer(StaticLayer):
@@ -195,11 +199,8 @@ class IncrementalText:
             searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
             self.text += after[len(before):]
             self._prefix, self._read = self._read, len(self.tokens)
-            for stop in self.stop:
-                at = self.text.find(stop, searched_from) if stop else -1
-                if at != -1:
-                    self.text = self.text[:at]
-                    return self.flush(), True
+            if self._cut(searched_from):
+                return self.flush(), True
         hold = max((len(s) - 1 for s in self.stop), default=0)
         safe = max(self.emitted, len(self.text) - hold)
         delta, self.emitted = self.text[self.emitted:safe], safe
@@ -213,11 +214,15 @@ class IncrementalText:
             after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
             self.text += after[len(before):]
             self._read = len(self.tokens)
-            for stop in self.stop:
-                at = self.text.find(stop) if stop else -1
-                if at != -1:
-                    self.text = self.text[:at]
+            self._cut(0)
         return self.flush()
+
+    def _cut(self, searched_from: int) -> bool:
+        """Cut the text at the earliest stop string found at or after ``searched_from``; whether one was."""
+        found = [at for stop in self.stop if stop and (at := self.text.find(stop, searched_from)) != -1]
+        if found:
+            self.text = self.text[:min(found)]
+        return bool(found)
 
     def flush(self) -> str:
         delta, self.emitted = self.text[self.emitted:], len(self.text)

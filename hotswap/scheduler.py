@@ -14,9 +14,12 @@ prompt is read. Rows that sit a step out compute padding that writes to the cach
 slots (:class:`~hotswap.generation.RowCache`), so their state is untouched.
 
 **Adapter slots.** The model carries ``adapter_slots`` (1 or 2) LoRA adapters, all active in one
-compiled graph; each has one per-row scaling tensor ``(max_batch_size, 1, 1)`` shared by all its
-layers (:class:`SlotSelector`). Before a step the scheduler writes, for every row, the slot's
-scaling into the slot the row reads and 0 into the other, so each row reads exactly one slot.
+compiled graph; each has two per-row tensors ``(max_batch_size, 1, 1)`` shared by all its layers
+(:class:`SlotSelector`): a gate on the LoRA input (in place of PEFT's identity dropout) and the
+scaling on its output. Before a step the scheduler writes, for every row, 1 and the slot's
+scaling into the slot the row reads and 0 and 0 into the other, so each row reads exactly one
+slot, and a slot a row does not read contributes an exact 0 whatever its weights (its input is
+0, so even weights that would overflow cannot turn into NaN through 0 x inf).
 A row keeps the slot it joined on to its last token; a request that does not name a slot joins
 the *active* one. The engine (:mod:`hotswap.engine`) loads a new version into the slot no row
 reads, checks it there with a request pinned to it, then makes it active: no drain, and no
@@ -89,23 +92,26 @@ class SlotState:
     pinned_waiting: int = 0  # queued requests pinned to this slot
     swaps: int = 0
     loading: bool = False  # being written: nothing may join it
+    checking: bool = False  # loaded, not yet checked: only the check's own requests (probes) may join it
 
 
 class SlotSelector:
-    """The per-row scaling tensors, one ``(batch, 1, 1)`` tensor per slot, shared by every LoRA layer."""
+    """Per slot, the ``(batch, 1, 1)`` input gates and output scalings shared by every LoRA layer of the slot."""
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = tensors
-        self._host = torch.zeros((len(tensors), tensors[0].shape[0]), dtype=tensors[0].dtype)
+    def __init__(self, scales: list[torch.Tensor], gates: list[torch.Tensor]) -> None:
+        self.scales, self.gates = scales, gates
+        self._host = torch.zeros((2, len(scales), scales[0].shape[0]), dtype=scales[0].dtype)
 
     def write(self, row_slots: list[int | None], scales: list[float]) -> None:
-        """Row ``b`` reads slot ``row_slots[b]`` at that slot's scale and every other slot at 0."""
+        """Row ``b`` reads slot ``row_slots[b]`` (gate 1, that slot's scale) and every other slot at gate 0, scale 0."""
         self._host.zero_()
         for b, s in enumerate(row_slots):
             if s is not None:
-                self._host[s, b] = scales[s]
-        for k, t in enumerate(self.tensors):
-            t.view(-1).copy_(self._host[k])
+                self._host[0, s, b] = scales[s]
+                self._host[1, s, b] = 1.0
+        for k in range(len(self.scales)):
+            self.scales[k].view(-1).copy_(self._host[0, k])
+            self.gates[k].view(-1).copy_(self._host[1, k])
 
 
 @dataclass
@@ -117,6 +123,7 @@ class Ticket:
     on_event: Callable[[object], None]
     slot: int | None = None  # None: the active slot when it joins
     want_logits: bool = False
+    probe: bool = False  # a swap's own check: it may join a slot that is being checked
     cancelled: bool = False
     held: bool = False  # its row sits out steps until Scheduler.release
     submitted: float = field(default_factory=time.perf_counter)
@@ -189,6 +196,8 @@ class Scheduler:
         self._last_prefill = False
         self._selector_dirty = True
         self._paused = 0
+        self._dirty_rows: set[int] = set()
+        self.dead: BaseException | None = None
         self._idle = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="hotswap-scheduler", daemon=True)
@@ -197,18 +206,21 @@ class Scheduler:
     # -- the caller's side ---------------------------------------------------------------------------------
 
     def submit(self, token_ids: list[int], params: SamplingParams, *, on_event: Callable[[object], None],
-               slot: int | None = None, want_logits: bool = False, held: bool = False) -> Ticket:
+               slot: int | None = None, want_logits: bool = False, held: bool = False, probe: bool = False
+               ) -> Ticket:
         """Queue a request; raise :class:`OverloadedError` when the queue is full, :class:`RequestError` if invalid.
 
         ``held``: it joins a row as usual but sits out every step until :meth:`release` (tests and fault
-        seams use it to keep a request in flight).
+        seams use it to keep a request in flight). ``probe``: a swap's check, which alone may join a slot
+        that is loaded but not yet checked.
         """
         self.checker.check(len(token_ids), params)
         ticket = Ticket(list(token_ids), params, on_event, slot=slot, want_logits=want_logits, held=held,
-                        _wake=self.wake)
+                        probe=probe, _wake=self.wake)
         with self.cond:
-            if self._stopping:
-                raise SwapError("the engine is shut down")
+            if self._stopping or self.dead is not None:
+                raise SwapError(f"the engine is shut down{f' ({self.dead!r})' if self.dead else ''}; the replica "
+                                "must be restarted")
             if slot is not None:
                 if not 0 <= slot < len(self.slots) or self.slots[slot].version is None:
                     raise RequestError(f"adapter slot {slot} holds no version")
@@ -267,7 +279,21 @@ class Scheduler:
 
     # -- the scheduler thread ------------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """False once the loop has stopped (closed, or crashed: see :attr:`dead`)."""
+        return self._thread.is_alive() and self.dead is None
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug in the loop itself: fail everything, refuse new work, say why
+            logger.exception("the scheduler loop stopped")
+            with self.cond:
+                self.dead = e
+                self._fail_all(SwapError(f"the replica's scheduler stopped ({e!r}); the replica must be restarted"))
+
+    def _loop(self) -> None:
         while True:
             with self.cond:
                 while True:
@@ -282,13 +308,16 @@ class Scheduler:
                     self.cond.notify_all()
                     self.cond.wait()
                 self._idle.clear()
-                prefill = self._pick_step()
-                selector = self._selector_args() if self._selector_dirty else None
-                self._selector_dirty = False
+                if work:
+                    prefill = self._pick_step()
+                    selector = self._selector_args() if self._selector_dirty else None
+                    self._selector_dirty = False
             self._deliver(events)
             if not work:
                 continue
             try:
+                if self._dirty_rows:
+                    self._scrub(self._dirty_rows)
                 if selector is not None:
                     self.selector.write(*selector)
                 self._step(prefill)
@@ -298,7 +327,19 @@ class Scheduler:
                     failed = [(r, i) for i, r in enumerate(self.rows) if r is not None]
                     for row, i in failed:
                         self._free(i)
+                    self._dirty_rows.update(range(self.batch_size))  # the cache may hold anything now
+                    self._selector_dirty = True
                 self._deliver([(row.ticket, Failed(e)) for row, _ in failed])
+
+    @torch.no_grad()
+    def _scrub(self, rows: set[int]) -> None:
+        """Zero the cache rows of requests that produced non-finite values: a NaN left in a row's cache would
+        poison its next request even at masked slots (NaN + mask = NaN)."""
+        index = torch.tensor(sorted(rows), device=self.device)
+        for layer in self.kv.cache.layers:
+            layer.keys.index_fill_(0, index, 0)
+            layer.values.index_fill_(0, index, 0)
+        rows.clear()
 
     def _admit(self) -> list:
         """Under the lock: drop cancelled requests, move queued ones into free rows; return Started events."""
@@ -315,7 +356,8 @@ class Scheduler:
             free = next((i for i, r in enumerate(self.rows) if r is None), None)
             slot = ticket.slot if ticket.slot is not None else self.active
             state = self.slots[slot]
-            if free is None or state.loading or (ticket.slot is None and self.hold_unpinned):
+            if (free is None or state.loading or (state.checking and not ticket.probe)
+                    or (ticket.slot is None and self.hold_unpinned)):
                 kept.append(ticket)
                 continue
             if state.version is None:
@@ -352,6 +394,8 @@ class Scheduler:
         for i, r in enumerate(self.rows):
             if r is not None:
                 self._free(i)
+        for t in self.queue:
+            self._unpin(t)
         self.queue.clear()
         self._deliver(events)
 
@@ -419,12 +463,21 @@ class Scheduler:
 
     def _take(self, logits: torch.Tensor, taking: list[int]) -> None:
         rows = self.rows
+        events, done = [], []
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        for i in [i for i in taking if not finite[i]]:  # this request's version overflowed: fail it alone
+            row = rows[i]
+            events.append((row.ticket, Failed(SwapError(
+                f"adapter {row.version.uri} (sha256 {row.version.sha256[:12]}) produced non-finite logits for this "
+                "request; the adapter's weights are too large for this prompt (roll back or retrain it)"))))
+            done.append(i)
+            self._dirty_rows.add(i)
+        taking = [i for i in taking if finite[i]]
         params: list[SamplingParams | None] = [None] * self.batch_size
         generators: list[torch.Generator | None] = [None] * self.batch_size
         for i in taking:
             params[i], generators[i] = rows[i].ticket.params, rows[i].generator
-        chosen = choose_tokens(logits, params, generators)
-        events, done = [], []
+        chosen = choose_tokens(logits if all(finite) else logits.nan_to_num(), params, generators)
         for i in taking:
             row = rows[i]
             if row.ticket.want_logits and not row.text.tokens:

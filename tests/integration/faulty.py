@@ -4,6 +4,7 @@ replicas share the file system):
 - ``hold-<replica id>``: the replica waits before its next swap (a test can act "mid-rollout");
 - it writes ``swapping-<replica id>`` while a swap runs (including its wait for requests in flight);
 - ``fail-<replica id>``: its smoke check fails;
+- ``fail-step``: every model step raises (each request in the batch fails; the next step runs again);
 - ``hold-request``: a request sent with ``seed == HOLD_SEED`` joins a row of the running batch (on
   the slot active then) and sits out every step before its first token, writing
   ``holding-<replica id>`` while it waits; the other rows keep running.
@@ -58,6 +59,14 @@ class _FaultyReplica(ModelReplica.func_or_class):
             return ticket
 
         engine.submit = submit
+        forward = engine.scheduler.forward
+
+        def failing_forward(**kwargs):
+            if (marks / "fail-step").exists():
+                raise RuntimeError("injected step failure")
+            return forward(**kwargs)
+
+        engine.scheduler.forward = failing_forward
 
     def _swap_and_check(self, staged):
         marks = Path(self.settings.cache_dir) / "fault-marks"

@@ -20,17 +20,23 @@ LONG = 200
 
 
 @pytest.fixture(scope="module")
-def app(serve_cluster, make_adapter, tiny_base, store_root, base_settings):
+def marks(tmp_path_factory):
+    return tmp_path_factory.mktemp("engine-v2-cache")
+
+
+@pytest.fixture(scope="module")
+def app(serve_cluster, make_adapter, tiny_base, store_root, marks):
     from ray import serve
 
     from deployments.app import make_app
+    from tests.integration.faulty import FaultyReplica
 
     adapter = make_adapter("engine-v2", r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), seed=61)
     args = {
         "base_model": str(tiny_base),
         "initial_adapter": str(adapter.relative_to(store_root)),
         "local_store_root": str(store_root),
-        "cache_dir": str(base_settings.cache_dir),
+        "cache_dir": str(marks),
         "max_rank": 16,
         "max_batch_size": 5,  # 4 long streams and one more row
         "prefill_chunk_tokens": 8,
@@ -38,8 +44,9 @@ def app(serve_cluster, make_adapter, tiny_base, store_root, base_settings):
         "max_queued_requests": 2,
         "device": "cpu",
     }
-    serve.run(make_app(args, replica_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}),
-              name=APP, route_prefix=f"/{APP}")
+    (marks / "fault-marks").mkdir()
+    serve.run(make_app(args, replica_class=FaultyReplica, replica_options={"num_replicas": 1}), name=APP,
+              route_prefix=f"/{APP}")
     base = f"{serve_cluster}/{APP}"
     wait_for_condition(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200, timeout_s=180,
                        message="healthz")
@@ -118,3 +125,22 @@ def test_a_client_that_disconnects_frees_its_row(app):
                 break  # one chunk, then the client goes away
     wait_for_condition(lambda: handle.stats.remote().result()["rows_in_flight"] == 0, timeout_s=60,
                        message="the disconnected stream's row to be freed")
+
+
+def test_a_failed_step_answers_500_with_an_incident_and_the_replica_serves_on(app, marks):
+    """Defect (review of the v2 replica): the 500 path raised TypeError (a method shadowed by an attribute), so a
+    failed step cut streams off and answered nothing useful."""
+    fail = marks / "fault-marks" / "fail-step"
+    fail.touch()
+    try:
+        response = httpx.post(f"{app}/v1/completions", json={"prompt": "boom", "max_tokens": 3}, timeout=60)
+        assert response.status_code == 500, response.text
+        assert "incident" in response.json()["error"]["message"]
+        with httpx.stream("POST", f"{app}/v1/completions", json={"prompt": "boom", "max_tokens": 3, "stream": True},
+                          timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert any("incident" in line for line in lines) and lines[-1] == "data: [DONE]", lines
+    finally:
+        fail.unlink()
+    assert httpx.post(f"{app}/v1/completions", json={"prompt": "fine", "max_tokens": 3}, timeout=60
+                      ).status_code == 200

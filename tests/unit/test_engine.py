@@ -218,7 +218,8 @@ def test_failed_load_leaves_the_active_slot_serving_and_empties_the_other(eager_
     engine.apply(good)
     active, logits = engine.active_slot, engine.last_logits(PROMPTS)
     before = _lora_state(engine)
-    other = stage(adapters["r16-all"])
+    other = stage(adapters["r2-o"])
+    assert engine.slots[engine.idle_slot()].version != other.identity  # a real load, not a flip back
     broken = dataclasses.replace(other, packed=torch.empty(other.packed.shape, device="meta"))  # cannot be read
     with pytest.raises(SwapError, match=f"still serving {good.identity.uri}"):
         engine.apply(broken)
@@ -373,8 +374,10 @@ def test_a_smoke_check_that_gets_no_row_gives_up_within_the_timeout(eager_pair, 
     serving = engine.identity
     held = [_Events() for _ in range(engine.settings.max_batch_size)]
     tickets = [_in_flight(engine, e) for e in held]  # every row taken
+    held_versions = {slot.version for slot in engine.slots}
+    fresh = next(staged for staged in map(stage, adapters.values()) if staged.identity not in held_versions)
     with pytest.raises(SwapError, match="got no batch row within 0.2 s"):
-        engine.swap_checked(stage(adapters["r2-o"]), timeout_s=0.2)
+        engine.swap_checked(fresh, timeout_s=0.2)
     assert engine.identity == serving
     for t in tickets:
         engine.scheduler.release(t)

@@ -273,3 +273,174 @@ def test_control_the_full_decode_check_sees_a_lost_character(tokenizer):
     ids = tokenizer("héllo ✓")["input_ids"]
     sent = "".join(text.add(t)[0] for t in ids[:-1])  # the last byte of '✓' never comes: it waits
     assert sent != tokenizer.decode(ids[:-1], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def eager(base_settings):
+    from hotswap.engine import SwapEngine
+
+    engine = SwapEngine.build(base_settings.model_copy(update={"compile": False}), warmup=False)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def overflowing(adapters, store_root):
+    """Adapter "a" with every weight x 1e30: finite (it passes validation), but its LoRA overflows to inf."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = store_root / "sched-a-x1e30"
+    if not out.exists():
+        shutil.copytree(adapters["a"], out)
+        tensors = load_file(str(out / "adapter_model.safetensors"))
+        save_file({k: v * 1e30 for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_a_slot_that_overflows_touches_no_row_of_the_other_slot(eager, adapters, overflowing, stage):
+    """Review defect: every row computed both slots' LoRA and multiplied the unread one by 0, and 0 x inf = NaN
+    reached rows of the serving slot; the NaN then stayed in the row's cache for its next request. Now the unread
+    slot's input is gated to 0, a request whose own version overflows fails alone, and its cache row is scrubbed."""
+    engine = eager
+    engine.apply(stage(adapters["b"]))
+    serving = engine.active_slot
+    want = {p: _alone(engine, p, 12, serving) for p in PROMPTS[:3]}
+    engine.load(engine.idle_slot(), stage(overflowing))  # slot-level load: no smoke check stops it
+    bad_slot = engine.idle_slot()
+    engine.scheduler.pause()  # one batch: two rows on the serving slot, one on the overflowing one
+    try:
+        good = [Recorder() for _ in range(2)]
+        for r, p in zip(good, PROMPTS[:2]):
+            engine.submit(engine.encode(p), greedy(12), on_event=r, slot=serving)
+        bad = Recorder()
+        engine.submit(engine.encode(PROMPTS[2]), greedy(12), on_event=bad, slot=bad_slot)
+    finally:
+        engine.scheduler.resume()
+    for r, p in zip(good, PROMPTS[:2]):
+        assert r.wait().token_ids == want[p]
+    assert bad.done.wait(60) and "non-finite logits" in str(bad.error)
+    # every row (the failed one's included) serves its next request exactly
+    for _ in range(engine.settings.max_batch_size):
+        assert _alone(engine, PROMPTS[2], 12, serving) == want[PROMPTS[2]]
+    engine.apply(stage(adapters["b"]))  # leave a sane idle slot behind
+
+
+def test_a_sampled_request_on_an_overflowing_slot_fails_alone(eager, adapters, overflowing, stage):
+    """Review defect: non-finite logits made ``torch.multinomial`` raise, which failed the whole step."""
+    engine = eager
+    engine.apply(stage(adapters["b"]))
+    serving = engine.active_slot
+    want = _alone(engine, PROMPTS[0], 8, serving)
+    engine.load(engine.idle_slot(), stage(overflowing))
+    engine.scheduler.pause()
+    try:
+        good, bad = Recorder(), Recorder()
+        engine.submit(engine.encode(PROMPTS[0]), greedy(8), on_event=good, slot=serving)
+        engine.submit(engine.encode(PROMPTS[1]), SamplingParams(max_tokens=8, temperature=1.0, seed=3),
+                      on_event=bad, slot=engine.idle_slot())
+    finally:
+        engine.scheduler.resume()
+    assert good.wait().token_ids == want
+    assert bad.done.wait(60) and "non-finite logits" in str(bad.error)
+    engine.apply(stage(adapters["b"]))
+
+
+def test_prefill_chunk_of_one_token_gives_the_same_tokens(base_settings, eager, adapters, stage):
+    """Review defect: with prefill_chunk_tokens=1 both steps have one shape and the cache read the wrong index."""
+    from hotswap.engine import SwapEngine
+
+    one = SwapEngine.build(base_settings.model_copy(update={"compile": False, "prefill_chunk_tokens": 1}),
+                           warmup=False)
+    try:
+        staged = stage(adapters["a"])
+        one.apply(staged)
+        eager.apply(staged)
+        for prompt in PROMPTS[:3]:
+            assert one.generate([prompt], [greedy(10)])[0][0].token_ids == \
+                eager.generate([prompt], [greedy(10)])[0][0].token_ids
+    finally:
+        one.close()
+
+
+def test_a_version_being_checked_takes_no_pinned_request_but_the_checks_own(eager, adapters, stage):
+    """Review defect: a request pinned to the idle slot could run on a version before its smoke check passed."""
+    engine = eager
+    engine.apply(stage(adapters["a"]))
+    new = stage(adapters["b"])
+    if engine.slots[engine.idle_slot()].version == new.identity:
+        engine.apply(stage(adapters["a"]))  # make the idle slot hold something else
+    pinned = Recorder()
+
+    def check(slot: int) -> None:
+        engine.submit(engine.encode("x"), greedy(1), on_event=pinned, slot=slot)  # not a probe
+        engine.smoke_check(slot)  # the probe does run
+        assert not pinned.done.wait(0.3) and pinned.version is None
+
+    engine.swap_checked(new, check=check)
+    assert pinned.wait().version == new.identity  # it joined once the version was checked and active
+
+
+def test_load_refuses_a_slot_that_became_active_while_it_waited(eager, adapters, stage):
+    """Review defect: ``load`` checked "not the active slot" before taking the swap mutex, so a swap finishing
+    meanwhile let it overwrite the slot now serving with an unchecked version."""
+    from hotswap.errors import SwapError
+
+    engine = eager
+    engine.apply(stage(adapters["a"]))
+    new, other = stage(adapters["b"]), stage(adapters["a"])
+    if engine.slots[engine.idle_slot()].version == new.identity:
+        engine.apply(stage(adapters["a"]))
+    target, outcome = engine.idle_slot(), {}
+
+    def check(slot: int) -> None:
+        loader.start()  # asks for the slot this swap is about to activate; waits for the mutex
+        engine.smoke_check(slot)
+
+    def load() -> None:
+        try:
+            engine.load(target, other)
+        except SwapError as e:
+            outcome["error"] = str(e)
+
+    loader = threading.Thread(target=load)
+    engine.swap_checked(new, check=check)
+    loader.join(60)
+    assert "is the active slot" in outcome.get("error", "")
+    assert engine.identity == new.identity and engine.slots[target].version == new.identity
+
+
+def test_a_revert_to_the_version_in_the_idle_slot_is_a_flip(eager, adapters, stage):
+    """Review finding: a revert reloaded the previous version and waited for the rows still reading it (the very
+    version asked for), which could time out; now it makes that slot active again, without a copy or a wait."""
+    engine = eager
+    old, new = stage(adapters["a"]), stage(adapters["b"])
+    engine.apply(old)
+    engine.apply(new)
+    assert engine.slots[engine.idle_slot()].version == old.identity
+    tail = Recorder()
+    ticket = engine.submit(engine.encode("x"), greedy(5), on_event=tail, slot=engine.idle_slot(), held=True)
+    swaps = engine.swaps
+    timings = engine.swap_checked(old, timeout_s=0.01)  # would time out if it waited for the held row
+    assert (timings.drain_ms, timings.swap_ms) == (0.0, 0.0)
+    assert engine.identity == old.identity and engine.swaps == swaps + 1
+    engine.scheduler.release(ticket)
+    assert tail.wait().version == old.identity
+
+
+def test_stop_strings_cut_at_the_earliest_match_whatever_their_order():
+    """Review defect: stops were tried in list order, so with multi-character tokens a later-listed stop that
+    occurs earlier leaked into the text."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"Hello": 0, " world": 1, "[UNK]": 2}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(words, unk_token="[UNK]")))
+    text = IncrementalText(tokenizer, ("lo", "He"))
+    delta, stopped = text.add(0)
+    assert stopped and text.text == "" and delta == ""
+    text = IncrementalText(tokenizer, ("orld", "lo"))
+    delta, stopped = text.add(0)
+    assert stopped and text.text == "Hel" and delta == "Hel"
