@@ -169,6 +169,10 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
             "drain_ms_max": max(per_replica["drain_ms"]),
             # the engine reports a drain of exactly 0 when the slot it loads was free (no row read it)
             "swaps_that_waited": sum((s["drain_ms"] or 0.0) > 0 for s in swaps),
+            # swaps after which the previous version's slot still had rows finishing on it (what a drain would wait
+            # for), as the replica reported right after the swap
+            "swaps_with_rows_on_old_slot": sum(any(not x["active"] and x["rows"] for x in s["slots"] or ())
+                                               for s in swaps),
             "during_prepare": latency_summary(_overlapping(samples, prepare_windows)),
             "during_swaps": latency_summary(_overlapping(samples, swap_windows)),
             "cli_roll_s": cli_s,
@@ -215,7 +219,8 @@ def _print_table(results: list[dict]) -> None:
         print(f"  {'    per replica: drain / copy / smoke':34} {ph['drain_ms']['median']:.3f} / "
               f"{ph['copy_ms']['median']:.2f} / {ph['smoke_ms']['median']:.1f} ms (medians)")
         print(f"  {'    drain, every swap':34} max {a['drain_ms_max']:.3f} ms over {len(a['swaps'])} swaps; "
-              f"{a['swaps_that_waited']} waited for rows on the slot (drain > 0)")
+              f"{a['swaps_that_waited']} waited for rows on the slot (drain > 0); after "
+              f"{a['swaps_with_rows_on_old_slot']} the old slot still had rows finishing on it")
         for key, label in (("during_prepare", "    p99 during fetch+validate+stage"),
                            ("during_swaps", "    p99 during the swaps")):
             print(f"  {label:34} {'':>15} {a[key]['requests']:9d} {a[key]['failed']:7d} "
