@@ -1,7 +1,7 @@
 """One adapter swap, per method, side by side in one run: ``python -m benchmarks.swap [--quick] --json PATH``.
 
-For each model: the memory-copy floor (the bytes a swap copies, between two pairs of preallocated
-tensors in turn, as the swaps alternate between two adapters and two slots),
+For each model: the memory-copy floor (the bytes a swap copies, between preallocated tensors with
+the swaps' access pattern: three adapters in turn into two slots in turn),
 our engine's swap from staged tensors (``engine.apply``, method ``foreach``: one contiguous copy
 of the packed rank-major prefix into the idle slot, see :mod:`hotswap.slots`), PEFT's
 ``hotswap_adapter_from_state_dict`` with the same staged tensors into the same slot
@@ -143,33 +143,42 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
     staged = [prepare_adapter(str(f), settings=settings, spec=spec, dtype=engine.dtype) for f in folders]
     nbytes = staged[0].nbytes
 
+    # Every timed swap below loads a version the idle slot does not hold: three adapters in turn into the two
+    # slots in turn (the slot receiving one last held the one before it). Loading the version the idle slot
+    # already holds is no copy at all (a flip back, timed separately as engine_revert_ms).
+    turn = [0]
+
+    def next_adapter() -> int:
+        held = engine.slots[engine.idle_slot()].version
+        turn[0] = (turn[0] + 1) % len(staged)
+        if staged[turn[0]].identity == held:
+            turn[0] = (turn[0] + 1) % len(staged)
+        return turn[0]
+
     # the floor: the bytes a swap copies (the packed (rank, R) slot prefix), one copy between preallocated tensors
-    # on the model's device, with the engine's access pattern: the swaps below alternate between two staged
-    # adapters and two slots, so the floor alternates between two sources and two destinations. (The same pair
-    # copied again and again is partly served from a large last-level cache, e.g. 100 MB of a 480 MiB L3: that
-    # figure is kept as memcpy_same_pair_ms.)
+    # on the model's device, with the engine's access pattern (three sources into two destinations in turn). The
+    # same pair copied again and again is partly served from a large last-level cache (this machine: 100 MB of
+    # a 480 MiB L3): that figure is kept as memcpy_same_pair_ms.
     copy_bytes = staged[0].packed_nbytes
     srcs = [torch.empty(copy_bytes // engine.dtype.itemsize, dtype=engine.dtype, device=device).normal_()
-            for _ in range(2)]
+            for _ in staged]
     dsts = [torch.empty_like(srcs[0]) for _ in range(2)]
-    for src, dst in zip(srcs, dsts):
-        dst.copy_(src)  # warm-up, as every method gets: the first copy also faults the destination's pages in
-    pair = [0]
+    for i, src in enumerate(srcs):
+        dsts[i % 2].copy_(src)  # warm-up, as every method gets: the first copy also faults the pages in
+    floor_turn = [0]
 
     def floor_copy():
-        pair[0] ^= 1
-        dsts[pair[0]].copy_(srcs[pair[0]])
+        floor_turn[0] += 1
+        dsts[floor_turn[0] % 2].copy_(srcs[floor_turn[0] % len(srcs)])
 
     memcpy = _timed(floor_copy, reps, sync=sync)
     memcpy_same_pair = _timed(lambda: dsts[0].copy_(srcs[0]), reps, sync=sync)
 
     graphs = engine.compiled_graphs
-    flip = [0]
     copy_ms = []  # what the engine itself reports for the copy (and PEFT's bookkeeping), per swap
 
     def engine_swap():
-        flip[0] ^= 1
-        copy_ms.append(engine.apply(staged[flip[0]]))  # into the idle slot, then made active
+        copy_ms.append(engine.apply(staged[next_adapter()]))  # into the idle slot, then made active
 
     progress(f"{name}: engine swaps")
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -181,11 +190,21 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
     if profile:
         _print_profile(name, engine_swap, reps)
 
+    progress(f"{name}: engine reverts (the idle slot holds the version: a flip, no copy)")
+    back = [0]
+
+    def engine_revert():
+        back[0] ^= 1
+        engine.apply(staged[back[0]])
+
+    engine_revert()
+    engine_revert()  # both slots now hold staged[0] and staged[1]: from here on every apply is a flip
+    revert_ms = _timed(engine_revert, reps, sync=sync)
+
     progress(f"{name}: PEFT hotswap_adapter_from_state_dict (engine.apply(method='peft'))")
 
     def peft_swap():
-        flip[0] ^= 1
-        engine.apply(staged[flip[0]], method="peft")
+        engine.apply(staged[next_adapter()], method="peft")
 
     peft_swap()
     peft_sd = _timed(peft_swap, reps, sync=sync)
@@ -193,12 +212,14 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
     progress(f"{name}: PEFT hotswap_adapter from disk")
 
     def peft_disk():
-        flip[0] ^= 1
-        _peft_hotswap_from_disk(engine, folders[flip[0]], device)
+        _peft_hotswap_from_disk(engine, folders[next_adapter()], device)
 
     peft_disk()
     peft_from_disk = _timed(peft_disk, reps, sync=sync)
-    engine.apply(staged[0])  # the slots' bookkeeping true again (PEFT wrote the idle slot behind the engine's back)
+    # PEFT wrote the idle slot behind the engine's back: make both slots true again (two real loads of the base)
+    engine.reset_to_base()
+    engine.reset_to_base()
+    engine.apply(staged[0])
     engine.last_logits(["still serving"])
 
     reload_ms, reload_recompiles = [], None
@@ -248,6 +269,7 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
         "memcpy_same_pair_ms": _stats(memcpy_same_pair),
         "engine_swap_ms": _stats(ours),
         "engine_copy_ms": _stats(copy_ms),
+        "engine_revert_ms": _stats(revert_ms),
         "peft_from_state_dict_ms": _stats(peft_sd),
         "peft_hotswap_adapter_ms": _stats(peft_from_disk),
         "reload_recompile_ms": _stats(reload_ms) if reload_ms else None,
@@ -268,8 +290,8 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
 
 
 def _print_table(results: list[dict]) -> None:
-    keys = ["memcpy_ms", "memcpy_same_pair_ms", "engine_swap_ms", "engine_copy_ms", "peft_from_state_dict_ms",
-            "peft_hotswap_adapter_ms", "reload_recompile_ms"]
+    keys = ["memcpy_ms", "memcpy_same_pair_ms", "engine_swap_ms", "engine_copy_ms", "engine_revert_ms",
+            "peft_from_state_dict_ms", "peft_hotswap_adapter_ms", "reload_recompile_ms"]
     for r in results:
         print(f"\n{r['model']}  ({r['device']}, {r['dtype']}, adapter r={r['adapter_rank']}, "
               f"{r['adapter_bytes'] / 1e6:.2f} MB, {r['copy_bytes'] / 1e6:.2f} MB copied per swap, "
@@ -309,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             profile=args.profile,
             reload_reps=5 if args.quick else 20,
             adapters=[dict(r=8, lora_alpha=16, target_modules=ALL_PROJ, seed=1),
-                      dict(r=8, lora_alpha=8, target_modules=ALL_PROJ, seed=2)],
+                      dict(r=8, lora_alpha=8, target_modules=ALL_PROJ, seed=2),
+                      dict(r=8, lora_alpha=12, target_modules=ALL_PROJ, seed=3)],
         )]
         if not args.quick:
             big = _big_base(cache)
@@ -318,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 profile=args.profile,
                 compile_model=torch.cuda.is_available(),  # compiling 1.1B on 2 CPU cores takes too long to repeat
                 adapters=[dict(r=16, lora_alpha=32, target_modules=ALL_PROJ, seed=1),
-                          dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, seed=2)],
+                          dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, seed=2),
+                          dict(r=16, lora_alpha=24, target_modules=ALL_PROJ, seed=3)],
             ))
     # "cpus" is the threads torch uses, as in the swap results recorded so far
     write_result("swap", args.json, argv, {"results": results},

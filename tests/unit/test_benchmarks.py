@@ -20,12 +20,15 @@ def test_swap_benchmark_quick_writes_its_json(tmp_path):
     payload = json.loads(out.read_text())
     [tiny] = payload["results"]
     for key in ("model", "adapter_bytes", "copy_bytes", "adapter_slots", "device", "dtype", "memcpy_ms",
-                "engine_swap_ms", "engine_copy_ms", "peft_from_state_dict_ms", "peft_hotswap_adapter_ms",
+                "engine_swap_ms", "engine_copy_ms", "engine_revert_ms", "peft_from_state_dict_ms",
+                "peft_hotswap_adapter_ms", "memcpy_same_pair_ms",
                 "reload_recompile_ms", "ratios"):
         assert key in tiny
     assert tiny["engine_swap_ms"]["n"] >= 20 and tiny["engine_copy_ms"]["n"] == tiny["engine_swap_ms"]["n"]
     assert tiny["peft_from_state_dict_ms"]["n"] >= 20 and tiny["peft_hotswap_adapter_ms"]["n"] >= 20
     assert tiny["copy_bytes"] >= tiny["adapter_bytes"] > 0  # the packed slot prefix holds the adapter
+    # every timed swap loaded a version its slot did not hold: a real copy, never the no-copy flip of a revert
+    assert tiny["engine_copy_ms"]["median"] > 0 and tiny["engine_revert_ms"]["n"] >= 20
     assert tiny["engine_recompiles"] == 0
     assert tiny["reload_recompiles"] >= 1  # the naive path does recompile (the control of the line above)
 
