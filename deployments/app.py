@@ -33,6 +33,9 @@ def make_app(
     replaces the replica deployment (tests inject faults through it)."""
     settings = HotswapSettings.from_args(args)
     replica = replica_class or ModelReplica
+    # every request Serve lets through reaches the replica's own bounded queue, which answers 429 beyond
+    # it; a few more for status and health calls (a config's deployments: override still wins)
+    replica = replica.options(max_ongoing_requests=settings.max_batch_size + settings.max_queued_requests + 4)
     replica = replica.options(**replica_options) if replica_options else replica
     ingress = Ingress.options(**ingress_options) if ingress_options else Ingress
     return ingress.bind(replica.bind(settings), settings)

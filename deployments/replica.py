@@ -314,16 +314,25 @@ class ModelReplica:
             yield refusal
             return
         ticket, job = submitted
-        version = None
+        version, pending = None, None
         try:
             while True:
-                event = await queue.get()
+                event, pending = (pending, None) if pending is not None else (await queue.get(), None)
                 if isinstance(event, Started):
                     version = event.version
                     yield {**version.as_dict(), "replica_id": self.replica_id}
                 elif isinstance(event, TokenEvent):
-                    if event.delta or event.finish_reason:
-                        yield {"delta": event.delta, "finish_reason": event.finish_reason}
+                    delta, finish = event.delta, event.finish_reason
+                    # tokens that arrived while the last item was being sent go out as one item: a slow
+                    # consumer gets fewer, larger messages instead of a growing backlog
+                    while finish is None and not queue.empty():
+                        more = queue.get_nowait()
+                        if not isinstance(more, TokenEvent):
+                            pending = more
+                            break
+                        delta, finish = delta + more.delta, more.finish_reason
+                    if delta or finish:
+                        yield {"delta": delta, "finish_reason": finish}
                 elif isinstance(event, Failed):
                     yield self._internal_error(version, event.error)
                     return
