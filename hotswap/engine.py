@@ -359,6 +359,15 @@ class SwapEngine:
         """Graphs compiled by this engine so far (0 when not compiling)."""
         return self._backend.graphs if self._backend is not None else 0
 
+    def slot_for(self, version: AdapterIdentity) -> int | None:
+        """The slot that serves ``version`` (checked, or loaded with :meth:`load`), to pin requests to it; None if
+        no slot holds it."""
+        with self.scheduler.cond:
+            for state in self.slots:
+                if state.version == version and not state.loading and not state.checking:
+                    return state.index
+        return None
+
     def slot_info(self) -> list[dict]:
         """Per slot: the version it holds, whether it is active, its rows in flight and swaps into it."""
         with self.scheduler.cond:

@@ -110,8 +110,9 @@ def test_a_row_that_joins_mid_generation_gives_the_tokens_it_gives_alone(compile
 
 
 def test_both_slots_in_one_batch_equal_two_eager_peft_models(compiled_engine, two_versions, adapters,
-                                                             eager_reference):
+                                                             eager_reference, stage):
     engine = compiled_engine
+    assert {name: engine.slot_for(stage(adapters[name]).identity) for name in two_versions} == two_versions
     requests = [("a", PROMPTS[0]), ("b", PROMPTS[1]), ("b", PROMPTS[3]), ("a", PROMPTS[2])]
     engine.scheduler.pause()  # all four join before the first step: one batch, both slots
     try:
