@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
-from hotswap.errors import RequestError
+from hotswap.errors import RequestError, SwapError
 from hotswap.generation import SamplingParams
 from hotswap.messages import Assignment, ReplicaPhase, ReplicaReport
 from hotswap.settings import HotswapSettings
@@ -233,10 +233,10 @@ class ModelReplica:
         self.last_drain_ms, self.last_smoke_ms = timings.drain_ms, timings.smoke_ms
         return timings.drain_ms + timings.swap_ms + timings.smoke_ms
 
-    def _smoke_check(self, slot: int) -> None:
-        """A short greedy generation with finite logits on ``slot``, before any request joins it (a seam: tests
-        override it to inject a failure)."""
-        self.engine.smoke_check(slot, timeout_s=self.settings.swap_timeout_s)
+    def _smoke_check(self, slot: int, *, timeout_s: float | None = None) -> None:
+        """A short greedy generation with finite logits on ``slot``, before any request joins it, within what is
+        left of ``swap_timeout_s`` (a seam: tests override it to inject a failure)."""
+        self.engine.smoke_check(slot, timeout_s=timeout_s)
 
     def _prepare(self, request: dict) -> _Job:
         params = _params(request)
@@ -251,7 +251,7 @@ class ModelReplica:
 
         try:
             job = await asyncio.to_thread(self._prepare, request)  # a 1 MB prompt tokenizes for ~1 s: not here
-        except RequestError as e:
+        except (RequestError, TypeError, ValueError) as e:  # a direct handle call may send any JSON
             self.metrics.error(self.engine.identity, "invalid")
             return None, _error(str(e))
         loop = asyncio.get_running_loop()
@@ -261,6 +261,12 @@ class ModelReplica:
         except OverloadedError as e:
             self.metrics.error(self.engine.identity, "overloaded")
             return None, {**_error(str(e), 429), "retry_after_s": e.retry_after_s}
+        except RequestError as e:
+            self.metrics.error(self.engine.identity, "invalid")
+            return None, _error(str(e))
+        except SwapError as e:  # the engine stopped: the health check takes this replica out
+            self.metrics.error(self.engine.identity, "internal")
+            return None, _error(f"this replica cannot serve: {e}", 503)
         return (ticket, job), None
 
     def _internal_error(self, version, error: BaseException) -> dict:

@@ -409,18 +409,20 @@ class SwapEngine:
         """Serve the base model (every LoRA weight zero)."""
         self.swap_checked(None, check=None, timeout_s=timeout_s)
 
-    def swap_checked(self, staged: StagedAdapter | None, *, check: Callable[[int], None] | None = "default",
+    def swap_checked(self, staged: StagedAdapter | None, *, check: Callable[..., None] | None = "default",
                      timeout_s: float | None = None, method: Literal["foreach", "peft"] = "foreach",
                      ) -> SwapTimings:
         """Load ``staged`` (``None``: the base model) into the idle slot, check it there, then make it active.
 
-        No request joins the slot before ``check(slot)`` passes, except the check's own (``probe``) requests,
-        e.g. :meth:`smoke_check`; ``"default"`` is :meth:`smoke_check`, ``None`` skips it. Rows in flight
-        on the active slot keep running on it meanwhile and finish on it. If the idle slot already holds
-        the version (a revert to the previous one), it is made active again without a copy. If the load
-        or the check fails the active slot keeps serving and :class:`SwapError` is raised; with one slot
-        the previous version is put back first (:class:`RestoreError` if that fails too: the model must not
-        serve). ``timeout_s`` bounds the wait for the slot and the check together.
+        No request joins the slot before ``check(slot, timeout_s=left)`` passes, except the check's own
+        (``probe``) requests, e.g. :meth:`smoke_check`; ``left`` is what remains of ``timeout_s``, which
+        bounds the wait for the slot and the check together. ``"default"`` is :meth:`smoke_check`, ``None``
+        skips the check. Rows in flight on the active slot keep running on it meanwhile and finish on it.
+        If the idle slot already holds the version (a revert to the previous one), it is made active again
+        without a copy (checked first unless it passed a check since it was loaded). If the load or the
+        check fails the active slot keeps serving and :class:`SwapError` is raised; with one slot the
+        previous version is put back first (:class:`RestoreError` if that fails too: the model must not
+        serve).
         """
         if staged is not None:
             self._check_fits(staged)
@@ -431,10 +433,7 @@ class SwapEngine:
             target = self.idle_slot()
             one_slot = len(self.slots) == 1
             if not one_slot and self.slots[target].version == identity:
-                self._activate(target)  # checked when it was loaded, unchanged since: a flip, no copy
-                self.swaps += 1
-                logger.info("slot %d active again: %s (no copy)", target, identity.uri)
-                return SwapTimings(drain_ms=0.0, swap_ms=0.0, smoke_ms=0.0)
+                return self._flip(target, check, deadline)
             waited = self._claim(target, timeout_s=timeout_s, hold=one_slot)
             got = time.perf_counter() if waited else asked  # a free slot: nothing was drained
             previous = self._staged[target]
@@ -446,17 +445,16 @@ class SwapEngine:
                 checked = time.perf_counter()
                 if check is not None:
                     try:
-                        if check == "default":
-                            left = None if deadline is None else max(0.0, deadline - time.perf_counter())
-                            self.smoke_check(target, timeout_s=left)
-                        else:
-                            check(target)
+                        self._run_check(check, target, deadline)
                     except Exception as e:
                         raise self._undo(target, previous, one_slot, f"smoke check failed on {_name(staged)}: {e}"
                                          ) from e
                 done = time.perf_counter()
+                self.slots[target].checked = check is not None
+                self.slots[target].swaps += 1
+                if one_slot:
+                    self.swaps += 1  # the load itself changed what the only slot serves
                 self._activate(target)
-                self.swaps += 1
             finally:
                 with self.scheduler.cond:
                     self.scheduler.hold_unpinned = False
@@ -464,6 +462,38 @@ class SwapEngine:
         logger.info("slot %d active: %s (drain %.2f ms, copy %.2f ms, check %.2f ms)", target, _name(staged),
                     (got - asked) * 1e3, swap_ms, (done - checked) * 1e3)
         return SwapTimings(drain_ms=(got - asked) * 1e3, swap_ms=swap_ms, smoke_ms=(done - checked) * 1e3)
+
+    def _run_check(self, check, slot: int, deadline: float | None) -> None:
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and left <= 0:
+            raise SwapError("swap_timeout_s ran out before the smoke check could start")
+        if check == "default":
+            self.smoke_check(slot, timeout_s=left)
+        else:
+            check(slot, timeout_s=left)
+
+    def _flip(self, slot: int, check, deadline: float | None) -> SwapTimings:
+        """Make the idle slot, which already holds the version asked for, active again: no copy, no wait for its
+        rows (they read that very version). Checked first unless it passed a check since it was loaded."""
+        state = self.slots[slot]
+        started = time.perf_counter()
+        if check is not None and not state.checked:
+            with self.scheduler.cond:
+                state.checking = True
+            try:
+                self._run_check(check, slot, deadline)
+            except Exception as e:
+                with self.scheduler.cond:
+                    state.checking = False
+                    self.scheduler.cond.notify_all()
+                raise SwapError(f"smoke check failed on {state.version.uri}: {e}; still serving "
+                                f"{self.identity.uri}") from e
+            state.checked = True
+        smoke_ms = (time.perf_counter() - started) * 1e3
+        self._activate(slot)
+        self.last_swap_ms = 0.0
+        logger.info("slot %d active again: %s (no copy)", slot, state.version.uri)
+        return SwapTimings(drain_ms=0.0, swap_ms=0.0, smoke_ms=smoke_ms)
 
     def load(self, slot: int, staged: StagedAdapter | None, *, timeout_s: float | None = None) -> float:
         """Load ``staged`` into ``slot`` (not the active one), waiting up to ``timeout_s`` for its rows to finish;
@@ -476,7 +506,9 @@ class SwapEngine:
                                 "activate it")
             self._claim(slot, timeout_s=timeout_s, hold=False)
             try:
-                return self._load_claimed(slot, staged, "foreach")
+                elapsed_ms = self._load_claimed(slot, staged, "foreach")
+                self.slots[slot].swaps += 1
+                return elapsed_ms
             except Exception as e:
                 raise self._undo(slot, None, False, f"loading {_name(staged)} failed: {e}") from e
 
@@ -485,9 +517,7 @@ class SwapEngine:
         with self._swap_mutex:
             if self.slots[slot].version is None:
                 raise SwapError(f"slot {slot} holds no version; load one first")
-            if slot != self.scheduler.active:
-                self._activate(slot)
-                self.swaps += 1
+            self._activate(slot)
 
     def _claim(self, slot: int, *, timeout_s: float | None, hold: bool) -> bool:
         """Wait until no row reads ``slot`` and mark it loading (nothing joins it); ``hold`` stops unpinned
@@ -529,7 +559,7 @@ class SwapEngine:
             state.scale = scale
             state.loading = False
             state.checking = checking
-            state.swaps += 1
+            state.checked = False
             self._staged[slot] = staged
             self.last_swap_ms = elapsed_ms
             self.scheduler.cond.notify_all()
@@ -628,9 +658,12 @@ class SwapEngine:
         return SwapError(f"{why}; still serving {serving.uri} (sha256 {serving.sha256[:12]})")
 
     def _activate(self, slot: int) -> None:
+        """Make ``slot`` the one new rows join; a change of the version served counts as a swap."""
         with self.scheduler.cond:
             self.slots[slot].checking = False
             previous, self.scheduler.active = self.scheduler.active, slot
+            if slot != previous and self.slots[previous].version != self.slots[slot].version:
+                self.swaps += 1
             self.scheduler.cond.notify_all()
         if previous != slot:
             logger.info("active slot %d -> %d (%s)", previous, slot, self.slots[slot].version.uri)

@@ -86,6 +86,15 @@ class RequestChecker:
 
     def check(self, prompt_len: int, params: SamplingParams) -> None:
         """Raise :class:`RequestError` if a request cannot be served within the window."""
+        for name, kinds, what in (("max_tokens", int, "an integer"), ("temperature", (int, float), "a number"),
+                                  ("top_p", (int, float), "a number")):
+            value = getattr(params, name)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise RequestError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+        if params.seed is not None and (isinstance(params.seed, bool) or not isinstance(params.seed, int)):
+            raise RequestError(f"seed must be an integer, got {type(params.seed).__name__} {params.seed!r}")
+        if not all(isinstance(s, str) for s in params.stop):
+            raise RequestError(f"stop must be strings, got {params.stop!r}")
         if params.max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {params.max_tokens}")
         if prompt_len + params.max_tokens > self.max_seq_len:

@@ -93,6 +93,7 @@ class SlotState:
     swaps: int = 0
     loading: bool = False  # being written: nothing may join it
     checking: bool = False  # loaded, not yet checked: only the check's own requests (probes) may join it
+    checked: bool = False  # its version passed a swap's check since it was loaded
 
 
 class SlotSelector:
@@ -333,8 +334,7 @@ class Scheduler:
 
     @torch.no_grad()
     def _scrub(self, rows: set[int]) -> None:
-        """Zero the cache rows of requests that produced non-finite values: a NaN left in a row's cache would
-        poison its next request even at masked slots (NaN + mask = NaN)."""
+        """Zero the cache rows of requests that left (one fill per layer for all of them)."""
         index = torch.tensor(sorted(rows), device=self.device)
         for layer in self.kv.cache.layers:
             layer.keys.index_fill_(0, index, 0)
@@ -360,18 +360,23 @@ class Scheduler:
                     or (ticket.slot is None and self.hold_unpinned)):
                 kept.append(ticket)
                 continue
+            self._unpin(ticket)
             if state.version is None:
-                self._unpin(ticket)
                 events.append((ticket, Failed(SwapError(f"adapter slot {slot} was emptied before the request "
                                                         "joined it"))))
                 continue
-            self._unpin(ticket)
+            try:  # nothing about one request may stop the loop: it fails alone
+                params = ticket.params
+                generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+                padded = math.ceil(len(ticket.token_ids) / self.chunk) * self.chunk
+                row = _Row(ticket, slot, state.version, IncrementalText(self.tokenizer, params.stop), generator,
+                           padded)
+            except Exception as e:  # noqa: BLE001 - answered to its caller
+                logger.exception("a request could not join the batch")
+                events.append((ticket, Failed(RequestError(f"the request could not join the batch: {e}"))))
+                continue
             state.rows += 1
-            params = ticket.params
-            generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-            padded = math.ceil(len(ticket.token_ids) / self.chunk) * self.chunk
-            self.rows[free] = _Row(ticket, slot, state.version, IncrementalText(self.tokenizer, params.stop),
-                                   generator, padded)
+            self.rows[free] = row
             self._selector_dirty = True
             events.append((ticket, Started(state.version, slot)))
         self.queue = kept
@@ -382,9 +387,13 @@ class Scheduler:
             self.slots[ticket.slot].pinned_waiting -= 1
 
     def _free(self, i: int) -> None:
+        """Under the lock, in the scheduler thread: the row is free, and its cache is zeroed before the next step
+        (whatever the request left there, e.g. NaN from a version that overflowed on padding or a prefill chunk
+        before it was cancelled, must not reach the next request: NaN + mask = NaN)."""
         row = self.rows[i]
         self.rows[i] = None
         self.slots[row.slot].rows -= 1
+        self._dirty_rows.add(i)
         self._selector_dirty = True
         self.cond.notify_all()
 
@@ -471,7 +480,6 @@ class Scheduler:
                 f"adapter {row.version.uri} (sha256 {row.version.sha256[:12]}) produced non-finite logits for this "
                 "request; the adapter's weights are too large for this prompt (roll back or retrain it)"))))
             done.append(i)
-            self._dirty_rows.add(i)
         taking = [i for i in taking if finite[i]]
         params: list[SamplingParams | None] = [None] * self.batch_size
         generators: list[torch.Generator | None] = [None] * self.batch_size

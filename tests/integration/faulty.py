@@ -78,10 +78,10 @@ class _FaultyReplica(ModelReplica.func_or_class):
         finally:
             swapping.unlink(missing_ok=True)
 
-    def _smoke_check(self, slot):
+    def _smoke_check(self, slot, *, timeout_s=None):
         if (Path(self.settings.cache_dir) / "fault-marks" / f"fail-{self.replica_id}").exists():
             raise RuntimeError("injected smoke-check failure")
-        super()._smoke_check(slot)
+        super()._smoke_check(slot, timeout_s=timeout_s)
 
 
 FaultyReplica = serve.deployment(_FaultyReplica, name="ModelReplica", ray_actor_options={"num_cpus": 0.3},

@@ -394,7 +394,7 @@ def test_no_request_joins_a_new_version_before_its_smoke_check_passes(eager_pair
     previous = engine.identity
     seen: list[str] = []
 
-    def check(slot):
+    def check(slot, timeout_s=None):
         events = _Events()
         engine.submit(engine.encode("Hello"), SamplingParams(max_tokens=1), on_event=events)  # not pinned
         if slots == 2:
@@ -446,4 +446,4 @@ def test_a_failed_restore_after_a_failed_check_raises_restore_error(one_slot, ad
 
     monkeypatch.setattr(engine, "_copy", second_fails)
     with pytest.raises(RestoreError, match="could not be put back"):
-        engine.swap_checked(stage(adapters["r16-all"]), check=lambda slot: (_ for _ in ()).throw(RuntimeError("bad")))
+        engine.swap_checked(stage(adapters["r16-all"]), check=lambda slot, timeout_s: (_ for _ in ()).throw(RuntimeError("bad")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -374,7 +375,7 @@ def test_a_version_being_checked_takes_no_pinned_request_but_the_checks_own(eage
         engine.apply(stage(adapters["a"]))  # make the idle slot hold something else
     pinned = Recorder()
 
-    def check(slot: int) -> None:
+    def check(slot: int, timeout_s: float | None = None) -> None:
         engine.submit(engine.encode("x"), greedy(1), on_event=pinned, slot=slot)  # not a probe
         engine.smoke_check(slot)  # the probe does run
         assert not pinned.done.wait(0.3) and pinned.version is None
@@ -395,7 +396,7 @@ def test_load_refuses_a_slot_that_became_active_while_it_waited(eager, adapters,
         engine.apply(stage(adapters["a"]))
     target, outcome = engine.idle_slot(), {}
 
-    def check(slot: int) -> None:
+    def check(slot: int, timeout_s: float | None = None) -> None:
         loader.start()  # asks for the slot this swap is about to activate; waits for the mutex
         engine.smoke_check(slot)
 
@@ -417,8 +418,8 @@ def test_a_revert_to_the_version_in_the_idle_slot_is_a_flip(eager, adapters, sta
     version asked for), which could time out; now it makes that slot active again, without a copy or a wait."""
     engine = eager
     old, new = stage(adapters["a"]), stage(adapters["b"])
-    engine.apply(old)
-    engine.apply(new)
+    engine.swap_checked(old)  # each passes its smoke check when loaded
+    engine.swap_checked(new)
     assert engine.slots[engine.idle_slot()].version == old.identity
     tail = Recorder()
     ticket = engine.submit(engine.encode("x"), greedy(5), on_event=tail, slot=engine.idle_slot(), held=True)
@@ -445,3 +446,73 @@ def test_stop_strings_cut_at_the_earliest_match_whatever_their_order():
     text = IncrementalText(tokenizer, ("orld", "lo"))
     delta, stopped = text.add(0)
     assert stopped and text.text == "Hel" and delta == "Hel"
+
+
+def test_a_request_cancelled_mid_prefill_leaves_nothing_in_its_row(eager, adapters, overflowing, stage):
+    """Second review: a request on an overflowing version cancelled after one prefill chunk never reached the
+    non-finite check, so its NaN stayed in the row's cache and the next request there (on a good version) failed,
+    blaming its own adapter. Every freed row is scrubbed now."""
+    engine = eager
+    engine.apply(stage(adapters["b"]))
+    serving = engine.active_slot
+    want = _alone(engine, PROMPTS[4], 6, serving)
+    engine.load(engine.idle_slot(), stage(overflowing))
+    chunks = -(-len(engine.encode(PROMPTS[4])) // engine.settings.prefill_chunk_tokens)
+    assert chunks >= 2  # the prompt takes several prefill steps: cancel after the first
+    cancelled = Recorder()
+    engine.scheduler.pause()
+    ticket = engine.submit(engine.encode(PROMPTS[4]), greedy(6), on_event=cancelled, slot=engine.idle_slot())
+    steps = dict(engine.scheduler.steps)
+    engine.scheduler.resume()
+    while engine.scheduler.steps["prefill"] == steps["prefill"]:
+        time.sleep(0.0002)
+    ticket.cancel()
+    while engine.scheduler.in_flight():
+        time.sleep(0.0002)
+    for _ in range(engine.settings.max_batch_size):  # whichever row it was
+        assert _alone(engine, PROMPTS[4], 6, serving) == want
+    engine.apply(stage(adapters["b"]))
+
+
+def test_a_request_that_cannot_join_fails_alone_and_the_loop_goes_on(eager):
+    """Second review: a value that passed the checks but made the row's setup raise (a float seed) killed the
+    loop, and the ticket being admitted never got an answer. Types are checked now, and a request whose setup
+    fails anyway fails alone."""
+    from hotswap.errors import RequestError
+
+    engine = eager
+    with pytest.raises(RequestError, match="seed must be an integer"):
+        engine.submit(engine.encode("x"), SamplingParams(max_tokens=2, seed=1.5), on_event=Recorder())
+    broken = Recorder()
+    engine.scheduler.pause()
+    try:
+        ticket = engine.submit(engine.encode("x"), greedy(2), on_event=broken)
+        ticket.params = SamplingParams(max_tokens=2, seed=1.5)  # past the checks: the row's setup raises
+        fine = Recorder()
+        engine.submit(engine.encode("y"), greedy(2), on_event=fine)
+    finally:
+        engine.scheduler.resume()
+    assert broken.done.wait(30) and "could not join the batch" in str(broken.error)
+    assert len(fine.wait().token_ids) == 2 and engine.scheduler.alive
+    assert all(s.rows == 0 and s.pinned_waiting == 0 for s in engine.slots)
+
+
+def test_a_revert_to_an_unchecked_version_in_the_idle_slot_is_checked_first(eager, adapters, overflowing, stage):
+    """Second review: the flip skipped the check for a version loaded without one (``load``/``apply``)."""
+    from hotswap.errors import SwapError
+
+    engine = eager
+    engine.apply(stage(adapters["b"]))
+    serving = engine.identity
+    bad = stage(overflowing)
+    engine.load(engine.idle_slot(), bad)
+    calls = []
+
+    def check(slot: int, timeout_s: float | None = None) -> None:
+        calls.append(slot)
+        engine.smoke_check(slot, timeout_s=timeout_s)
+
+    with pytest.raises(SwapError, match="non-finite logits"):
+        engine.swap_checked(bad, check=check)
+    assert calls and engine.identity == serving
+    engine.apply(stage(adapters["b"]))
