@@ -430,27 +430,35 @@ class Scheduler:
     @torch.no_grad()
     def _step(self, prefill: bool) -> None:
         b, q = self.batch_size, (self.chunk if prefill else 1)
-        ids = torch.full((b, q), self.pad_id, dtype=torch.long)
-        positions = torch.zeros((b, q), dtype=torch.long)
-        write = self.kv.scratch + torch.arange(q).repeat(b, 1)  # sitting out: scratch slots
-        real = torch.zeros((b, q), dtype=torch.bool)
+        # built as Python lists and converted once: per-element tensor writes cost more than the tiny model's step
+        scratch = list(range(self.kv.scratch, self.kv.scratch + q))  # sitting out: scratch slots
+        ids = [[self.pad_id] * q for _ in range(b)]
+        positions = [[0] * q for _ in range(b)]
+        write = [list(scratch) for _ in range(b)]
+        real = [[False] * q for _ in range(b)]
         taking = []  # rows whose logits this step decides a token for
         for i, row in enumerate(self.rows):
             if row is None or row.ticket.held:
                 continue
             if prefill and row.prefilling:
                 offset = row.padded - row.prompt_len  # left padding of the first chunk
-                for c in range(q):
-                    j = row.prefilled + c - offset
-                    if j >= 0:
-                        ids[i, c], positions[i, c], write[i, c], real[i, c] = row.ticket.token_ids[j], j, j, True
+                first = row.prefilled - offset  # prompt index of column 0 (negative: padding)
+                start = max(0, -first)
+                tokens = row.ticket.token_ids[first + start:first + q]
+                span = range(first + start, first + start + len(tokens))
+                ids[i][start:] = tokens
+                positions[i][start:] = span
+                write[i][start:] = span
+                real[i][start:] = [True] * len(tokens)
                 row.prefilled += q
                 if not row.prefilling:
                     taking.append(i)
             elif not prefill and not row.prefilling:
                 p = row.prompt_len + len(row.text.tokens) - 1
-                ids[i, 0], positions[i, 0], write[i, 0], real[i, 0] = row.last_token, p, p, True
+                ids[i][0], positions[i][0], write[i][0], real[i][0] = row.last_token, p, p, True
                 taking.append(i)
+        ids, positions, write = (torch.tensor(t, dtype=torch.long) for t in (ids, positions, write))
+        real = torch.tensor(real, dtype=torch.bool)
         (self.kv.prefill_index if prefill else self.kv.decode_index).copy_(write)
         ids, positions, write, real = (t.to(self.device) for t in (ids, positions, write, real))
         # a real query at position p attends to slots 0..p of its row (exactly its tokens); a padding
