@@ -30,6 +30,7 @@ def adapters(make_adapter):
     return {
         "a": make_adapter("sched-a", r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"), seed=41),
         "b": make_adapter("sched-b", r=16, lora_alpha=4, target_modules=("o_proj", "up_proj", "down_proj"), seed=42),
+        "c": make_adapter("sched-c", r=4, lora_alpha=8, target_modules=("k_proj", "gate_proj"), seed=43),
     }
 
 
@@ -156,12 +157,12 @@ def test_a_swap_into_the_idle_slot_under_rows_in_flight(compiled_engine, adapter
 
 def test_compiled_graph_count_is_constant_across_joins_swaps_and_prompt_lengths(compiled_engine, adapters, stage):
     engine = compiled_engine
-    staged = [stage(adapters["a"]), stage(adapters["b"])]
+    staged = [stage(adapters[name]) for name in "abc"]  # three versions through two slots: every swap copies
     engine.generate(["warm"], [greedy(1)])
     graphs = engine.compiled_graphs
     rng = random.Random(11)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for round_ in range(6):
+        for _ in range(6):
             recorders = []
             for _ in range(rng.randint(3, 7)):  # more than the batch: some queue, then join as rows free up
                 prompt = "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 45)))
@@ -169,7 +170,9 @@ def test_compiled_graph_count_is_constant_across_joins_swaps_and_prompt_lengths(
                                         seed=rng.randint(0, 99), ignore_eos=True)
                 recorders.append(Recorder())
                 engine.submit(engine.encode(prompt), params, on_event=recorders[-1])
-            engine.swap_checked(staged[round_ % 2])  # while they run
+            held = {slot.version for slot in engine.slots}
+            timings = engine.swap_checked(next(x for x in staged if x.identity not in held))  # while they run
+            assert timings.swap_ms > 0  # a real copy, not a flip back
             for r in recorders:
                 r.wait()
     assert engine.compiled_graphs == graphs
