@@ -8,7 +8,7 @@ the old one) and retires the controllers of older generations. What it does:
 - start-up: load the state, claim it, resume an operation in progress, and make the initial
   adapter stable, retrying with backoff until it can (``status`` says what it waits for);
 - replicas: ``register`` (before a replica serves), ``watch`` (the long-poll that is also the
-  heartbeat), ``heartbeat`` (sent while a replica drains and swaps); each call carries a
+  heartbeat), ``heartbeat`` (sent while a replica swaps); each call carries a
   :class:`~hotswap.messages.ReplicaReport` and answers an :class:`~hotswap.messages.Assignment`;
 - users: ``roll`` / ``promote`` / ``rollback`` / ``status``; an operation's version is resolved by
   the :class:`~hotswap.catalog.VersionCatalog` (fetch, pin, signature, validate), then handed to

@@ -104,7 +104,7 @@ class HotswapSettings(BaseModel):
     )
     watch_timeout_s: float = Field(
         5.0, gt=0, le=300, description="How long a replica's long-poll waits for a new assignment; it is also "
-        "the replicas' heartbeat interval (they heartbeat while they drain and swap, too)."
+        "the replicas' heartbeat interval (they heartbeat while they swap, too)."
     )
     adapter_cache_max_bytes: int = Field(
         20 << 30, ge=1, description="Byte cap of the controller's download cache (LRU eviction; the versions in "
