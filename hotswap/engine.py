@@ -32,8 +32,8 @@ import torch
 
 from hotswap.builtin import resolve_base_model
 from hotswap.errors import ConfigError, SwapError
-from hotswap.generation import Completion, SamplingParams, TokenEvent
-from hotswap.scheduler import Failed, Finished, Logits, Scheduler, SlotSelector, SlotState, Started, Ticket
+from hotswap.generation import Completion, SamplingParams
+from hotswap.scheduler import Failed, Finished, Logits, Scheduler, SlotSelector, SlotState, Ticket
 from hotswap.settings import HotswapSettings
 from hotswap.slots import SlotLayout
 from hotswap.staging import AdapterIdentity, StagedAdapter
@@ -117,12 +117,9 @@ class _Waiter:
         self.completion: Completion | None = None
         self.logits: torch.Tensor | None = None
         self.error: BaseException | None = None
-        self.version: AdapterIdentity | None = None
 
     def __call__(self, event) -> None:
-        if isinstance(event, Started):
-            self.version = event.version
-        elif isinstance(event, Logits):
+        if isinstance(event, Logits):
             self.logits = event.logits
         elif isinstance(event, Finished):
             self.completion = event.completion
@@ -284,8 +281,9 @@ class SwapEngine:
         ``slot=None`` joins the active slot when a row frees up; a slot index pins it to that slot
         (a smoke check, or request-level A/B). ``held`` keeps it in its row without stepping until
         ``scheduler.release(ticket)``; ``probe`` marks a swap check's own request (only those may join a
-        slot loaded by :meth:`swap_checked` before its check passes). Raises :class:`~hotswap.errors.OverloadedError` when
-        the admission queue is full and :class:`~hotswap.errors.RequestError` when it is invalid.
+        slot loaded by :meth:`swap_checked` before its check passes). Raises
+        :class:`~hotswap.errors.OverloadedError` when the admission queue is full and
+        :class:`~hotswap.errors.RequestError` when it is invalid.
         """
         return self.scheduler.submit(token_ids, params, on_event=on_event, slot=slot, want_logits=want_logits,
                                      held=held, probe=probe)

@@ -326,7 +326,7 @@ class Scheduler:
                 logger.exception("a %s step failed; failing its rows", "prefill" if prefill else "decode")
                 with self.cond:
                     failed = [(r, i) for i, r in enumerate(self.rows) if r is not None]
-                    for row, i in failed:
+                    for _, i in failed:
                         self._free(i)
                     self._dirty_rows.update(range(self.batch_size))  # the cache may hold anything now
                     self._selector_dirty = True

@@ -75,8 +75,8 @@ class HotswapSettings(BaseModel):
     max_seq_len: int = Field(256, ge=4, description="Prompt plus completion tokens allowed per request.")
     adapter_slots: Literal[1, 2] = Field(
         2, description="Adapter versions resident in each replica's compiled model. With 2 a swap loads the slot "
-        "no request reads and never drains (each LoRA layer computes both slots: about one LoRA's cost more per "
-        "step); with 1 a swap waits for the requests in flight."
+        "no request reads and never drains (each LoRA layer computes both slots: BENCHMARKS.md measures the cost); "
+        "with 1 a swap waits for the requests in flight."
     )
     max_queued_requests: int = Field(
         64, ge=0, le=100_000, description="Requests a replica queues for a free batch row; beyond that the "

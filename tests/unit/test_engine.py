@@ -446,4 +446,5 @@ def test_a_failed_restore_after_a_failed_check_raises_restore_error(one_slot, ad
 
     monkeypatch.setattr(engine, "_copy", second_fails)
     with pytest.raises(RestoreError, match="could not be put back"):
-        engine.swap_checked(stage(adapters["r16-all"]), check=lambda slot, timeout_s: (_ for _ in ()).throw(RuntimeError("bad")))
+        engine.swap_checked(stage(adapters["r16-all"]),
+                            check=lambda slot, timeout_s: (_ for _ in ()).throw(RuntimeError("bad")))

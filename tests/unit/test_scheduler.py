@@ -152,7 +152,7 @@ def test_a_swap_into_the_idle_slot_under_rows_in_flight(compiled_engine, adapter
     for completion, prompt in zip(after, PROMPTS[2:4]):
         assert completion.version == new.identity
         assert completion.token_ids == _eager_tokens(new_model, engine.tokenizer, prompt, 12)
-    assert timings.drain_ms < 50  # a condition check, never a generation's length
+    assert timings.drain_ms == 0  # the idle slot was free: nothing was waited for
 
 
 def test_compiled_graph_count_is_constant_across_joins_swaps_and_prompt_lengths(compiled_engine, adapters, stage):
