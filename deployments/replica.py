@@ -251,7 +251,7 @@ class ModelReplica:
 
         try:
             job = await asyncio.to_thread(self._prepare, request)  # a 1 MB prompt tokenizes for ~1 s: not here
-        except (RequestError, TypeError, ValueError) as e:  # a direct handle call may send any JSON
+        except (RequestError, TypeError, ValueError, KeyError, AttributeError) as e:  # a direct call: any JSON
             self.metrics.error(self.engine.identity, "invalid")
             return None, _error(str(e))
         loop = asyncio.get_running_loop()

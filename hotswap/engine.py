@@ -498,6 +498,7 @@ class SwapEngine:
         return the copy's ms. A failed load leaves the slot empty (nothing joins it) and raises :class:`SwapError`."""
         if staged is not None:
             self._check_fits(staged)
+        self._check_slot(slot)
         with self._swap_mutex:
             if slot == self.scheduler.active:
                 raise SwapError(f"slot {slot} is the active slot; load the idle slot ({self.idle_slot()}) and "
@@ -512,10 +513,15 @@ class SwapEngine:
 
     def activate(self, slot: int) -> None:
         """Make ``slot`` the one new requests join (it must hold a version)."""
+        self._check_slot(slot)
         with self._swap_mutex:
             if self.slots[slot].version is None:
                 raise SwapError(f"slot {slot} holds no version; load one first")
             self._activate(slot)
+
+    def _check_slot(self, slot: int) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < len(self.slots):
+            raise SwapError(f"slot must be 0..{len(self.slots) - 1}, got {slot!r}")
 
     def _claim(self, slot: int, *, timeout_s: float | None, hold: bool) -> bool:
         """Wait until no row reads ``slot`` and mark it loading (nothing joins it); ``hold`` stops unpinned
@@ -632,7 +638,9 @@ class SwapEngine:
                 self._update_bookkeeping(slot, previous)
             except Exception as e:
                 logger.exception("could not restore the previous adapter; this replica must be restarted")
-                return RestoreError(f"{why}; and the previous adapter could not be put back ({e})")
+                error = RestoreError(f"{why}; and the previous adapter could not be put back ({e})")
+                self.scheduler.stop_serving(error)  # nothing may run on the half-written slot, nothing may wait
+                return error
             with self.scheduler.cond:
                 state = self.slots[slot]
                 state.version = previous.identity if previous is not None else BASE

@@ -67,9 +67,12 @@ class TokenEvent:
 class RequestChecker:
     """Tokenizes prompts and refuses requests that cannot be served within the window."""
 
-    def __init__(self, tokenizer, *, max_seq_len: int) -> None:
+    MAX_STOPS, MAX_STOP_CHARS = 4, 256  # what the HTTP API allows; each stop costs time on every token
+
+    def __init__(self, tokenizer, *, max_seq_len: int, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids for a prompt (text is tokenized with the tokenizer's special tokens)."""
@@ -79,7 +82,16 @@ class RequestChecker:
             except UnicodeEncodeError as e:  # a lone surrogate ('\ud800') crashes the tokenizer with a TypeError
                 raise RequestError(f"prompt is not valid unicode ({e.reason} at character {e.start}); "
                                    "send UTF-8 text") from None
-        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                        or not 0 <= t < self.vocab_size), None)
+            if bad is not None:  # it would fail the whole batch's step, not just this request
+                raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad!r}")
+        else:
+            raise RequestError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise RequestError("prompt is empty after tokenization; send at least one character")
         return ids
@@ -95,6 +107,9 @@ class RequestChecker:
             raise RequestError(f"seed must be an integer, got {type(params.seed).__name__} {params.seed!r}")
         if not all(isinstance(s, str) for s in params.stop):
             raise RequestError(f"stop must be strings, got {params.stop!r}")
+        if len(params.stop) > self.MAX_STOPS or any(len(s) > self.MAX_STOP_CHARS for s in params.stop):
+            raise RequestError(f"stop takes up to {self.MAX_STOPS} strings of up to {self.MAX_STOP_CHARS} "
+                               f"characters, got {len(params.stop)}")
         if params.max_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {params.max_tokens}")
         if prompt_len + params.max_tokens > self.max_seq_len:

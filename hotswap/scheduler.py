@@ -173,7 +173,8 @@ class Scheduler:
                  batch_size: int, chunk: int, max_seq_len: int, max_queued: int, device, dtype) -> None:
         self.forward = forward
         self.tokenizer = tokenizer
-        self.checker = RequestChecker(tokenizer, max_seq_len=max_seq_len)
+        self.checker = RequestChecker(tokenizer, max_seq_len=max_seq_len,
+                                      vocab_size=config.get_text_config().vocab_size)
         self.selector = selector
         self.slots = slots
         self.active = 0
@@ -220,8 +221,8 @@ class Scheduler:
                         probe=probe, _wake=self.wake)
         with self.cond:
             if self._stopping or self.dead is not None:
-                raise SwapError(f"the engine is shut down{f' ({self.dead!r})' if self.dead else ''}; the replica "
-                                "must be restarted")
+                what = f"stopped serving ({self.dead})" if self.dead is not None else "is shut down"
+                raise SwapError(f"the engine {what}; the replica must be restarted")
             if slot is not None:
                 if not 0 <= slot < len(self.slots) or self.slots[slot].version is None:
                     raise RequestError(f"adapter slot {slot} holds no version")
@@ -267,6 +268,12 @@ class Scheduler:
             ticket.held = False
             self.cond.notify_all()
 
+    def stop_serving(self, error: BaseException) -> None:
+        """The model is in an unknown state: fail every request queued or in flight and refuse new ones."""
+        with self.cond:
+            self.dead = error
+            self.cond.notify_all()
+
     def wake(self) -> None:
         """Look at the rows again (after a ticket's ``held`` was cleared)."""
         with self.cond:
@@ -298,8 +305,9 @@ class Scheduler:
         while True:
             with self.cond:
                 while True:
-                    if self._stopping:
-                        self._fail_all(SwapError("the engine shut down before this request finished"))
+                    if self._stopping or self.dead is not None:
+                        why = f"stopped serving ({self.dead})" if self.dead is not None else "shut down"
+                        self._fail_all(SwapError(f"the engine {why} before this request finished"))
                         return
                     events = self._admit()
                     work = self._paused == 0 and any(r is not None and not r.ticket.held for r in self.rows)

@@ -109,6 +109,13 @@ def stage_adapter(
     items = dict(sorted((index[name], pair) for name, pair in validated.tensors.items()))
     layout = SlotLayout.from_spec(spec)
     packed = layout.pack(validated.rank, items, dtype=dtype, pin_memory=pin_memory)
+    if not torch.isfinite(packed).all():  # finite in the file's dtype, but too large for the model's
+        from hotswap.errors import AdapterValidationError
+
+        raise AdapterValidationError(validated.uri, [
+            f"weights overflow to inf in the model's dtype {str(dtype).removeprefix('torch.')} (largest finite "
+            f"{torch.finfo(dtype).max:g}); retrain or rescale the adapter, or serve a wider dtype"
+        ])
     return StagedAdapter(
         identity=AdapterVersion(validated.uri, validated.sha256, validated.config_sha256),
         spec_fingerprint=spec.fingerprint,

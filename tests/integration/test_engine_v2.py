@@ -112,19 +112,40 @@ def test_a_full_admission_queue_answers_429_and_loses_nothing_it_took(app):
                       ).status_code == 200
 
 
-def test_a_client_that_disconnects_frees_its_row(app):
+def test_a_client_that_disconnects_frees_its_row(app, marks):
+    """The stream's request is held in its row (it would never finish by itself), so only the disconnect can free
+    the row (the final review: a 240-token stream finished on its own in 0.6 s, so the old test could not fail)."""
+    from ray import serve
+
+    from tests.integration.faulty import HOLD_SEED
+
+    handle = serve.get_deployment_handle("ModelReplica", app_name=APP)
+    hold = marks / "fault-marks" / "hold-request"
+    hold.touch()
+    try:
+        with httpx.Client(timeout=60) as http, http.stream(
+                "POST", f"{app}/v1/completions",
+                json={"prompt": "gone", "max_tokens": 8, "temperature": 0, "stream": True, "seed": HOLD_SEED}) as r:
+            assert r.status_code == 200  # the replica sent the version: the request is in its row
+            wait_for_condition(lambda: handle.stats.remote().result()["rows_in_flight"] == 1, timeout_s=30,
+                               message="the held stream in its row")
+        # the client went away; the request is still held, so only the cancel can free the row
+        wait_for_condition(lambda: handle.stats.remote().result()["rows_in_flight"] == 0, timeout_s=30,
+                           message="the disconnected stream's row to be freed")
+        assert hold.exists()
+    finally:
+        hold.unlink(missing_ok=True)
+
+
+def test_malformed_direct_calls_get_a_400_not_an_exception(app):
+    """Final review: a direct handle call with no prompt, or token ids outside the vocabulary, raised in the
+    replica (or failed the whole batch's step) instead of answering 400."""
     from ray import serve
 
     handle = serve.get_deployment_handle("ModelReplica", app_name=APP)
-    with httpx.Client(timeout=60) as http, http.stream(
-            "POST", f"{app}/v1/completions",
-            json={"prompt": "gone", "max_tokens": 240, "temperature": 0, "stream": True, "ignore_eos": True}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                json.loads(line[len("data: "):])
-                break  # one chunk, then the client goes away
-    wait_for_condition(lambda: handle.stats.remote().result()["rows_in_flight"] == 0, timeout_s=60,
-                       message="the disconnected stream's row to be freed")
+    for request in ({}, {"prompt": [10**6]}, {"prompt": "x", "stop": ["s"] * 5}):
+        answer = handle.complete.remote(request).result()
+        assert answer["status"] == 400, (request, answer)
 
 
 def test_a_failed_step_answers_500_with_an_incident_and_the_replica_serves_on(app, marks):

@@ -430,10 +430,11 @@ def test_control_activating_before_the_check_lets_a_request_run_on_the_unchecked
     assert seen == [new.identity.uri, "checked"]
 
 
-def test_a_failed_restore_after_a_failed_check_raises_restore_error(one_slot, adapters, stage, monkeypatch):
+def test_a_failed_restore_after_a_failed_check_raises_restore_error(base_settings, adapters, stage, monkeypatch):
     from hotswap.engine import RestoreError
 
-    engine = one_slot
+    engine = SwapEngine.build(base_settings.model_copy(update={"compile": False, "adapter_slots": 1}),
+                              warmup=False)  # its own: it ends unable to serve
     engine.apply(stage(adapters["r8-qv"]))
     real = engine._copy
     calls = {"n": 0}
@@ -448,3 +449,6 @@ def test_a_failed_restore_after_a_failed_check_raises_restore_error(one_slot, ad
     with pytest.raises(RestoreError, match="could not be put back"):
         engine.swap_checked(stage(adapters["r16-all"]),
                             check=lambda slot, timeout_s: (_ for _ in ()).throw(RuntimeError("bad")))
+    # final review: requests were still taken and never answered; now the engine refuses them at once
+    with pytest.raises(SwapError, match="stopped serving"):
+        engine.submit(engine.encode("x"), SamplingParams(max_tokens=1), on_event=lambda event: None)

@@ -154,6 +154,8 @@ def test_streamed_deltas_add_up_to_the_text(compiled_engine):
         ("hello", SamplingParams(top_p=0), "top_p must be in"),
         ("", SamplingParams(), "prompt is empty"),
         ("hello", SamplingParams(seed=2**64), "seed must be in"),  # it stopped the scheduler thread (review)
+        # the final review: the engine took any number of stops, and each costs time on every token of the batch
+        ("hello", SamplingParams(stop=("a", "b", "c", "d", "e")), "stop takes up to 4 strings"),
     ],
 )
 def test_bad_requests_are_refused_before_the_model_runs(compiled_engine, prompt, params, message):
