@@ -56,8 +56,11 @@ def fetch_and_validate(
 
 def validate_fetched(fetched: FetchedAdapter, *, settings: HotswapSettings, spec: ModelSpec) -> ValidatedAdapter:
     """Validate an adapter already in the cache against ``spec``, with the size caps of ``settings``."""
+    import torch
+
     return validate_adapter(
-        fetched, spec, max_adapter_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_header_bytes
+        fetched, spec, max_adapter_bytes=settings.max_adapter_bytes, max_header_bytes=settings.max_header_bytes,
+        serving_dtype=getattr(torch, settings.dtype) if settings.dtype != "auto" else None,  # auto: bf16 or fp32
     )
 
 

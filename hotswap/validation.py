@@ -176,8 +176,12 @@ def validate_adapter(
     *,
     max_adapter_bytes: int = 2 << 30,
     max_header_bytes: int = 16 << 20,
+    serving_dtype: torch.dtype | None = None,
 ) -> ValidatedAdapter:
     """Check a fetched adapter against ``spec``; return it loaded, or raise ``AdapterValidationError``.
+
+    ``serving_dtype``: the replicas' dtype when it is known (a setting); a weight beyond its range would
+    become inf when staged.
 
     The error lists every problem found. Nothing here touches a model: call this once per
     adapter version (the controller does), then stage the result.
@@ -190,7 +194,7 @@ def validate_adapter(
     if problems:
         raise AdapterValidationError(fetched.uri, problems)
 
-    tensors = _load_finite(fetched.weights_path, modules, problems)
+    tensors = _load_finite(fetched.weights_path, modules, problems, serving_dtype)
     if problems:
         raise AdapterValidationError(fetched.uri, problems)
     covered = sorted({name.rsplit(".", 1)[-1] for name in tensors})
@@ -466,7 +470,8 @@ def _check_keys(header: dict, spec: ModelSpec, config: dict, rank: int | None, p
     return {m: (p["A"], p["B"]) for m, p in found.items() if set(p) == {"A", "B"}}
 
 
-def _load_finite(path: Path, modules: dict[str, tuple[str, str]], problems: list[str]) -> dict:
+def _load_finite(path: Path, modules: dict[str, tuple[str, str]], problems: list[str],
+                 serving_dtype: torch.dtype | None = None) -> dict:
     from safetensors import SafetensorError, safe_open
 
     tensors = {}
@@ -479,6 +484,11 @@ def _load_finite(path: Path, modules: dict[str, tuple[str, str]], problems: list
                     if not torch.isfinite(t).all():
                         bad = int((~torch.isfinite(t)).sum())
                         problems.append(f"tensor {key!r} has {bad} NaN/Inf values")
+                    elif serving_dtype is not None and t.abs().max() > torch.finfo(serving_dtype).max:
+                        name = str(serving_dtype).removeprefix("torch.")
+                        problems.append(f"tensor {key!r} has values up to {float(t.abs().max()):g}, beyond "
+                                        f"{name}'s largest finite {torch.finfo(serving_dtype).max:g} (the replicas' "
+                                        "dtype): they would become inf; rescale the adapter or serve a wider dtype")
                     pair.append(t)
                 tensors[module] = (pair[0], pair[1])
     except SafetensorError as e:

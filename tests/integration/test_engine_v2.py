@@ -4,7 +4,6 @@ answers 429 with Retry-After while everything it took is still answered."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 

@@ -555,3 +555,15 @@ def test_slot_indices_outside_the_engine_are_refused(eager, adapters, stage):
             eager.load(bad, stage(adapters["a"]))
         with pytest.raises(SwapError, match="slot must be 0..1"):
             eager.activate(bad)
+
+
+def test_a_float16_service_rejects_such_an_adapter_at_validation(overflowing, base_settings):
+    """With ``dtype: float16`` the controller refuses it when it validates the version (a clear rejection that
+    lists the tensors), not first when it stages it for the replicas."""
+    from hotswap.adapters import model_spec_for, prepare_adapter
+    from hotswap.errors import AdapterValidationError
+
+    settings = base_settings.model_copy(update={"dtype": "float16"})
+    with pytest.raises(AdapterValidationError, match="beyond float16's largest finite 65504") as rejected:
+        prepare_adapter(str(overflowing), settings=settings, spec=model_spec_for(settings), dtype=torch.float16)
+    assert len(rejected.value.problems) == 8  # every tensor, named
