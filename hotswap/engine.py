@@ -359,10 +359,10 @@ class SwapEngine:
 
     def slot_for(self, version: AdapterIdentity) -> int | None:
         """The slot that serves ``version`` (checked, or loaded with :meth:`load`), to pin requests to it; None if
-        no slot holds it."""
+        no slot holds it, or the slot that holds it failed a check since it was loaded."""
         with self.scheduler.cond:
             for state in self.slots:
-                if state.version == version and not state.loading and not state.checking:
+                if state.version == version and not (state.loading or state.checking or state.check_failed):
                     return state.index
         return None
 
@@ -483,10 +483,11 @@ class SwapEngine:
             except Exception as e:
                 with self.scheduler.cond:
                     state.checking = False
+                    state.check_failed = True
                     self.scheduler.cond.notify_all()
                 raise SwapError(f"smoke check failed on {state.version.uri}: {e}; still serving "
                                 f"{self.identity.uri}") from e
-            state.checked = True
+            state.checked, state.check_failed = True, False
         smoke_ms = (time.perf_counter() - started) * 1e3
         self._activate(slot)
         self.last_swap_ms = 0.0
@@ -563,7 +564,7 @@ class SwapEngine:
             state.scale = scale
             state.loading = False
             state.checking = checking
-            state.checked = False
+            state.checked = state.check_failed = False
             self._staged[slot] = staged
             self.last_swap_ms = elapsed_ms
             self.scheduler.cond.notify_all()

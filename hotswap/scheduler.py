@@ -94,6 +94,7 @@ class SlotState:
     loading: bool = False  # being written: nothing may join it
     checking: bool = False  # loaded, not yet checked: only the check's own requests (probes) may join it
     checked: bool = False  # its version passed a swap's check since it was loaded
+    check_failed: bool = False  # its version failed a swap's check since it was loaded: nothing may be pinned to it
 
 
 class SlotSelector:

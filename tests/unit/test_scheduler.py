@@ -518,9 +518,12 @@ def test_a_revert_to_an_unchecked_version_in_the_idle_slot_is_checked_first(eage
         calls.append(slot)
         engine.smoke_check(slot, timeout_s=timeout_s)
 
+    assert engine.slot_for(bad.identity) == engine.idle_slot()  # loaded, not checked: it may be pinned to
     with pytest.raises(SwapError, match="non-finite logits"):
         engine.swap_checked(bad, check=check)
     assert calls and engine.identity == serving
+    # third review: the slot that failed its check was still offered for pinned requests
+    assert engine.slot_for(bad.identity) is None
     engine.apply(stage(adapters["b"]))
 
 
