@@ -309,10 +309,12 @@ class ModelReplica:
             ticket.cancel()  # the caller went away (or it finished): its row is freed at the next step
 
     async def stream(self, request: dict) -> AsyncIterator[dict]:
-        """Yield the adapter identity first, then ``{"delta", "finish_reason"}`` items; or one error item.
+        """Yield ``{adapter identity..., "replica_id", "delta", "finish_reason"}`` when the first text is ready, then
+        ``{"delta", "finish_reason"}`` items (the tokens of up to ``stream_interval_ms`` each); or one error item.
         The stream shares the running batch with every other request; a client that goes away frees its row."""
         from hotswap.generation import TokenEvent
         from hotswap.scheduler import Failed, Finished, Started
+        from hotswap.streaming import coalesced
 
         queue: asyncio.Queue = asyncio.Queue()
         submitted, refusal = await self._submit(request, queue)
@@ -320,30 +322,22 @@ class ModelReplica:
             yield refusal
             return
         ticket, job = submitted
-        version, pending = None, None
+        version, identity = None, None  # identity: sent with the first text, in one item (one hop less per request)
         try:
-            while True:
-                event, pending = (pending, None) if pending is not None else (await queue.get(), None)
+            async for event in coalesced(queue, self.settings.stream_interval_ms / 1e3):
                 if isinstance(event, Started):
                     version = event.version
-                    yield {**version.as_dict(), "replica_id": self.replica_id}
+                    identity = {**version.as_dict(), "replica_id": self.replica_id}
                 elif isinstance(event, TokenEvent):
-                    delta, finish = event.delta, event.finish_reason
-                    # tokens that arrived while the last item was being sent go out as one item: a slow
-                    # consumer gets fewer, larger messages instead of a growing backlog
-                    while finish is None and not queue.empty():
-                        more = queue.get_nowait()
-                        if not isinstance(more, TokenEvent):
-                            pending = more
-                            break
-                        delta, finish = delta + more.delta, more.finish_reason
-                    if delta or finish:
-                        yield {"delta": delta, "finish_reason": finish}
+                    yield {**(identity or {}), "delta": event.delta, "finish_reason": event.finish_reason}
+                    identity = None
                 elif isinstance(event, Failed):
                     yield self._internal_error(version, event.error)
                     return
                 elif isinstance(event, Finished):
                     c = event.completion
+                    if identity is not None:  # finished without a token event (never expected): still say who
+                        yield {**identity, "delta": "", "finish_reason": c.finish_reason}
                     self.metrics.record(c.version, tokens=c.completion_tokens,
                                         latency_ms=(time.perf_counter() - job.received) * 1e3)
                     return

@@ -82,6 +82,11 @@ class HotswapSettings(BaseModel):
         64, ge=0, le=100_000, description="Requests a replica queues for a free batch row; beyond that the "
         "service answers 429 with Retry-After."
     )
+    stream_interval_ms: float = Field(
+        50.0, ge=0, le=1000, description="A stream's text items are at least this far apart: the tokens made in "
+        "between go out as one item (the first text and the end are never held back). Fewer, larger items cost "
+        "the service less per token; 0 sends each token as soon as it is decoded."
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="Where models and adapters are cached.")
     local_store_root: Path | None = Field(
         None, description="Root of the local adapter store; defaults to <cache_dir>/adapters."
