@@ -55,19 +55,36 @@ def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str, 
 
 @contextmanager
 def local_s3():
-    """moto's S3 server on 127.0.0.1; sets the standard AWS_* variables (for this process and Ray's workers)."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on 127.0.0.1, in a process of its own; sets the standard AWS_* variables (for this process
+    and Ray's workers). Its own process, not a thread here: the load clients' threads run in this process, and an S3
+    server sharing their GIL would add its own work (serving the controller's downloads) to their latencies."""
+    import subprocess
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 request otherwise
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        def listening() -> bool:
+            if server.poll() is not None:
+                raise RuntimeError(f"the S3 server (moto) exited with {server.returncode} before it listened")
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        deadline = time.monotonic() + 60
+        while not listening():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the S3 server (moto) did not listen on 127.0.0.1 within 60 s")
+            time.sleep(0.05)
+        os.environ.update(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.stop()
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 @contextmanager

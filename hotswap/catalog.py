@@ -8,14 +8,22 @@ failed. Only what is in use (stable, canary, the operation's versions) plus the 
 versions stay staged; validated tensors are dropped as soon as they are staged; blobs in the
 download cache are evicted least-recently-used past ``adapter_cache_max_bytes``.
 
+The work of that pipeline (downloads, hashing, validation, casting and packing) runs in a few threads
+of the controller at a lower CPU priority (``nice`` +10 on Linux): on a node it shares with replicas,
+preparing a version yields the CPU to the requests being served rather than slowing them.
+
 The CLI's ``hotswap validate`` runs the same :func:`~hotswap.adapters.validate_fetched`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hotswap.errors import AdapterValidationError
@@ -26,6 +34,24 @@ __all__ = ["VersionCatalog"]
 logger = logging.getLogger(__name__)
 
 _STAGED_EXTRA = 2  # staged versions kept beyond those in use
+PREPARE_NICE = 10  # how much lower than the controller's own the CPU priority of the preparing threads is
+
+
+def _lower_priority() -> None:
+    """Lower this thread's CPU priority (Linux schedules threads as tasks: ``setpriority`` on the thread id)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PREPARE_NICE))
+    except (AttributeError, OSError) as e:  # not Linux, or not allowed: prepare at the usual priority
+        logger.debug("could not lower the priority of the preparing thread: %s", e)
+
+
+_PREPARE = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hotswap-prepare", initializer=_lower_priority)
+
+
+async def _background(fn, /, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a preparing thread (lower CPU priority), awaited."""
+    return await asyncio.get_running_loop().run_in_executor(_PREPARE, functools.partial(fn, *args, **kwargs))
 
 
 class VersionCatalog:
@@ -49,22 +75,22 @@ class VersionCatalog:
         """
         from hotswap.adapters import resolve_adapter_uri, validate_fetched
 
-        fetched = await asyncio.to_thread(self.fetcher.fetch, resolve_adapter_uri(uri, self.settings))
+        fetched = await _background(self.fetcher.fetch, resolve_adapter_uri(uri, self.settings))
         version = AdapterVersion.of_fetched(fetched)
         if expected_sha256 is not None and expected_sha256.lower() != version.sha256:
             raise _with_version(version, AdapterValidationError(uri, [
                 f"the weights' sha256 is {version.sha256}, but the roll pinned {expected_sha256.lower()}; "
                 "check the URI, or pin the digest 'hotswap validate URI' prints"]))
         try:
-            signer = await asyncio.to_thread(self._check_signature, fetched)
+            signer = await _background(self._check_signature, fetched)
         except AdapterValidationError as e:
             _with_version(version, e)
             raise
-        await asyncio.to_thread(self._evict_blobs, {version.sha256})
+        await _background(self._evict_blobs, {version.sha256})
         if version.key in known:
             return version, {**known[version.key], **({"signer": signer} if signer else {})}
         try:
-            validated = await asyncio.to_thread(validate_fetched, fetched, settings=self.settings, spec=self.spec)
+            validated = await _background(validate_fetched, fetched, settings=self.settings, spec=self.spec)
         except AdapterValidationError as e:
             _with_version(version, e)  # the identity that was rejected: the controller records it
             raise
@@ -106,9 +132,9 @@ class VersionCatalog:
                                                        "controller; roll it again"])
         path = self.fetcher.cache.path_for(version.sha256)
         if not path.exists():
-            path = (await asyncio.to_thread(self.fetcher.fetch, version.uri)).weights_path
-        validated = await asyncio.to_thread(load_validated, path, record, self.spec)
-        staged = await asyncio.to_thread(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
+            path = (await _background(self.fetcher.fetch, version.uri)).weights_path
+        validated = await _background(load_validated, path, record, self.spec)
+        staged = await _background(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
                                          pin_memory=False)
         if staged.identity != version:  # the record must describe exactly this version
             raise AdapterValidationError(version.uri, [f"the cached record names {staged.identity.short()}, not "

@@ -1,0 +1,24 @@
+"""The catalog prepares versions in threads at a lower CPU priority than the controller's own (Linux)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+
+import pytest
+
+from hotswap import catalog
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_preparing_threads_run_at_a_lower_priority_than_the_caller():
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = priority()
+    theirs = asyncio.run(catalog._background(priority))
+    assert theirs == min(19, mine + catalog.PREPARE_NICE)
+    # control: the default executor (what the catalog used before) runs at the caller's priority
+    assert asyncio.run(asyncio.to_thread(priority)) == mine
