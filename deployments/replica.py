@@ -309,7 +309,7 @@ class ModelReplica:
             ticket.cancel()  # the caller went away (or it finished): its row is freed at the next step
 
     async def stream(self, request: dict) -> AsyncIterator[dict]:
-        """Yield ``{adapter identity..., "replica_id", "delta", "finish_reason"}`` when the first text is ready, then
+        """Yield the adapter identity (and ``replica_id``) when the request joins a row, then
         ``{"delta", "finish_reason"}`` items (the tokens of up to ``stream_interval_ms`` each); or one error item.
         The stream shares the running batch with every other request; a client that goes away frees its row."""
         from hotswap.generation import TokenEvent
@@ -322,22 +322,19 @@ class ModelReplica:
             yield refusal
             return
         ticket, job = submitted
-        version, identity = None, None  # identity: sent with the first text, in one item (one hop less per request)
+        version = None
         try:
             async for event in coalesced(queue, self.settings.stream_interval_ms / 1e3):
                 if isinstance(event, Started):
                     version = event.version
-                    identity = {**version.as_dict(), "replica_id": self.replica_id}
+                    yield {**version.as_dict(), "replica_id": self.replica_id}  # at once: the headers go out
                 elif isinstance(event, TokenEvent):
-                    yield {**(identity or {}), "delta": event.delta, "finish_reason": event.finish_reason}
-                    identity = None
+                    yield {"delta": event.delta, "finish_reason": event.finish_reason}
                 elif isinstance(event, Failed):
                     yield self._internal_error(version, event.error)
                     return
                 elif isinstance(event, Finished):
                     c = event.completion
-                    if identity is not None:  # finished without a token event (never expected): still say who
-                        yield {**identity, "delta": "", "finish_reason": c.finish_reason}
                     self.metrics.record(c.version, tokens=c.completion_tokens,
                                         latency_ms=(time.perf_counter() - job.received) * 1e3)
                     return
