@@ -45,6 +45,8 @@ def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2)
            "max_seq_len": args.max_seq_len, "adapter_slots": adapter_slots}
     if args.dtype:
         out["dtype"] = args.dtype
+    if args.stream_interval_ms is not None:
+        out["stream_interval_ms"] = args.stream_interval_ms
     if compiled and args.compile_mode:
         out["compile_mode"] = args.compile_mode
     return out
@@ -462,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short-clients", type=int, default=2, help="mixed: clients of short requests (default 2)")
     parser.add_argument("--long-tokens", type=int, default=200, help="mixed: tokens of a long stream (default 200)")
     parser.add_argument("--long-streams", type=int, default=4, help="mixed: long streams at a time (default 4)")
+    parser.add_argument("--stream-interval-ms", type=float, default=None,
+                        help="the replicas' stream_interval_ms (default: the setting's default)")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming levels and the mixed workload")
     parser.add_argument("--no-eager", action="store_true", help="skip compile: false (engine and service)")
     parser.add_argument("--no-1slot", action="store_true", help="skip the in-process engine with adapter_slots 1")

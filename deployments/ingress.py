@@ -457,9 +457,6 @@ class Ingress:
         async def sse():
             for chunk in opening(first) if opening else ():
                 yield f"data: {json.dumps(chunk)}\n\n"
-            if "delta" in first:  # the replica sends its identity with the first text
-                for chunk in chunks(first, first):
-                    yield f"data: {json.dumps(chunk)}\n\n"
             async for item in events:
                 for chunk in [{"error": item["error"]}] if "error" in item else chunks(item, first):
                     yield f"data: {json.dumps(chunk)}\n\n"

@@ -1,10 +1,10 @@
 """A stream's items, from one request's scheduler events: fewer, larger messages.
 
-Every item a stream yields crosses two Ray hops (replica -> ingress -> proxy) and costs each of
-them far more than the token it carries (on the 2-core CI machine, 16-token streams cost about
-twice the CPU per token of whole answers: BENCHMARKS.md section 3). So the replica sends the
-tokens decoded within ``stream_interval_ms`` of the last item as one item, as Ray Serve LLM does
-(its ``stream_batching_interval_ms``, 50 ms by default). The first text goes at once (the time
+Every item a stream yields crosses two Ray hops (replica -> ingress -> proxy), and each hop has a
+cost per item whatever the item carries (``benchmarks/serving.py`` reports streams against whole
+answers, and the chunks per token). So the replica sends the tokens decoded within
+``stream_interval_ms`` of the last item as one item, as Ray Serve LLM does (its
+``stream_batching_interval_ms``, 50 ms by default). The first text goes at once (the time
 to first token is not held back), and so does the end; events other than tokens pass through
 in order.
 """
@@ -19,7 +19,7 @@ from hotswap.generation import TokenEvent
 __all__ = ["coalesced"]
 
 
-async def coalesced(queue: asyncio.Queue, interval_s: float, *, clock=None) -> AsyncIterator[object]:
+async def coalesced(queue: asyncio.Queue, interval_s: float) -> AsyncIterator[object]:
     """Yield the events put on ``queue``, :class:`~hotswap.generation.TokenEvent` s merged.
 
     A merged event's ``delta`` is the text of the tokens it stands for and its ``finish_reason`` the
@@ -28,7 +28,7 @@ async def coalesced(queue: asyncio.Queue, interval_s: float, *, clock=None) -> A
     tokens meanwhile) unless the request finishes or another kind of event arrives first. With
     ``interval_s`` 0 only the tokens already queued are merged (a slow consumer still gets one item,
     not a backlog). The iteration never ends by itself: the caller stops at Finished / Failed."""
-    clock = clock or asyncio.get_running_loop().time
+    clock = asyncio.get_running_loop().time
     pending = None  # an event taken while merging, yielded next
     sent_text = None  # when the last item with text was yielded
     while True:
