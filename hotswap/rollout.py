@@ -91,8 +91,11 @@ class RolloutMachine:
         self.state = state
         self.batch_size = batch_size
         self.swap_timeout_s = swap_timeout_s
-        self.registry = ReplicaRegistry(liveness_s=liveness_s, forget_after_s=forget_after_s, settle_s=settle_s,
-                                        started=now)
+        # a state never saved (generation 0) was never claimed, so no controller ever assigned a version from it:
+        # every replica that serves registered with this one (a replica registers before it serves), so there is
+        # nobody unheard to wait ``settle_s`` for (an operation moving everyone would otherwise end only then)
+        self.registry = ReplicaRegistry(liveness_s=liveness_s, forget_after_s=forget_after_s,
+                                        settle_s=settle_s if state.generation else 0.0, started=now)
         self.new_id = new_id
         self.fenced: str | None = None  # why this controller serves no operation any more
         self.pending: str | None = None  # an operation being fetched and validated (not persisted)

@@ -11,7 +11,7 @@ import pytest
 
 from hotswap.messages import OpKind, Outcome, Phase
 from hotswap.rollout import RolloutMachine
-from tests.simulator import LIVENESS_S, SWAP_TIMEOUT_S, VERSIONS, Violation, World
+from tests.simulator import LIVENESS_S, SETTLE_S, SWAP_TIMEOUT_S, VERSIONS, Violation, World
 
 V1, V2, V3 = VERSIONS["v1"], VERSIONS["v2"], VERSIONS["v3"]
 
@@ -331,3 +331,35 @@ def test_a_returning_dropped_replica_that_runs_the_version_is_counted_not_swappe
     swaps = len(world.replicas["r1"].swaps)
     world.quiesce()
     assert world.controller.sm.state.stable == V2 and len(world.replicas["r1"].swaps) == swaps
+
+
+# --- the first roll after a fresh start waited for the settle time ---------------------------------------------
+
+def _roll_ticks(world: World) -> int:
+    """Ticks from a roll of v2 to its reply (bounded)."""
+    op_id = world.request(OpKind.ROLL, "v2")
+    for ticks in range(1, 4 * int(SETTLE_S) + 10):
+        world.advance(1)
+        if any(r.op_id == op_id for r in world.completed):
+            return ticks
+    raise AssertionError("the roll never ended")
+
+
+def test_a_roll_right_after_a_fresh_start_ends_when_its_replicas_moved_not_after_the_settle_time():
+    """A controller on a state nobody ever saved finished a roll moving everyone only once ``settle_s`` (two
+    watch timeouts, 10 s by default) had passed since it started: the first roll of a new deployment took
+    ~5 s instead of ~0.1 s. No replica can be unheard then (each registers before it serves)."""
+    world = World(replicas=2)
+    assert _roll_ticks(world) < SETTLE_S
+    world.quiesce()
+    assert world.controller.sm.state.stable == V2 and set(_running(world).values()) == {V2.uri}
+
+
+def test_control_a_restarted_controller_still_waits_the_settle_time_for_replicas_it_has_not_heard():
+    """The settle time stays where it is needed: a controller that loads a saved state may have replicas
+    serving that have not reported to it yet, so an operation moving everyone waits for them."""
+    world = World(replicas=2)
+    world.crash_controller()
+    assert _roll_ticks(world) > SETTLE_S
+    world.quiesce()
+    assert world.controller.sm.state.stable == V2
