@@ -441,8 +441,9 @@ class Ingress:
 
     async def _stream(self, request: dict, chunks: Callable[[dict, dict], list[dict]], *,
                       opening: Callable[[dict], list[dict]] | None = None):
-        """Server-sent events for ``request``: ``opening(adapter)``, then ``chunks(item, adapter)`` for each item the
-        replica yields, then ``data: [DONE]``; or the error response, when the replica refuses the request."""
+        """Server-sent events for ``request``: ``opening(adapter)``, then ``chunks(item, adapter)`` for each item with
+        text the replica yields (the first, which names the adapter, may carry text too), then ``data: [DONE]``; or
+        the error response, when the replica refuses the request."""
         async def start():
             events = self.replica.options(stream=True).stream.remote(request)
             return events, await events.__anext__()
@@ -455,8 +456,10 @@ class Ingress:
             return _replica_error(first)
 
         async def sse():
-            for chunk in opening(first) if opening else ():
-                yield f"data: {json.dumps(chunk)}\n\n"
+            # the first item may carry the first text with the version (the replica sends them together)
+            head = [*(opening(first) if opening else ()), *(chunks(first, first) if "delta" in first else ())]
+            if head:
+                yield "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in head)
             async for item in events:
                 for chunk in [{"error": item["error"]}] if "error" in item else chunks(item, first):
                     yield f"data: {json.dumps(chunk)}\n\n"

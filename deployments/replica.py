@@ -309,12 +309,13 @@ class ModelReplica:
             ticket.cancel()  # the caller went away (or it finished): its row is freed at the next step
 
     async def stream(self, request: dict) -> AsyncIterator[dict]:
-        """Yield the adapter identity (and ``replica_id``) when the request joins a row, then
-        ``{"delta", "finish_reason"}`` items (the tokens of up to ``stream_interval_ms`` each); or one error item.
-        The stream shares the running batch with every other request; a client that goes away frees its row."""
+        """Yield the adapter identity (and ``replica_id``) when the request joins a row, with the first text when it
+        comes within ``stream_interval_ms`` (``delta``, ``finish_reason``), then ``{"delta", "finish_reason"}`` items
+        (the tokens of up to ``stream_interval_ms`` each); or one error item. The stream shares the running batch
+        with every other request; a client that goes away frees its row."""
         from hotswap.generation import TokenEvent
         from hotswap.scheduler import Failed, Finished, Started
-        from hotswap.streaming import coalesced
+        from hotswap.streaming import WithText, coalesced
 
         queue: asyncio.Queue = asyncio.Queue()
         submitted, refusal = await self._submit(request, queue)
@@ -324,10 +325,14 @@ class ModelReplica:
         ticket, job = submitted
         version = None
         try:
-            async for event in coalesced(queue, self.settings.stream_interval_ms / 1e3):
-                if isinstance(event, Started):
+            async for event in coalesced(queue, self.settings.stream_interval_ms / 1e3, opening=(Started,)):
+                if isinstance(event, WithText):  # the version and the first text, one item
+                    version = event.event.version
+                    yield {**version.as_dict(), "replica_id": self.replica_id, "delta": event.text.delta,
+                           "finish_reason": event.text.finish_reason}
+                elif isinstance(event, Started):  # no text within the interval: the headers go out now
                     version = event.version
-                    yield {**version.as_dict(), "replica_id": self.replica_id}  # at once: the headers go out
+                    yield {**version.as_dict(), "replica_id": self.replica_id}
                 elif isinstance(event, TokenEvent):
                     yield {"delta": event.delta, "finish_reason": event.finish_reason}
                 elif isinstance(event, Failed):

@@ -6,20 +6,36 @@ answers, and the chunks per token). So the replica sends the tokens decoded with
 ``stream_interval_ms`` of the last item as one item, as Ray Serve LLM does (its
 ``stream_batching_interval_ms``, 50 ms by default). The first text goes at once (the time
 to first token is not held back), and so does the end; events other than tokens pass through
-in order.
+in order. The event that opens a stream (the scheduler's ``Started``, which names the version
+and lets the ingress send the response headers) waits up to the same interval for the first
+text and goes out with it, one item instead of two; if no text comes within the interval it
+goes out alone, so a client that waits long for its first token still gets its headers.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from hotswap.generation import TokenEvent
 
-__all__ = ["coalesced"]
+__all__ = ["WithText", "coalesced"]
 
 
-async def coalesced(queue: asyncio.Queue, interval_s: float) -> AsyncIterator[object]:
+@dataclass(frozen=True)
+class WithText:
+    """A held opening ``event`` and the first text that followed it within the interval, as one item."""
+
+    event: object
+    text: TokenEvent
+
+
+_NOTHING = object()  # what a wait that timed out takes from the queue
+
+
+async def coalesced(queue: asyncio.Queue, interval_s: float, *, opening: tuple[type, ...] = ()
+                    ) -> AsyncIterator[object]:
     """Yield the events put on ``queue``, :class:`~hotswap.generation.TokenEvent` s merged.
 
     A merged event's ``delta`` is the text of the tokens it stands for and its ``finish_reason`` the
@@ -27,33 +43,78 @@ async def coalesced(queue: asyncio.Queue, interval_s: float) -> AsyncIterator[ob
     After an item with text, the next one waits until ``interval_s`` has passed since it (collecting
     tokens meanwhile) unless the request finishes or another kind of event arrives first. With
     ``interval_s`` 0 only the tokens already queued are merged (a slow consumer still gets one item,
-    not a backlog). The iteration never ends by itself: the caller stops at Finished / Failed."""
+    not a backlog). An event of an ``opening`` type that arrives before any text is held until the
+    first text (then both go out as one :class:`WithText`), another event, or ``interval_s``, whichever
+    comes first. The iteration never ends by itself: the caller stops at Finished / Failed.
+
+    A cancellation of the consumer always reaches it: the timed waits use one ``queue.get()`` task kept
+    across them and ``asyncio.wait``, never ``asyncio.wait_for``, which on Python 3.11 drops a
+    cancellation that arrives in the loop turn its inner ``get`` completes (a client's disconnect then
+    never freed its row)."""
     clock = asyncio.get_running_loop().time
+    getter: asyncio.Future | None = None  # the one pending queue.get(), kept across timed waits
+
+    async def take(timeout_s: float | None = None):
+        """The next event, or ``_NOTHING`` if none came within ``timeout_s`` (None: wait as long as it takes)."""
+        nonlocal getter
+        if getter is not None and getter.done():  # it took the oldest event
+            event, getter = getter.result(), None
+            return event
+        if not queue.empty():  # a pending getter finds the queue empty and waits on: nothing is lost
+            return queue.get_nowait()
+        if timeout_s is not None and timeout_s <= 0:
+            return _NOTHING
+        if getter is None:
+            getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter}, timeout=timeout_s)
+        if not done:
+            return _NOTHING
+        event, getter = getter.result(), None
+        return event
+
     pending = None  # an event taken while merging, yielded next
     sent_text = None  # when the last item with text was yielded
-    while True:
-        event, pending = (pending, None) if pending is not None else (await queue.get(), None)
-        if not isinstance(event, TokenEvent):
-            yield event
-            continue
-        delta, finish = event.delta, event.finish_reason
-        hold_until = float("-inf") if sent_text is None else sent_text + interval_s
-        while finish is None:
-            if queue.empty():
-                wait_s = hold_until - clock()
-                if not delta or wait_s <= 0:  # nothing to hold back, or held long enough
-                    break
-                try:
-                    more = await asyncio.wait_for(queue.get(), wait_s)
-                except asyncio.TimeoutError:
-                    break
+    held, held_until = None, 0.0  # an opening event waiting for the first text, and until when
+    try:
+        while True:
+            if pending is not None:
+                event, pending = pending, None
             else:
-                more = queue.get_nowait()
-            if not isinstance(more, TokenEvent):
-                pending = more
-                break
-            delta, finish = delta + more.delta, more.finish_reason
-        if delta or finish:
-            if delta:
-                sent_text = clock()
-            yield TokenEvent(row=event.row, delta=delta, finish_reason=finish)
+                event = await take(None if held is None else held_until - clock())
+                if event is _NOTHING:  # no text within the interval: the opening goes out alone
+                    yield held
+                    held = None
+                    continue
+            if not isinstance(event, TokenEvent):
+                if held is not None:
+                    yield held
+                    held = None
+                if isinstance(event, opening) and sent_text is None:
+                    held, held_until = event, clock() + interval_s
+                    continue
+                yield event
+                continue
+            delta, finish = event.delta, event.finish_reason
+            hold_until = float("-inf") if sent_text is None else sent_text + interval_s
+            while finish is None:
+                wait_s = hold_until - clock()
+                # only what is already queued when there is nothing to hold back, or it was held long enough
+                more = await take(wait_s if delta and wait_s > 0 else 0.0)
+                if more is _NOTHING:
+                    break
+                if not isinstance(more, TokenEvent):
+                    pending = more
+                    break
+                delta, finish = delta + more.delta, more.finish_reason
+            if delta or finish:
+                if delta:
+                    sent_text = clock()
+                merged = TokenEvent(row=event.row, delta=delta, finish_reason=finish)
+                if held is not None:
+                    yield WithText(held, merged)
+                    held = None
+                else:
+                    yield merged
+    finally:
+        if getter is not None:
+            getter.cancel()
