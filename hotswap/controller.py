@@ -121,6 +121,13 @@ def get_controller(app_name: str):
     return max(ranked, key=lambda t: t[:2])[2]
 
 
+def _cluster_name() -> str | None:
+    """The Ray cluster this controller runs in (its session name, new at every cluster start); None without Ray."""
+    import ray
+
+    return ray.get_runtime_context().get_session_name() if ray.is_initialized() else None
+
+
 def describe_error(error: BaseException) -> str:
     """One line for a CLI or HTTP error body, unwrapping Ray's wrappers around our own errors."""
     error = unwrap(error)
@@ -198,9 +205,9 @@ class HotswapController:
                                     liveness_s=self.settings.replica_liveness_s,
                                     forget_after_s=self.settings.replica_liveness_s * 4,
                                     settle_s=2 * self.settings.watch_timeout_s, now=time.time(),
-                                    new_id=lambda: uuid.uuid4().hex[:8])
+                                    new_id=lambda: uuid.uuid4().hex[:8], cluster=_cluster_name())
                 # claim the state: this save fences any other controller that still writes it
-                await self._persist(sm, sm.resume(time.time()) or Transition(sm.state.copy()), raise_errors=True)
+                await self._persist(sm, sm.claim(time.time()), raise_errors=True)
                 self.sm = sm
         initial = self.settings.initial_adapter
         if initial and self.sm.needs_initial(initial):

@@ -87,15 +87,20 @@ class RolloutMachine:
         settle_s: float,
         now: float,
         new_id: Callable[[], str],
+        cluster: str | None = None,
     ) -> None:
         self.state = state
         self.batch_size = batch_size
         self.swap_timeout_s = swap_timeout_s
-        # a state never saved (generation 0) was never claimed, so no controller ever assigned a version from it:
-        # every replica that serves registered with this one (a replica registers before it serves), so there is
-        # nobody unheard to wait ``settle_s`` for (an operation moving everyone would otherwise end only then)
+        self.cluster = cluster
+        # A replica registers before it serves, and a cluster's replicas end with it, so replicas serving from this
+        # state without having reported to this controller yet can only be in the cluster that last claimed it.
+        # A state never saved (generation 0), or last claimed in another Ray cluster (a new `serve run`, a new
+        # RayCluster), leaves nobody unheard to wait ``settle_s`` for: an operation moving everyone would otherwise
+        # end only then. A state saved without a cluster name (older releases) is waited for, as before.
+        unheard = state.generation > 0 and state.cluster in (None, cluster)
         self.registry = ReplicaRegistry(liveness_s=liveness_s, forget_after_s=forget_after_s,
-                                        settle_s=settle_s if state.generation else 0.0, started=now)
+                                        settle_s=settle_s if unheard else 0.0, started=now)
         self.new_id = new_id
         self.fenced: str | None = None  # why this controller serves no operation any more
         self.pending: str | None = None  # an operation being fetched and validated (not persisted)
@@ -138,6 +143,13 @@ class RolloutMachine:
         _event(cand.operation, f"controller restarted; resuming {op.kind.value} ({op.phase.value}), "
                                f"{len(op.done)}/{len(op.targets)} done")
         return Transition(cand, on_commit=[Notify()])
+
+    def claim(self, now: float) -> Transition:
+        """At start-up: the save that claims the state for this controller (fencing any other that still writes it)
+        and this cluster, resuming an operation in progress."""
+        transition = self.resume(now) or Transition(self.state.copy())
+        transition.state.cluster = self.cluster
+        return transition
 
     def initialize(self, version: AdapterVersion, uri: str, now: float) -> Transition | None:
         """The initial adapter is fetched and validated: it becomes stable (once, on a fresh state)."""

@@ -104,6 +104,7 @@ class DesiredState:
     initial_adapter: str | None = None  # the URI the first stable version came from
     rebalance_blocked: str | None = None  # canary key whose rebalance failed: not retried replica after replica
     generation: int = 0  # bumped by every save; the file store fences on it
+    cluster: str | None = None  # the Ray cluster (session name) of the controller that last claimed it
 
     def copy(self) -> DesiredState:
         return copy.deepcopy(self)
@@ -135,6 +136,7 @@ class DesiredState:
             "initial_adapter": self.initial_adapter,
             "rebalance_blocked": self.rebalance_blocked,
             "generation": self.generation,
+            "cluster": self.cluster,
         }, indent=1, sort_keys=True)
 
     @classmethod
@@ -153,6 +155,7 @@ class DesiredState:
             initial_adapter=d.get("initial_adapter"),
             rebalance_blocked=d.get("rebalance_blocked"),
             generation=int(d.get("generation", 0)),
+            cluster=d.get("cluster"),
         )
 
 

@@ -80,8 +80,8 @@ class SimController:
         state = self.store.load() or DesiredState()
         self.sm = RolloutMachine(state, batch_size=self.world.batch_size, swap_timeout_s=SWAP_TIMEOUT_S,
                                  liveness_s=LIVENESS_S, forget_after_s=60.0, settle_s=SETTLE_S,
-                                 now=self.world.now, new_id=lambda: next(self.ids))
-        self.claimed = self.run(self.sm.resume(self.world.now) or _claim(self.sm))
+                                 now=self.world.now, new_id=lambda: next(self.ids), cluster=self.world.cluster)
+        self.claimed = self.run(self.sm.claim(self.world.now))
         return self.claimed
 
     def run(self, transition) -> bool:
@@ -103,12 +103,6 @@ class SimController:
             elif not isinstance(action, Notify):  # pragma: no cover - a new action kind needs a handler here
                 raise Violation(f"unknown action {action!r}")
         return ok
-
-
-def _claim(sm: RolloutMachine):
-    from hotswap.rollout import Transition
-
-    return Transition(sm.state.copy())
 
 
 @dataclass
@@ -135,6 +129,7 @@ class SimReplica:
 class World:
     def __init__(self, *, replicas: int = 3, batch_size: int = 1, initial: str | None = "v1") -> None:
         self.now = 0.0
+        self.cluster = "sim-cluster"  # the Ray cluster's session name; new_cluster() starts another
         self.batch_size = batch_size
         self.backend = FakeBackend()
         self.bad: set[AdapterVersion] = set()  # smoke checks fail on these
@@ -196,6 +191,19 @@ class World:
     def crash_controller(self) -> None:
         self.trace.append("crash controller")
         self.controller = SimController(self, f"c{self.steps}")
+
+    def new_cluster(self) -> None:
+        """The whole Ray cluster is replaced (a new `serve run`, a new RayCluster): its replicas end with it, a
+        controller in the new cluster starts on the persisted state, and as many new replicas register with it."""
+        self.trace.append("new cluster")
+        count = sum(r.alive for r in self.replicas.values())
+        for replica in self.replicas.values():
+            replica.alive = False
+        self.cluster = f"sim-cluster-{self.steps}"
+        self.zombie = self.controller  # an old cluster may outlive the switch (a KubeRay upgrade): fenced, not gone
+        self.controller = SimController(self, f"n{self.steps}")
+        for _ in range(count):
+            self.add_replica()
 
     def takeover(self) -> None:
         """A second controller starts on the same state (a redeploy, a zombie); the old one stays around."""

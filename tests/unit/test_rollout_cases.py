@@ -363,3 +363,29 @@ def test_control_a_restarted_controller_still_waits_the_settle_time_for_replicas
     assert _roll_ticks(world) > SETTLE_S
     world.quiesce()
     assert world.controller.sm.state.stable == V2
+
+
+def test_a_controller_in_a_new_cluster_does_not_wait_the_settle_time():
+    """The second `serve run` on the same state_uri (a new Ray cluster, whose replicas all register with the new
+    controller) waited the settle time like a restart inside a running cluster: ``82bac2a`` spared only a state never
+    saved, so every `serve run` after the first still waited up to two watch timeouts (the outside review)."""
+    world = World(replicas=2)
+    world.new_cluster()
+    assert _roll_ticks(world) < SETTLE_S
+    world.quiesce()
+    assert world.controller.sm.state.stable == V2 and set(_running(world).values()) == {V2.uri}
+
+
+@pytest.mark.parametrize(("generation", "saved_in", "waits"), [
+    (0, None, False),  # never saved: nobody could have been assigned anything from it
+    (3, "session-a", True),  # a restart inside the cluster that claimed it: its replicas may not have reported yet
+    (3, "session-b", False),  # claimed in another cluster: those replicas ended with it
+    (3, None, True),  # saved by a release that did not record the cluster: waited for, as before
+])
+def test_who_may_be_unheard_after_a_start(generation, saved_in, waits):
+    from hotswap.state import DesiredState
+
+    sm = RolloutMachine(DesiredState(generation=generation, cluster=saved_in), batch_size=1, swap_timeout_s=20,
+                        liveness_s=8, forget_after_s=60, settle_s=3, now=0.0, new_id=lambda: "x", cluster="session-a")
+    assert sm.registry.settled(1.0) is not waits
+    assert sm.claim(1.0).state.cluster == "session-a"

@@ -1,5 +1,5 @@
 """The rollout state machine under drawn schedules: operations interleaved with replica churn, stalls, slow
-and failed swaps, controller crashes and takeovers, failed state saves and failed fetches.
+and failed swaps, controller crashes and takeovers, whole clusters replaced, failed state saves and failed fetches.
 
 CI draws a fixed set of schedules; ``HOTSWAP_FUZZ=explore[:N]`` searches (see tests/fuzzing.py). Every
 schedule a search breaks is pinned in ``tests/unit/test_rollout_cases.py``.
@@ -33,6 +33,7 @@ _action = st.one_of(
     st.tuples(st.just("unfetchable"), st.sampled_from(_URIS)),
     st.tuples(st.just("crash")),
     st.tuples(st.just("takeover")),
+    st.tuples(st.just("new_cluster")),
     st.tuples(st.just("fail_saves"), st.integers(1, 4)),
     st.tuples(st.just("tick"), st.integers(1, 12)),
 )
@@ -70,6 +71,8 @@ def play(world: World, actions) -> None:
             world.crash_controller()
         elif kind == "takeover":
             world.takeover()
+        elif kind == "new_cluster":
+            world.new_cluster()
         elif kind == "fail_saves":
             world.fail_saves(args[0])
         elif kind == "tick":
