@@ -220,8 +220,11 @@ class World:
             self.trace.append("tick")
             self.now += TICK_S
             self.steps += 1
-            due, self.replacements = self.replacements, 0  # the ones that died since the last tick
-            for _ in range(due if len(self.replicas) < 60 else 0):  # bounded, so a crash loop cannot run away
+            # the ones that died since the last tick; bounded, so a crash loop cannot run away (Serve still owes the
+            # rest: quiesce starts them once nothing kills them)
+            due = self.replacements if len(self.replicas) < 60 else 0
+            self.replacements -= due
+            for _ in range(due):
                 self.add_replica()
             if self.controller.start():  # a controller still starting answers no replica (they retry)
                 for replica in list(self.replicas.values()):
@@ -323,6 +326,9 @@ class World:
             r.slowness = 0
         self.bad.clear()
         self.deadly.clear()
+        owed, self.replacements = self.replacements, 0  # replicas a capped crash loop did not restart
+        for _ in range(owed):
+            self.add_replica()
         bound = max_ticks or int((len(self.replicas) + 4) * (SWAP_TIMEOUT_S + LIVENESS_S) * 2 + 60)
         for _ in range(bound):
             self.advance()
