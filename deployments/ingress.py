@@ -257,8 +257,8 @@ async def _admin_call(app_name: str, operation: str, request: Request) -> JSONRe
             except ConfigError as e:
                 return _error(400, str(e), "sha256")
         args, kwargs = [uri, canary], {"expected_sha256": sha256}
-    try:
-        controller = get_controller(app_name)
+    try:  # finding the controller blocks (named-actor look-ups): off the event loop the requests share
+        controller = await asyncio.to_thread(get_controller, app_name)
         return JSONResponse(await getattr(controller, operation).remote(*args, **kwargs))
     except Exception as e:  # noqa: BLE001 - every error maps to a status in one place (hotswap.errors)
         cause = unwrap(e)

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def _check_serve_config(document: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
+    from deployments.app import SERVE_FAST_PATH_ENV
+
     ServeDeploySchema.model_validate(document) if hasattr(ServeDeploySchema, "model_validate") else (
         ServeDeploySchema.parse_obj(document))
     for app in document["applications"]:
@@ -22,6 +24,8 @@ def _check_serve_config(document: dict) -> None:
         HotswapSettings.from_args(app["args"])
         names = {d["name"] for d in app.get("deployments", [])}
         assert names <= {"ModelReplica", "Ingress"}, names
+        # a config's ray_actor_options replace the code's runtime_env: the app's runtime_env carries the fast path
+        assert app["runtime_env"]["env_vars"] == SERVE_FAST_PATH_ENV
 
 
 @pytest.mark.parametrize("path", ["serve_config.yaml", "infra/serve_config.gpu.yaml"])
@@ -77,3 +81,20 @@ def test_build_app_is_callable_the_way_serve_run_calls_it():
 
     args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
     assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, args), Application)
+
+
+def test_make_app_puts_the_fast_path_in_every_deployments_runtime_env_and_keeps_the_callers_values():
+    from deployments.app import SERVE_FAST_PATH_ENV, _fast_path
+    from deployments.ingress import Ingress
+    from deployments.replica import ModelReplica
+
+    replica = _fast_path(ModelReplica, {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}})
+    assert replica.num_replicas == 2 and replica.ray_actor_options["num_cpus"] == 0.5
+    assert replica.ray_actor_options["runtime_env"]["env_vars"] == SERVE_FAST_PATH_ENV
+    ingress = _fast_path(Ingress, {})
+    assert ingress.ray_actor_options["num_cpus"] == 0.1  # the code's own options are kept
+    assert ingress.ray_actor_options["runtime_env"]["env_vars"] == SERVE_FAST_PATH_ENV
+    mine = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0", "OTHER": "1"}
+    options = {"ray_actor_options": {"num_cpus": 0.2, "runtime_env": {"env_vars": mine, "pip": ["x"]}}}
+    custom = _fast_path(ModelReplica, options).ray_actor_options["runtime_env"]
+    assert custom["env_vars"] == {**SERVE_FAST_PATH_ENV, **mine} and custom["pip"] == ["x"]
