@@ -10,6 +10,7 @@ import os
 import platform
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -57,16 +58,23 @@ def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str, 
 def local_s3():
     """moto's S3 server on 127.0.0.1, in a process of its own; sets the standard AWS_* variables (for this process
     and Ray's workers). Its own process, not a thread here: the load clients' threads run in this process, and an S3
-    server sharing their GIL would add its own work (serving the controller's downloads) to their latencies."""
+    server sharing their GIL would add its own work (serving the controller's downloads) to their latencies.
+
+    It runs at the lowest CPU priority (nice 19): it stands in for S3, which is not on the serving machine, and
+    Ray runs its workers (the whole service) at nice 15 (``RAY_worker_niceness``), so at this process's own
+    nice 0 serving a download took the cores from every replica (a roll's p99 measured the S3 stand-in)."""
     import subprocess
 
     port = free_port()
+    log = tempfile.TemporaryFile()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=log, preexec_fn=lambda: os.nice(19))
     try:
         def listening() -> bool:
             if server.poll() is not None:
-                raise RuntimeError(f"the S3 server (moto) exited with {server.returncode} before it listened")
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"the S3 server (moto) exited with {server.returncode} before it listened:\n{tail}")
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
 
@@ -85,6 +93,7 @@ def local_s3():
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        log.close()
 
 
 @contextmanager
