@@ -14,13 +14,16 @@ __all__ = ["SERVE_FAST_PATH_ENV", "build_app", "make_app"]
 # replica runs its request methods on Serve's own event loop instead of a thread of their own, a handle routes
 # on that loop too, and the ingress calls the model replicas over Serve's inter-deployment gRPC instead of Ray
 # actor calls. Every streamed item crossed two threads and an object ref in each of the replica and the
-# ingress: with these, 16 streams went from 0.54-0.67x to 1.00-1.02x the tokens/s of 16 whole answers
-# (BENCHMARKS.md section 3). They ride on each deployment's runtime_env (make_app) and on the Serve configs'
-# application runtime_env (a config's ray_actor_options replace the code's); a value already set there wins.
+# ingress (BENCHMARKS.md section 3 has the runs). They ride on each deployment's runtime_env (make_app) and on
+# the Serve configs' application runtime_env (a config's ray_actor_options replace the code's); a value already
+# set there wins. The ingress picks the transport from its own environment (a handle otherwise keeps the default
+# of the process that built the app, which for `serve.run(make_app(...))` is the caller's).
 SERVE_FAST_PATH_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    # gRPC's own cap is 4 MiB a message (both ends read this): a chat prompt rendered from an 8 MiB body is larger
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(32 << 20),
 }
 
 

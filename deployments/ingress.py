@@ -276,6 +276,12 @@ def _no_replica(error: BaseException) -> JSONResponse:
     return _error(503, f"no model replica could answer ({type(error).__name__}, {_ATTEMPTS} attempts); retry")
 
 
+def _call_failed(error: BaseException) -> JSONResponse:
+    incident = uuid.uuid4().hex[:8]
+    logger.error("the call to a model replica failed (incident %s): %r", incident, error)
+    return _error(500, f"internal error (incident {incident}; the ingress log has the details)")
+
+
 def _usage(result: dict) -> dict[str, int]:
     return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
             "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
@@ -292,7 +298,9 @@ def _adapter_headers(item: dict) -> dict[str, str]:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, replica: DeploymentHandle, settings: HotswapSettings) -> None:
-        self.replica = replica
+        # the transport to the replicas from this process's own environment (deployments.app SERVE_FAST_PATH_ENV):
+        # a handle keeps the default of the process that built the app, not this one's
+        self.replica = replica.options(_by_reference=os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") != "1")
         self.settings = settings
         self.model_id = settings.base_model
         self.app_name = serve.get_replica_context().app_name
@@ -435,6 +443,8 @@ class Ingress:
             result = await self._retrying(lambda: self.replica.complete.remote(request))
         except _REPLICA_GONE as e:
             return _no_replica(e)
+        except Exception as e:  # noqa: BLE001 - the call itself failed (a transport error): a JSON 500, logged
+            return _call_failed(e)
         if "error" in result:
             return _replica_error(result)
         return result
@@ -452,6 +462,8 @@ class Ingress:
             events, first = await self._retrying(start)
         except _REPLICA_GONE as e:
             return _no_replica(e)
+        except Exception as e:  # noqa: BLE001 - the call itself failed (a transport error): a JSON 500, logged
+            return _call_failed(e)
         if "error" in first:
             return _replica_error(first)
 

@@ -137,7 +137,8 @@ class ModelReplica:
         self.engine = await asyncio.to_thread(SwapEngine.build, settings)
         self.dtype = str(self.engine.dtype).removeprefix("torch.")
         self.metrics = ReplicaMetrics()
-        self.controller = get_or_create_controller(settings, self.app_name)
+        # a GCS look-up that blocks: off the event loop, which is Serve's own (deployments.app SERVE_FAST_PATH_ENV)
+        self.controller = await asyncio.to_thread(get_or_create_controller, settings, self.app_name)
         assignment = await self._register()
         await self._apply(assignment)
         if self.engine.identity != assignment.version:

@@ -189,6 +189,12 @@ BAD_REQUESTS = [
     ("completion-over-window-stream", "completion", {"prompt": "x", "max_tokens": 1000, "stream": True},
      "context window"),
     ("completion-best-of", "completion", {"prompt": "x", "best_of": 2}, "unknown field 'best_of'"),
+    # a prompt over gRPC's 4 MiB message cap between the ingress and the replicas (the outside review: a plain-text
+    # 500 before SERVE_FAST_PATH_ENV raised the cap); the body is under the ingress's 8 MiB
+    ("chat-prompt-over-4mib", "chat", {"messages": [{"role": "user", "content": "z" * 1_000_000}] * 5},
+     "context window"),
+    ("chat-prompt-over-4mib-stream", "chat",
+     {"messages": [{"role": "user", "content": "z" * 1_000_000}] * 5, "stream": True}, "context window"),
 ]
 
 
