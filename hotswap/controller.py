@@ -128,6 +128,13 @@ def _cluster_name() -> str | None:
     return ray.get_runtime_context().get_session_name() if ray.is_initialized() else None
 
 
+def _restarted() -> bool:
+    """Whether Ray restarted this controller actor (it ran in this cluster before); False without Ray."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+
+
 def describe_error(error: BaseException) -> str:
     """One line for a CLI or HTTP error body, unwrapping Ray's wrappers around our own errors."""
     error = unwrap(error)
@@ -205,7 +212,8 @@ class HotswapController:
                                     liveness_s=self.settings.replica_liveness_s,
                                     forget_after_s=self.settings.replica_liveness_s * 4,
                                     settle_s=2 * self.settings.watch_timeout_s, now=time.time(),
-                                    new_id=lambda: uuid.uuid4().hex[:8], cluster=_cluster_name())
+                                    new_id=lambda: uuid.uuid4().hex[:8], cluster=_cluster_name(),
+                                    restarted=_restarted())
                 # claim the state: this save fences any other controller that still writes it
                 await self._persist(sm, sm.claim(time.time()), raise_errors=True)
                 self.sm = sm

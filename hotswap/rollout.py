@@ -88,17 +88,21 @@ class RolloutMachine:
         now: float,
         new_id: Callable[[], str],
         cluster: str | None = None,
+        restarted: bool = False,
     ) -> None:
         self.state = state
         self.batch_size = batch_size
         self.swap_timeout_s = swap_timeout_s
         self.cluster = cluster
         # A replica registers before it serves, and a cluster's replicas end with it, so replicas serving from this
-        # state without having reported to this controller yet can only be in the cluster that last claimed it.
-        # A state never saved (generation 0), or last claimed in another Ray cluster (a new `serve run`, a new
-        # RayCluster), leaves nobody unheard to wait ``settle_s`` for: an operation moving everyone would otherwise
-        # end only then. A state saved without a cluster name (older releases) is waited for, as before.
-        unheard = state.generation > 0 and state.cluster in (None, cluster)
+        # state without having reported to this controller yet can only be in the cluster that last claimed it, or
+        # in this one if this controller ran here before (``restarted``: Ray restarted it, after which another
+        # cluster may have claimed the state meanwhile, e.g. an upgrade that was held back). A state never saved
+        # (generation 0), or last claimed in another Ray cluster by a controller that is new here (a new
+        # `serve run`, a new RayCluster), leaves nobody unheard to wait ``settle_s`` for: an operation moving
+        # everyone would otherwise end only then. A state saved without a cluster name (older releases) is waited
+        # for, as before.
+        unheard = state.generation > 0 and (restarted or state.cluster in (None, cluster))
         self.registry = ReplicaRegistry(liveness_s=liveness_s, forget_after_s=forget_after_s,
                                         settle_s=settle_s if unheard else 0.0, started=now)
         self.new_id = new_id

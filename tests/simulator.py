@@ -65,8 +65,8 @@ class FakeStore:
 class SimController:
     """The driver of one controller process: persist, then commit or fail, then carry out the actions."""
 
-    def __init__(self, world: World, name: str) -> None:
-        self.world, self.name = world, name
+    def __init__(self, world: World, name: str, *, restarted: bool = False) -> None:
+        self.world, self.name, self.restarted = world, name, restarted
         self.ids = (f"{name}-op{i}" for i in itertools.count())
         self.replies: dict[str, Reply] = {}
         self.claimed = False
@@ -80,7 +80,8 @@ class SimController:
         state = self.store.load() or DesiredState()
         self.sm = RolloutMachine(state, batch_size=self.world.batch_size, swap_timeout_s=SWAP_TIMEOUT_S,
                                  liveness_s=LIVENESS_S, forget_after_s=60.0, settle_s=SETTLE_S,
-                                 now=self.world.now, new_id=lambda: next(self.ids), cluster=self.world.cluster)
+                                 now=self.world.now, new_id=lambda: next(self.ids), cluster=self.world.cluster,
+                                 restarted=self.restarted)
         self.claimed = self.run(self.sm.claim(self.world.now))
         return self.claimed
 
@@ -190,7 +191,7 @@ class World:
 
     def crash_controller(self) -> None:
         self.trace.append("crash controller")
-        self.controller = SimController(self, f"c{self.steps}")
+        self.controller = SimController(self, f"c{self.steps}", restarted=True)  # Ray restarts it in its cluster
 
     def new_cluster(self) -> None:
         """The whole Ray cluster is replaced (a new `serve run`, a new RayCluster): its replicas end with it, a

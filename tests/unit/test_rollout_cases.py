@@ -389,3 +389,41 @@ def test_who_may_be_unheard_after_a_start(generation, saved_in, waits):
                         liveness_s=8, forget_after_s=60, settle_s=3, now=0.0, new_id=lambda: "x", cluster="session-a")
     assert sm.registry.settled(1.0) is not waits
     assert sm.claim(1.0).state.cluster == "session-a"
+
+
+def _restart_after_another_cluster_claimed(*, restarted: bool) -> World:
+    """A roll to v2 has moved r0; v2 then fails the smoke check on r1 and r2. Meanwhile a controller in another
+    cluster claimed the shared state (an upgrade held back), and Ray restarts this cluster's controller."""
+    from tests.simulator import SimController
+
+    world = World(replicas=3)
+    for r in ("r1", "r2"):
+        world.replicas[r].slowness = 3
+    world.request(OpKind.ROLL, "v2")
+    while "r0" not in world.controller.sm.state.operation.done:
+        world.advance(1)
+    world.bad.add(V2)
+    home, world.cluster = world.cluster, "another-cluster"
+    SimController(world, "elsewhere")  # claims the state for the other cluster
+    world.cluster = home
+    world.trace.append("crash controller")
+    world.controller = SimController(world, "restarted", restarted=restarted)
+    for _ in range(40):  # not quiesce: that would clear the smoke-check failure
+        world.advance(1)
+        if world.controller.sm.state.operation is None:
+            break
+    return world
+
+
+def test_a_controller_restarted_by_ray_waits_the_settle_time_even_if_another_cluster_claimed_the_state():
+    """The outside review of the rule above: after another cluster claimed the state, a controller that Ray restarted
+    in the old cluster skipped the settle wait, judged its unheard replicas gone, and made a version that failed
+    on them stable."""
+    world = _restart_after_another_cluster_claimed(restarted=True)
+    assert world.controller.sm.state.stable == V1
+    assert world.controller.sm.state.history[-1]["result"] == "reverted"
+
+
+def test_control_a_restart_not_known_as_one_makes_the_failing_version_stable():
+    world = _restart_after_another_cluster_claimed(restarted=False)
+    assert world.controller.sm.state.stable == V2  # r1 and r2 were dropped unheard: the check never ran there
