@@ -67,8 +67,8 @@ def local_s3():
 
     port = free_port()
     log = tempfile.TemporaryFile()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=log, preexec_fn=lambda: os.nice(19))
+    server = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=log)
     try:
         def listening() -> bool:
             if server.poll() is not None:
