@@ -129,10 +129,13 @@ def _cluster_name() -> str | None:
 
 
 def _restarted() -> bool:
-    """Whether Ray restarted this controller actor (it ran in this cluster before); False without Ray."""
+    """Whether Ray restarted this controller actor (it ran in this cluster before); False outside an actor (no Ray,
+    or a driver that runs the controller's logic in process, as the unit tests do after the integration tests)."""
     import ray
 
-    return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False
+    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 def describe_error(error: BaseException) -> str:
