@@ -263,9 +263,7 @@ async def _admin_call(app_name: str, operation: str, request: Request) -> JSONRe
     except Exception as e:  # noqa: BLE001 - every error maps to a status in one place (hotswap.errors)
         cause = unwrap(e)
         if not isinstance(cause, HotswapError):
-            incident = uuid.uuid4().hex[:8]
-            logger.error("admin %s failed (incident %s): %r", operation, incident, e)
-            return _error(500, f"internal error (incident {incident}; the ingress log has the details)")
+            return _internal_error(f"admin {operation}", e)
         body = {"error": {"message": str(cause), "type": type(cause).__name__}}
         if isinstance(cause, AdapterValidationError):
             body["error"]["problems"] = cause.problems
@@ -276,9 +274,10 @@ def _no_replica(error: BaseException) -> JSONResponse:
     return _error(503, f"no model replica could answer ({type(error).__name__}, {_ATTEMPTS} attempts); retry")
 
 
-def _call_failed(error: BaseException) -> JSONResponse:
+def _internal_error(what: str, error: BaseException) -> JSONResponse:
+    """A JSON 500 naming an incident id; the exception goes to the ingress log under it, never to the client."""
     incident = uuid.uuid4().hex[:8]
-    logger.error("the call to a model replica failed (incident %s): %r", incident, error)
+    logger.error("%s failed (incident %s): %r", what, incident, error)
     return _error(500, f"internal error (incident {incident}; the ingress log has the details)")
 
 
@@ -444,7 +443,7 @@ class Ingress:
         except _REPLICA_GONE as e:
             return _no_replica(e)
         except Exception as e:  # noqa: BLE001 - the call itself failed (a transport error): a JSON 500, logged
-            return _call_failed(e)
+            return _internal_error("the call to a model replica", e)
         if "error" in result:
             return _replica_error(result)
         return result
@@ -463,7 +462,7 @@ class Ingress:
         except _REPLICA_GONE as e:
             return _no_replica(e)
         except Exception as e:  # noqa: BLE001 - the call itself failed (a transport error): a JSON 500, logged
-            return _call_failed(e)
+            return _internal_error("the call to a model replica", e)
         if "error" in first:
             return _replica_error(first)
 
