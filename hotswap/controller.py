@@ -206,6 +206,7 @@ class HotswapController:
 
     async def _start_once(self) -> None:
         lock, _, _ = self._objects()
+        restarted = await asyncio.to_thread(_restarted)  # a GCS query: off the event loop the replicas' polls share
         async with lock:
             if self.sm is None:
                 self.waiting_for = f"the state at {self.store.describe()}"
@@ -216,7 +217,7 @@ class HotswapController:
                                     forget_after_s=self.settings.replica_liveness_s * 4,
                                     settle_s=2 * self.settings.watch_timeout_s, now=time.time(),
                                     new_id=lambda: uuid.uuid4().hex[:8], cluster=_cluster_name(),
-                                    restarted=_restarted())
+                                    restarted=restarted)
                 # claim the state: this save fences any other controller that still writes it
                 await self._persist(sm, sm.claim(time.time()), raise_errors=True)
                 self.sm = sm
