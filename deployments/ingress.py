@@ -299,7 +299,9 @@ class Ingress:
     def __init__(self, replica: DeploymentHandle, settings: HotswapSettings) -> None:
         # the transport to the replicas from this process's own environment (deployments.app SERVE_FAST_PATH_ENV):
         # a handle keeps the default of the process that built the app, not this one's
-        self.replica = replica.options(_by_reference=os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT") != "1")
+        from ray.serve._private.constants import RAY_SERVE_USE_GRPC_BY_DEFAULT  # as Ray reads it (throughput mode too)
+
+        self.replica = replica.options(_by_reference=not RAY_SERVE_USE_GRPC_BY_DEFAULT)
         self.settings = settings
         self.model_id = settings.base_model
         self.app_name = serve.get_replica_context().app_name
