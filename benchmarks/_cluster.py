@@ -103,13 +103,16 @@ def serve_cluster(cache: Path, *, num_cpus: int = 8):
     import ray
     from ray import serve
 
+    from deployments.app import SERVE_CONTROLLER_OPTIONS
+
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     env.update(HOTSWAP_CACHE_DIR=str(cache), TOKENIZERS_PARALLELISM="false")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
              logging_level=logging.WARNING,
              log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                controller_options=SERVE_CONTROLLER_OPTIONS)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -79,7 +79,7 @@ class Scenario:
         from ray import serve
         from ray.cluster_utils import Cluster
 
-        from deployments.app import make_app
+        from deployments.app import SERVE_CONTROLLER_OPTIONS, make_app
         from hotswap.builtin import materialize_builtin_model, write_random_adapter
         from hotswap.client import HotswapClient
         from tests.conftest import free_port
@@ -104,7 +104,8 @@ class Scenario:
 
         port = free_port()
         # one proxy, on the head: both nodes are this machine, so a proxy per node would collide on the port
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port},
+                    controller_options=SERVE_CONTROLLER_OPTIONS)
         self.base = f"http://127.0.0.1:{port}"
         args = {
             "base_model": "builtin:tiny-llama",

@@ -31,6 +31,8 @@ def serve_cluster(s3_server, hotswap_home):
     import ray
     from ray import serve
 
+    from deployments.app import SERVE_CONTROLLER_OPTIONS
+
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION")}
     env["HOTSWAP_CACHE_DIR"] = str(hotswap_home)
@@ -41,7 +43,8 @@ def serve_cluster(s3_server, hotswap_home):
              logging_level="WARNING", log_to_driver=False, _metrics_export_port=metrics_port)
     os.environ["HOTSWAP_TEST_METRICS_URL"] = f"http://127.0.0.1:{metrics_port}/metrics"
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port},
+                controller_options=SERVE_CONTROLLER_OPTIONS)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()

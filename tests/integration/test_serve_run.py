@@ -24,6 +24,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _check_fast_path(root_pid: int) -> None:
+    """Every process on a request's path (Serve's HTTP proxy, the ingress, the model replicas) runs with Ray Serve's
+    fast-path settings: the config's controller_options reach the proxy, its application runtime_env the replicas."""
+    import psutil
+
+    from deployments.app import SERVE_FAST_PATH_ENV
+
+    seen = {}
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            title = (child.cmdline() or [""])[0]
+            if title.startswith(("ray::ProxyActor", "ray::ServeReplica:hotswap:")):
+                seen[title] = {k: child.environ().get(k) for k in SERVE_FAST_PATH_ENV}
+        except psutil.Error:  # a worker that exited meanwhile
+            continue
+    kinds = {"ray::ProxyActor", "ray::ServeReplica:hotswap:Ingress", "ray::ServeReplica:hotswap:ModelReplica"}
+    assert kinds <= {title.split(".")[0].split()[0] for title in seen}, sorted(seen)
+    for title, env in seen.items():
+        assert env == SERVE_FAST_PATH_ENV, (title, env)
+
+
 def test_serve_run_serve_config_answers_a_completion(tmp_path):
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     port = free_port()
@@ -50,6 +71,7 @@ def test_serve_run_serve_config_answers_a_completion(tmp_path):
         assert response.headers["x-adapter-uri"] == "demo/v1"
         assert len(response.headers["x-adapter-sha256"]) == 64
         assert response.json()["usage"]["completion_tokens"] >= 1
+        _check_fast_path(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

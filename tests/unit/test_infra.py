@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _check_serve_config(document: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from deployments.app import SERVE_FAST_PATH_ENV
+    from deployments.app import SERVE_CONTROLLER_OPTIONS, SERVE_FAST_PATH_ENV
 
     ServeDeploySchema.model_validate(document) if hasattr(ServeDeploySchema, "model_validate") else (
         ServeDeploySchema.parse_obj(document))
@@ -26,6 +26,8 @@ def _check_serve_config(document: dict) -> None:
         assert names <= {"ModelReplica", "Ingress"}, names
         # a config's ray_actor_options replace the code's runtime_env: the app's runtime_env carries the fast path
         assert app["runtime_env"]["env_vars"] == SERVE_FAST_PATH_ENV
+    # ... and Serve's controller, whose runtime_env the HTTP proxy inherits
+    assert document["controller_options"] == SERVE_CONTROLLER_OPTIONS
 
 
 @pytest.mark.parametrize("path", ["serve_config.yaml", "infra/serve_config.gpu.yaml"])
