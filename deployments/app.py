@@ -8,7 +8,7 @@ from deployments.ingress import Ingress
 from deployments.replica import ModelReplica
 from hotswap.settings import HotswapSettings
 
-__all__ = ["SERVE_CONTROLLER_OPTIONS", "SERVE_FAST_PATH_ENV", "build_app", "make_app"]
+__all__ = ["SERVE_CONTROLLER_OPTIONS", "SERVE_FAST_PATH_ENV", "SERVE_PROXY_ENV", "build_app", "make_app"]
 
 # Ray Serve settings, per process, that its throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED) turns on: each
 # replica runs its request methods on Serve's own event loop instead of a thread of their own, a handle routes
@@ -26,13 +26,20 @@ SERVE_FAST_PATH_ENV = {
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(32 << 20),
 }
 
-# The same settings for Serve's own actors: the HTTP proxy (created by Serve's controller, whose runtime_env it
-# inherits) then calls the ingress over gRPC too, and routes on its own event loop. Each streamed item crosses
-# the proxy -> ingress hop as well; with actor calls there, 16 streams reached 0.75x the tokens/s of 16 whole
-# answers, with gRPC 0.96x (BENCHMARKS.md section 3). Serve applies controller options only when it starts (the
-# first `serve run` / `serve.start` in a cluster): the Serve configs carry them as top-level `controller_options`;
-# Python callers pass ``serve.start(controller_options=SERVE_CONTROLLER_OPTIONS)``.
-SERVE_CONTROLLER_OPTIONS = {"runtime_env": {"env_vars": SERVE_FAST_PATH_ENV}}
+# Serve's HTTP proxy takes the gRPC transport to the ingress (RAY_SERVE_PROXY_USE_GRPC) and the same message cap
+# from its own environment, which it inherits from Serve's controller: the Serve configs carry these as top-level
+# `controller_options`; Python callers pass ``serve.start(controller_options=SERVE_CONTROLLER_OPTIONS)``. With the
+# proxy on Ray actor calls every streamed item was an object in a streaming generator on that hop too; with gRPC
+# 16 streams reached 0.68-0.92x the tokens/s of 16 whole answers against 0.75-0.78x (BENCHMARKS.md section 3:
+# within the spread of this machine, not conclusive). Only these two: Serve's controller passes its environment to
+# every process it creates (the replicas of every application in the cluster too), and the two event-loop settings
+# are for our deployments only (on the proxy, routing on its main loop opens a window in which a client's
+# disconnect does not cancel the call). Serve applies controller options only when it starts.
+SERVE_PROXY_ENV = {
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": SERVE_FAST_PATH_ENV["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"],
+}
+SERVE_CONTROLLER_OPTIONS = {"runtime_env": {"env_vars": SERVE_PROXY_ENV}}
 
 
 def build_app(args: dict) -> Application:

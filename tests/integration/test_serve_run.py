@@ -25,24 +25,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _check_fast_path(root_pid: int) -> None:
-    """Every process on a request's path (Serve's HTTP proxy, the ingress, the model replicas) runs with Ray Serve's
-    fast-path settings: the config's controller_options reach the proxy, its application runtime_env the replicas."""
+    """Serve's HTTP proxy runs with SERVE_PROXY_ENV (the config's controller_options: gRPC to the ingress) and the
+    ingress and the model replicas with SERVE_FAST_PATH_ENV (the application's runtime_env)."""
     import psutil
 
-    from deployments.app import SERVE_FAST_PATH_ENV
+    from deployments.app import SERVE_FAST_PATH_ENV, SERVE_PROXY_ENV
 
+    wanted = {"ray::ProxyActor": SERVE_PROXY_ENV, "ray::ServeReplica:hotswap:Ingress": SERVE_FAST_PATH_ENV,
+              "ray::ServeReplica:hotswap:ModelReplica": SERVE_FAST_PATH_ENV}
     seen = {}
     for child in psutil.Process(root_pid).children(recursive=True):
         try:
-            title = (child.cmdline() or [""])[0]
-            if title.startswith(("ray::ProxyActor", "ray::ServeReplica:hotswap:")):
-                seen[title] = {k: child.environ().get(k) for k in SERVE_FAST_PATH_ENV}
+            argv = child.cmdline()
+            title = argv[0] if argv else ""
+            kind = next((k for k in wanted if title.startswith(k)), None)
+            if kind is not None:
+                environ = child.environ()
+                seen.setdefault(kind, []).append({k: environ.get(k) for k in wanted[kind]})
         except psutil.Error:  # a worker that exited meanwhile
             continue
-    kinds = {"ray::ProxyActor", "ray::ServeReplica:hotswap:Ingress", "ray::ServeReplica:hotswap:ModelReplica"}
-    assert kinds <= {title.split(".")[0].split()[0] for title in seen}, sorted(seen)
-    for title, env in seen.items():
-        assert env == SERVE_FAST_PATH_ENV, (title, env)
+    assert set(seen) == set(wanted), sorted(seen)
+    for kind, envs in seen.items():
+        for env in envs:
+            assert env == wanted[kind], (kind, env)
 
 
 def test_serve_run_serve_config_answers_a_completion(tmp_path):
@@ -51,8 +56,9 @@ def test_serve_run_serve_config_answers_a_completion(tmp_path):
     config["http_options"]["port"] = port
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "HOTSWAP_CACHE_DIR": str(tmp_path / "cache"), "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    # nothing from this shell: the settings the processes run with must come from the config
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_") and k != "RAY_ADDRESS"}
+    env["HOTSWAP_CACHE_DIR"] = str(tmp_path / "cache")
     log = open(tmp_path / "serve.log", "w")
     serve_bin = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen([str(serve_bin), "run", str(path)], cwd=tmp_path, env=env, stdout=log,
