@@ -117,6 +117,10 @@ class Scenario:
             "prefill_chunk_tokens": 8,
             "max_seq_len": 64,
             "device": "cpu",
+            # eager replicas: the scenario is about nodes (placement, node loss, the object store as the only way
+            # to a version); compiled swaps are covered on one node (tests/integration/test_rollout.py and others),
+            # and six compiled warm-ups took about 70 s of this test's three and a half minutes
+            "compile": False,
             "replica_liveness_s": 10,
             "s3_connect_timeout_s": 2,
             "s3_read_timeout_s": 5,

@@ -42,7 +42,9 @@ def test_rollout_benchmark_small_run_writes_its_json(tmp_path):
 
 def test_serving_benchmark_small_run_writes_its_json(tmp_path):
     out = tmp_path / "serving.json"
-    result = _run(["benchmarks.serving", "--concurrency", "1", "2", "--seconds", "3", "--engine-seconds", "1",
+    # one level and one engine round: the loops over levels and rounds are plain Python; every mode still runs
+    result = _run(["benchmarks.serving", "--concurrency", "2", "--seconds", "2", "--engine-seconds", "1",
+                   "--engine-rounds", "1",
                    "--max-batch-size", "4", "--long-streams", "2", "--short-clients", "1", "--long-tokens", "24",
                    "--json", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,11 +52,11 @@ def test_serving_benchmark_small_run_writes_its_json(tmp_path):
     payload = json.loads(out.read_text())
     results = payload["results"]
     for mode in ("compiled", "eager"):
-        assert set(results[mode]["service"]) == {"c1", "c2"}
+        assert set(results[mode]["service"]) == {"c2"}
         assert results[mode]["service"]["c2"]["tokens_per_s"] > 0
         assert results[mode]["engine"]["batch_1"]["tokens_per_s"] > 0
         assert results[mode]["engine"]["batch_4"]["tokens_per_s"] > 0
-    assert set(results["compiled"]["stream"]) == {"c1", "c2"}  # streaming clients, compiled only
+    assert set(results["compiled"]["stream"]) == {"c2"}  # streaming clients, compiled only
     assert results["compiled"]["stream"]["c2"]["tokens_per_s"] > 0
     assert results["compiled"]["stream"]["c2"]["first_text_p50_ms"] > 0
     mixed = results["compiled"]["mixed"]
