@@ -179,13 +179,24 @@ def _persisted() -> dict:
     return json.loads(_s3().get_object(Bucket=STATE_BUCKET, Key=STATE_KEY)["Body"].read())
 
 
-def _assert_memory_is_persisted(client: HotswapClient) -> None:
-    """What the controller serves from (``status``) is what the S3 object holds: stable, canary, operation, history."""
-    status, persisted = client.status(), _persisted()
-    assert status["stable"] == persisted["stable"]
-    assert status["canary"] == persisted["canary"]
-    assert (status["rollout"] or {}).get("id") == (persisted["operation"] or {}).get("id")
-    assert status["history"][-1] == persisted["history"][-1]
+def _assert_memory_is_persisted(client: HotswapClient, *, timeout_s: float = 10.0) -> None:
+    """What the controller serves from (``status``) is what the S3 object holds: stable, canary, operation, history.
+
+    Write-ahead: the object is written first and memory commits when the save returns, so a reader can catch the
+    object ahead for that moment (a clean-clone CI run did: the roll's operation in S3, not yet in ``status``).
+    They must agree within ``timeout_s``: after a failed save too, so memory that kept what was not saved
+    fails."""
+    def differences() -> list[str]:
+        status, persisted = client.status(), _persisted()
+        pairs = {"stable": (status["stable"], persisted["stable"]), "canary": (status["canary"], persisted["canary"]),
+                 "operation id": ((status["rollout"] or {}).get("id"), (persisted["operation"] or {}).get("id")),
+                 "last history entry": (status["history"][-1], persisted["history"][-1])}
+        return [f"{what}: memory {mine!r}, S3 {theirs!r}" for what, (mine, theirs) in pairs.items() if mine != theirs]
+
+    deadline = time.monotonic() + timeout_s
+    while (apart := differences()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not apart, apart
 
 
 @contextlib.contextmanager
