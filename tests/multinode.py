@@ -48,7 +48,7 @@ VERSIONS = {
     "v3": dict(r=4, lora_alpha=32, target_modules=("o_proj",), seed=93),
     "v4": dict(r=12, lora_alpha=6, target_modules=("gate_proj", "down_proj"), seed=94),
 }
-WAIT_S = 300  # a replica compiles and warms up before it registers: about a minute on 2 busy cores
+WAIT_S = 300  # a replica loads and warms up before it registers: tens of seconds on 2 busy cores (a timeout)
 
 
 def _say(message: str) -> None:
@@ -118,8 +118,8 @@ class Scenario:
             "max_seq_len": 64,
             "device": "cpu",
             # eager replicas: the scenario is about nodes (placement, node loss, the object store as the only way
-            # to a version); compiled swaps are covered on one node (tests/integration/test_rollout.py and others),
-            # and six compiled warm-ups took about 70 s of this test's three and a half minutes
+            # to a version); compiled swaps are covered on one node (tests/integration/test_rollout.py and others).
+            # Compiled, the test's setup took 211 s in a full CI run; eager, the whole test file 137 s alone
             "compile": False,
             "replica_liveness_s": 10,
             "s3_connect_timeout_s": 2,

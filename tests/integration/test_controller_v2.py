@@ -184,8 +184,9 @@ def _assert_memory_is_persisted(client: HotswapClient, *, timeout_s: float = 10.
 
     Write-ahead: the object is written first and memory commits when the save returns, so a reader can catch the
     object ahead for that moment (a clean-clone CI run did: the roll's operation in S3, not yet in ``status``).
-    They must agree within ``timeout_s``: after a failed save too, so memory that kept what was not saved
-    fails."""
+    They must agree within ``timeout_s``. Memory that kept what a failed save did not write stays apart from the
+    object until a later save lands; where no save may land, the caller also checks the object's generation."""
+
     def differences() -> list[str]:
         status, persisted = client.status(), _persisted()
         pairs = {"stable": (status["stable"], persisted["stable"]), "canary": (status["canary"], persisted["canary"]),
@@ -327,10 +328,13 @@ def test_a_state_write_failing_when_a_roll_starts_fails_it_clearly_and_the_next_
     before = client.status()
     running = {rid: r["adapter_sha256"] for rid, r in _live(client).items()}
     injected = service.proxy.injected
+    generation = _persisted()["generation"]
     with _fault(service.proxy, Fault("status500", match=STATE_PUT, times=1)):
         with pytest.raises(RolloutConflictError, match="could not save its state.*nothing moved"):
             client.roll(service.uri(target))
     assert service.proxy.injected - injected == 1
+    # nothing was written since: a controller that had kept the refused roll in memory would have saved it by now
+    assert _persisted()["generation"] == generation
     status = client.status()
     assert status["stable"] == before["stable"] and status["rollout"] is None
     assert {rid: r["adapter_sha256"] for rid, r in _live(client).items()} == running
