@@ -277,7 +277,7 @@ def _no_replica(error: BaseException) -> JSONResponse:
 def _internal_error(what: str, error: BaseException) -> JSONResponse:
     """A JSON 500 naming an incident id; the exception goes to the ingress log under it, never to the client."""
     incident = uuid.uuid4().hex[:8]
-    logger.error("%s failed (incident %s): %r", what, incident, error)
+    logger.error("%s failed (incident %s): %r", what, incident, error, exc_info=error)  # the stack, under the id
     return _error(500, f"internal error (incident {incident}; the ingress log has the details)")
 
 

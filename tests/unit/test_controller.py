@@ -280,3 +280,29 @@ def test_the_controller_verifies_signatures_and_pins_before_anything_moves(base_
         await task
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("restarted", [True, False])
+def test_the_controller_tells_the_machine_whether_ray_restarted_it(base_settings, tmp_path, monkeypatch, restarted):
+    """The settle wait's last rule is the machine's (tests/unit/test_rollout_cases.py); this checks the controller feeds
+    it: a state last claimed in another cluster is waited for only by a controller Ray restarted (the control: a new
+    one does not wait)."""
+    import hotswap.controller as module
+
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.5, replica_liveness_s=2)
+
+    async def claim(cluster: str, name: str) -> HotswapController:
+        monkeypatch.setattr(module, "_cluster_name", lambda: cluster)
+        controller = HotswapController(settings, name)
+        await _until(lambda: _ready(controller), timeout_s=60)
+        return controller
+
+    async def scenario():
+        await claim("cluster-a", "first")  # the state is claimed in cluster A
+        monkeypatch.setattr(module, "_restarted", lambda: restarted)
+        controller = await claim("cluster-b", "second")  # ... then by a controller in cluster B
+        settle = controller.sm.registry.settle_s
+        expected_wait = restarted
+        assert (settle > 0) == expected_wait, settle
+
+    asyncio.run(scenario())
