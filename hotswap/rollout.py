@@ -451,7 +451,7 @@ class RolloutMachine:
         return self._advance(cand, now) + [Notify()]
 
     def _changed(self, cand: DesiredState, actions: list) -> Transition | None:
-        if not actions and cand.to_json() == self.state.to_json():
+        if not actions and cand.same_as(self.state):
             return None
         return Transition(cand, on_commit=actions)
 

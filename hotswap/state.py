@@ -14,12 +14,11 @@ operations, so two controllers on one state object never overwrite each other si
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -61,6 +60,12 @@ class Operation:
     percent: float | None = None  # for a canary
     deaths: int = 0  # targets that went away while swapping to ``version``
     events: list[str] = field(default_factory=list)
+
+    def copy(self) -> Operation:
+        """A full copy: every field is immutable except the lists and the dict, which are copied."""
+        return replace(self, targets=list(self.targets), previous=dict(self.previous), moving=list(self.moving),
+                       done=list(self.done), dropped=list(self.dropped), reverted=list(self.reverted),
+                       events=list(self.events))
 
     def touched(self) -> list[str]:
         return [r for r in self.targets if r in self.moving or r in self.done]
@@ -107,7 +112,14 @@ class DesiredState:
     cluster: str | None = None  # the Ray cluster (session name) of the controller that last claimed it
 
     def copy(self) -> DesiredState:
-        return copy.deepcopy(self)
+        """A copy that a transition may change: new containers, a deep copy of the operation, and the records in the
+        tables (history entries, rejections, validation records) shared, since they are only ever added or removed
+        whole, never changed in place. So a copy costs a pointer per record, not a deep copy of up to
+        ``_HISTORY_KEPT`` history entries (the controller copies the state for every report it hears)."""
+        return replace(self, previous_stable=list(self.previous_stable), canary_replicas=list(self.canary_replicas),
+                       operation=self.operation.copy() if self.operation else None,
+                       history=list(self.history),
+                       rejected=dict(self.rejected), validated=dict(self.validated))
 
     def trim(self) -> None:
         """Keep the persisted record bounded: the newest history, rejections and validation records; never the
@@ -122,8 +134,17 @@ class DesiredState:
             for key in evictable[: max(0, len(table) - kept)]:
                 del table[key]
 
+    def same_as(self, other: DesiredState) -> bool:
+        """Whether ``other`` holds the same state as this one: what :meth:`to_json` writes, compared as values
+        without serializing (records shared by :meth:`copy` compare by identity first, so a report that changed
+        nothing costs a comparison per record, not two JSON documents)."""
+        return self._fields() == other._fields()
+
     def to_json(self) -> str:
-        return json.dumps({
+        return json.dumps(self._fields(), indent=1, sort_keys=True)
+
+    def _fields(self) -> dict:
+        return {
             "stable": self.stable.to_dict(),
             "previous_stable": [v.to_dict() for v in self.previous_stable],
             "canary": self.canary.to_dict() if self.canary else None,
@@ -137,7 +158,7 @@ class DesiredState:
             "rebalance_blocked": self.rebalance_blocked,
             "generation": self.generation,
             "cluster": self.cluster,
-        }, indent=1, sort_keys=True)
+        }
 
     @classmethod
     def from_json(cls, raw: str) -> DesiredState:

@@ -115,3 +115,64 @@ def test_an_s3_write_whose_answer_was_lost_is_recognised_not_fenced(s3_bucket):
     store.client = client
     store.save(_sample(note="third"))  # and not fenced afterwards
     assert S3StateStore(uri, client).load().history[0]["note"] == "third"
+
+
+def test_a_copy_shares_no_container_with_its_original():
+    """A transition changes its copy of the state; the committed original must not see any of it (the records in the
+    tables are shared, the containers and the operation are not)."""
+    original = _sample()
+    before = original.to_json()
+    c = original.copy()
+    c.previous_stable.append(AdapterVersion("s3://b/v9", "9" * 64, "9" * 64))
+    c.canary_replicas.append("r9")
+    c.history.append({"kind": "roll"})
+    c.rejected["k"] = {"problems": []}
+    c.validated["k"] = {"rank": 4}
+    for name in ("targets", "moving", "done", "dropped", "reverted", "events"):
+        getattr(c.operation, name).append("r9")
+    c.operation.previous["r9"] = BASE
+    c.operation.deaths += 1
+    c.trim()
+    del c.history[:]
+    assert original.to_json() == before
+    assert not c.same_as(original)
+
+
+def test_same_as_agrees_with_the_json_a_save_writes():
+    a = _sample()
+    assert a.same_as(a.copy())
+    assert a.same_as(DesiredState.from_json(a.to_json()))  # records equal by value, not shared
+    for change in (lambda s: s.history.append({"kind": "roll"}), lambda s: s.operation.events.append("r2: moved"),
+                   lambda s: setattr(s, "canary_percent", 50.0), lambda s: s.validated.pop(next(iter(s.validated))),
+                   lambda s: setattr(s, "generation", s.generation + 1)):
+        b = a.copy()
+        change(b)
+        assert not b.same_as(a) and b.to_json() != a.to_json()
+
+
+def test_a_report_that_changes_nothing_serializes_and_deep_copies_nothing(monkeypatch):
+    """The controller hears every heartbeat and watch of every replica. Deciding that one changed nothing must not cost
+    a JSON document of the whole state (up to 200 history entries and 64 validation records) or a deep copy of it:
+    before, it cost both, twice, and a roll of 2 replicas spent about a third of the controller's CPU there."""
+    import copy
+
+    from hotswap.messages import ReplicaReport
+    from hotswap.rollout import RolloutMachine
+
+    v1 = AdapterVersion("s3://b/v1", "a" * 64, "c" * 64)
+    state = DesiredState(stable=v1, generation=5,
+                         history=[{"kind": "roll", "uri": f"s3://b/v{i}", "replicas": ["r1"]} for i in range(200)],
+                         validated={f"k{i}": {"uri": f"s3://b/v{i}", "rank": 8} for i in range(64)})
+    sm = RolloutMachine(state, batch_size=1, swap_timeout_s=20, liveness_s=8, forget_after_s=60, settle_s=0,
+                        now=0.0, new_id=lambda: "x")
+    assert sm.heard(ReplicaReport("r1", v1), 1.0) is None  # a replica on stable: nothing to do
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("serialized or deep-copied the state for a report that changed nothing")
+
+    monkeypatch.setattr(DesiredState, "to_json", forbidden)
+    monkeypatch.setattr(copy, "deepcopy", forbidden)
+    for t in (2.0, 3.0, 4.0):
+        assert sm.heard(ReplicaReport("r1", v1), t) is None
+        assert sm.tick(t + 0.5) is None
+    assert sm.state is state
