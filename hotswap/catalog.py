@@ -75,7 +75,10 @@ class VersionCatalog:
         """
         from hotswap.adapters import resolve_adapter_uri, validate_fetched
 
-        fetched = await _background(self.fetcher.fetch, resolve_adapter_uri(uri, self.settings))
+        # a model.sig is only ever checked against trusted keys (or required): without either it is not read
+        signatures = bool(self.settings.trusted_public_keys) or self.settings.signature_required
+        fetched = await _background(self.fetcher.fetch, resolve_adapter_uri(uri, self.settings),
+                                    signature=signatures)
         version = AdapterVersion.of_fetched(fetched)
         if expected_sha256 is not None and expected_sha256.lower() != version.sha256:
             raise _with_version(version, AdapterValidationError(uri, [

@@ -84,8 +84,9 @@ class FetchedAdapter:
 class AdapterStore(Protocol):
     """Where adapter versions live. Implementations: :class:`S3Store`, :class:`LocalStore`."""
 
-    def fetch(self, uri: str, *, cache: _BlobCache) -> FetchedAdapter:
-        """Copy the adapter at ``uri`` into ``cache``; raise ``AdapterNotFoundError`` if absent."""
+    def fetch(self, uri: str, *, cache: _BlobCache, signature: bool = True) -> FetchedAdapter:
+        """Copy the adapter at ``uri`` into ``cache`` (and read its ``model.sig`` if ``signature``); raise
+        ``AdapterNotFoundError`` if absent."""
         ...
 
     def push(self, local_dir: Path, uri: str) -> None:
@@ -213,7 +214,7 @@ class LocalStore:
             )
         return real
 
-    def fetch(self, uri: str, *, cache: _BlobCache) -> FetchedAdapter:
+    def fetch(self, uri: str, *, cache: _BlobCache, signature: bool = True) -> FetchedAdapter:
         folder = self.resolve(uri)
         weights = self._member(folder, WEIGHTS_NAME, uri)
         config = self._member(folder, CONFIG_NAME, uri)
@@ -232,12 +233,14 @@ class LocalStore:
         if size > self.max_adapter_bytes:
             raise _too_large(uri, size, self.max_adapter_bytes)
         config_bytes = _read_capped(config, uri)
-        signature_path = self._member(folder, SIGNATURE_NAME, uri)
-        signature = _read_capped(signature_path, uri, SIGNATURE_NAME) if signature_path.is_file() else None
+        sig = None
+        if signature:
+            signature_path = self._member(folder, SIGNATURE_NAME, uri)
+            sig = _read_capped(signature_path, uri, SIGNATURE_NAME) if signature_path.is_file() else None
         with cache.writer() as out, open(weights, "rb") as src:
             while chunk := src.read(_CHUNK_BYTES):
                 out.write(chunk)
-        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, config_bytes, out.size, signature)
+        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, config_bytes, out.size, sig)
 
     def push(self, local_dir: Path, uri: str) -> None:
         """Copy the adapter into ``uri``, replacing what is there; see :meth:`_check_push_target` for what may be."""
@@ -397,7 +400,11 @@ class S3Store:
         self.retry_backoff_s = retry_backoff_s
         self._sleep = sleep
 
-    def fetch(self, uri: str, *, cache: _BlobCache) -> FetchedAdapter:
+    def fetch(self, uri: str, *, cache: _BlobCache, signature: bool = True) -> FetchedAdapter:
+        """HEAD the weights, GET the config (and ``model.sig`` if ``signature``), then GET the weights unless the cache
+        already holds exactly these bytes: S3's full-object ``ChecksumSHA256`` on the HEAD names a blob the cache has
+        (a roll back to a version seen before downloads no weights). Three requests for a new version, two for a
+        known one."""
         bucket, prefix = _split_s3(uri)
         weights_key, config_key = f"{prefix}/{WEIGHTS_NAME}", f"{prefix}/{CONFIG_NAME}"
         head = self._head(bucket, weights_key, uri)
@@ -413,14 +420,18 @@ class S3Store:
         size = int(head["ContentLength"])
         if size > self.max_adapter_bytes:
             raise _too_large(uri, size, self.max_adapter_bytes)
-        config_head = self._head(bucket, config_key, uri)
-        if config_head is None:
+        config = self._get_small(bucket, config_key, uri, CONFIG_NAME)
+        if config is None:
             raise AdapterNotFoundError(f"adapter {uri} has no s3://{bucket}/{config_key}", uri=uri)
-        if int(config_head["ContentLength"]) > _MAX_CONFIG_BYTES:
-            raise _config_too_large(uri)
-        config_buf = bytearray()
-        self._download(bucket, config_key, config_head, uri, write=config_buf.extend, reset=config_buf.clear)
-        signature = self._fetch_signature(bucket, prefix, uri)
+        sig = self._get_small(bucket, f"{prefix}/{SIGNATURE_NAME}", uri, SIGNATURE_NAME) if signature else None
+        known = _expected_digests(head, {}).sha256_b64
+        if known is not None:
+            sha256 = base64.b64decode(known).hex()
+            path = cache.path_for(sha256)
+            if path.is_file() and path.stat().st_size == size:  # content-addressed: written only once hashed
+                logger.info("fetched %s (%d bytes, sha256 %s): the weights were in the cache", uri, size,
+                            sha256[:12])
+                return FetchedAdapter(uri, sha256, path, config, size, sig)
         started = time.perf_counter()
         with cache.writer() as out:
             self._download(bucket, weights_key, head, uri, write=out.write, reset=out.reset,
@@ -432,18 +443,39 @@ class S3Store:
             out.sha256.hexdigest()[:12],
             (time.perf_counter() - started) * 1e3,
         )
-        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, bytes(config_buf), out.size, signature)
+        return FetchedAdapter(uri, out.sha256.hexdigest(), out.path, config, out.size, sig)
 
-    def _fetch_signature(self, bucket: str, prefix: str, uri: str) -> bytes | None:
-        key = f"{prefix}/{SIGNATURE_NAME}"
-        head = self._head(bucket, key, uri)
-        if head is None:
-            return None
-        if int(head["ContentLength"]) > _MAX_CONFIG_BYTES:
-            raise _config_too_large(uri, SIGNATURE_NAME)
-        buf = bytearray()
-        self._download(bucket, key, head, uri, write=buf.extend, reset=buf.clear)
-        return bytes(buf)
+    def _get_small(self, bucket: str, key: str, uri: str, name: str) -> bytes | None:
+        """GET a small member (the config, the signature) in one request, without a HEAD first: None when absent;
+        over ``_MAX_CONFIG_BYTES`` (as declared, or as read) is refused before more is read."""
+        from botocore.exceptions import ClientError
+
+        def attempt() -> bytes | None:
+            try:
+                response = self.client.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            except ClientError as e:
+                if _status(e) == 404 or _code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                    return None
+                raise
+            body = response["Body"]
+            try:
+                if int(response.get("ContentLength") or 0) > _MAX_CONFIG_BYTES:
+                    raise _config_too_large(uri, name)
+                data = body.read(_MAX_CONFIG_BYTES + 1)
+            finally:
+                body.close()
+            if len(data) > _MAX_CONFIG_BYTES:
+                raise _config_too_large(uri, name)
+            expected = response.get("ContentLength")
+            if expected is not None and len(data) != int(expected):
+                raise _IntegrityError(f"read {len(data)} of {expected} bytes")
+            problem = _expected_digests({}, response).mismatch(hashlib.sha256(data),
+                                                                hashlib.md5(data, usedforsecurity=False))
+            if problem is not None:
+                raise _IntegrityError(problem)
+            return data
+
+        return self._with_retries(uri, f"GET s3://{bucket}/{key}", attempt, reading=True)
 
     def push(self, local_dir: Path, uri: str) -> None:
         bucket, prefix = _split_s3(uri)
@@ -584,7 +616,7 @@ class AdapterFetcher:
         self.local = local
         self.s3 = s3
         self._lock = threading.Lock()
-        self._inflight: dict[str, Future] = {}
+        self._inflight: dict[tuple[str, bool], Future] = {}
 
     @classmethod
     def from_settings(cls, settings, *, s3_client: Any = None) -> AdapterFetcher:
@@ -608,18 +640,20 @@ class AdapterFetcher:
             return self.local
         raise ConfigError(f"unsupported adapter URI {uri!r}; use s3://bucket/prefix, file:///path or a local path")
 
-    def fetch(self, uri: str) -> FetchedAdapter:
-        """Fetch ``uri`` into the cache (one download per URI at a time, shared by concurrent callers)."""
+    def fetch(self, uri: str, *, signature: bool = True) -> FetchedAdapter:
+        """Fetch ``uri`` into the cache (one download per URI at a time, shared by concurrent callers); with
+        ``signature`` False its ``model.sig`` is not read (``FetchedAdapter.signature`` is None)."""
         store = self.store_for(uri)
+        key = (uri, signature)
         with self._lock:
-            future = self._inflight.get(uri)
+            future = self._inflight.get(key)
             owner = future is None
             if owner:
-                future = self._inflight[uri] = Future()
+                future = self._inflight[key] = Future()
         if not owner:
             return future.result()
         try:
-            result = store.fetch(uri, cache=self.cache)
+            result = store.fetch(uri, cache=self.cache, signature=signature)
         except BaseException as e:
             future.set_exception(e)
             raise
@@ -628,7 +662,7 @@ class AdapterFetcher:
             return result
         finally:
             with self._lock:
-                self._inflight.pop(uri, None)
+                self._inflight.pop(key, None)
 
     def push(self, local_dir: Path, uri: str) -> None:
         """Upload an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, and ``model.sig``

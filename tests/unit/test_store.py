@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -112,10 +113,10 @@ def test_concurrent_fetches_share_one_download(base_settings, adapter):
     calls, gate = [], threading.Event()
 
     class SlowLocal(LocalStore):
-        def fetch(self, uri, *, cache):
+        def fetch(self, uri, *, cache, signature=True):
             calls.append(uri)
             gate.wait(5)
-            return super().fetch(uri, cache=cache)
+            return super().fetch(uri, cache=cache, signature=signature)
 
     fetcher = AdapterFetcher(
         cache_dir=base_settings.cache_dir,
@@ -126,7 +127,8 @@ def test_concurrent_fetches_share_one_download(base_settings, adapter):
     threads = [threading.Thread(target=lambda: results.append(fetcher.fetch(str(adapter)))) for _ in range(4)]
     for t in threads:
         t.start()
-    while len(calls) < 1:
+    deadline = time.monotonic() + 30
+    while len(calls) < 1 and time.monotonic() < deadline:  # a fetch that fails at once must not hang the test
         threading.Event().wait(0.01)
     gate.set()
     for t in threads:
@@ -206,6 +208,64 @@ def test_s3_push_and_fetch(s3_bucket, base_settings, adapter):
     fetched = fetcher.fetch(f"s3://{bucket}/team/v1")
     assert fetched.sha256 == _sha(adapter / "adapter_model.safetensors")
     assert fetched.uri == f"s3://{bucket}/team/v1"
+
+
+class _Requests:
+    """The S3 requests a real boto3 client sends, by operation and key (botocore's own event hooks)."""
+
+    def __init__(self, client) -> None:
+        self.sent: list[tuple[str, str]] = []
+        client.meta.events.register("provide-client-params.s3.*", self._seen)
+
+    def _seen(self, params, context, event_name, **_):
+        self.sent.append((event_name.rsplit(".", 1)[-1], params.get("Key", "")))
+
+    def take(self) -> list[tuple[str, str]]:
+        out, self.sent = self.sent, []
+        return out
+
+
+def test_s3_fetch_sends_three_requests_and_none_for_weights_it_has(s3_bucket, base_settings, adapter, make_adapter,
+                                                                      tmp_path):
+    """A roll reads a version once per operation. A new version costs a HEAD of the weights and a GET of the config
+    and of the weights (not also HEADs of the config and of model.sig); a version whose bytes the cache holds (S3's
+    full-object sha256 on the HEAD names them: a roll back) costs no weights GET; content changed at the URI is
+    downloaded again."""
+    client, bucket = s3_bucket
+    fetcher = _s3_fetcher(base_settings.model_copy(update={"cache_dir": tmp_path}), client)  # an empty cache
+    uri = f"s3://{bucket}/count/v1"
+    fetcher.push(adapter, uri)
+    requests = _Requests(client)
+    first = fetcher.fetch(uri)
+    assert sorted(requests.take()) == [("GetObject", "count/v1/adapter_config.json"),
+                                       ("GetObject", "count/v1/adapter_model.safetensors"),
+                                       ("GetObject", "count/v1/model.sig"),
+                                       ("HeadObject", "count/v1/adapter_model.safetensors")]
+    assert fetcher.fetch(uri, signature=False) == first
+    assert sorted(requests.take()) == [("GetObject", "count/v1/adapter_config.json"),
+                                       ("HeadObject", "count/v1/adapter_model.safetensors")]
+    other = make_adapter("count-other", r=4, seed=7)
+    fetcher.push(other, uri)  # new bytes at the same URI
+    changed = fetcher.fetch(uri, signature=False)
+    assert changed.sha256 == _sha(other / "adapter_model.safetensors") != first.sha256
+    assert ("GetObject", "count/v1/adapter_model.safetensors") in requests.take()
+    changed.weights_path.unlink()  # evicted from the cache: downloaded again
+    assert fetcher.fetch(uri, signature=False).weights_path.read_bytes() == (other / "adapter_model.safetensors"
+                                                                              ).read_bytes()
+
+
+def test_s3_oversized_config_or_signature_is_refused_before_it_is_read(s3_bucket, base_settings, adapter):
+    from hotswap.store import CONFIG_NAME, SIGNATURE_NAME
+
+    client, bucket = s3_bucket
+    fetcher = _s3_fetcher(base_settings, client)
+    for name in (CONFIG_NAME, SIGNATURE_NAME):
+        prefix = f"huge-{name}/v1"
+        fetcher.push(adapter, f"s3://{bucket}/{prefix}")
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=b" " * ((1 << 20) + 1))
+        with pytest.raises(AdapterValidationError, match=f"{name} is larger than"):
+            fetcher.fetch(f"s3://{bucket}/{prefix}")
+    fetcher.fetch(f"s3://{bucket}/huge-{SIGNATURE_NAME}/v1", signature=False)  # not read: not refused
 
 
 def test_s3_default_client_uses_the_standard_endpoint_variable(s3_bucket, base_settings, adapter):
