@@ -12,7 +12,10 @@ Reported: time from the command to every replica serving the new version, failed
 p50/p99 latency in steady state vs during (a) and during (b), and for every swap of (a) what
 the replica spent on it (``hotswap status``: ``last_drain_ms``, ``last_swap_ms``,
 ``last_smoke_ms``). With ``adapter_slots: 2`` (the default) a replica loads the slot no request
-reads, so a swap that finds that slot free waits for nothing: its drain is 0 ms.
+reads, so a swap that finds that slot free waits for nothing: its drain is 0 ms. Also the CPU
+a roll costs, per group of processes (controller, replicas, ingress, proxy, the S3 stand-in,
+Ray's own, this process's load clients), beyond each group's steady-state rate: on a machine
+whose cores serve requests, that CPU is what a roll takes from them.
 """
 
 from __future__ import annotations
@@ -62,6 +65,55 @@ def _live_on(client, sha: str, n: int) -> bool:
     return len(live) == n and all(r["adapter_sha256"] == sha for r in live)
 
 
+# the processes whose CPU a roll is charged for: (group, a substring of the command line)
+_CPU_GROUPS = (("controller", "HotswapController"), ("replicas", ":ModelReplica"), ("ingress", ":Ingress"),
+               ("proxy", "ProxyActor"), ("s3_stand_in", "moto.server"), ("gcs", "gcs_server"),
+               ("raylet", "raylet"), ("dashboard_agent", "DashboardAgent"))
+
+
+class _CpuMeter:
+    """CPU seconds (user + system) per group of the service's processes, and of this process (the load clients and
+    the benchmark's own calls: ``load_and_benchmark``), read at window edges only. The processes are found once,
+    when the replicas are up, so a reading is a few ``/proc`` reads, not a scan."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.procs: dict[str, list] = {"load_and_benchmark": [psutil.Process()]}
+        for proc in psutil.process_iter(["cmdline"]):
+            line = " ".join(proc.info["cmdline"] or ())
+            for group, needle in _CPU_GROUPS:
+                if needle in line:
+                    self.procs.setdefault(group, []).append(proc)
+                    break
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for group, procs in self.procs.items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except Exception:  # noqa: BLE001 - gone (the redeploy's replicas): counts nothing more
+                    pass
+            out[group] = total
+        return out
+
+
+def _cpu_per_roll(steady: tuple[dict, dict, float], rolls: list[tuple[dict, dict, float]]) -> dict:
+    """Per group: CPU ms per roll, and what is beyond the group's steady-state rate over the roll's duration."""
+    (s0, s1, steady_s), n = steady, len(rolls)
+    out = {}
+    for group in s0:
+        rate = (s1[group] - s0[group]) / steady_s  # CPU seconds per second in steady state
+        spent = sum(b[group] - a[group] for a, b, _ in rolls)
+        beyond = sum(b[group] - a[group] - rate * dt for a, b, dt in rolls)
+        out[group] = {"steady_cores": rate, "ms_per_roll": spent / n * 1e3, "extra_ms_per_roll": beyond / n * 1e3}
+    out["total_extra_ms_per_roll"] = sum(v["extra_ms_per_roll"] for v in out.values())
+    return out
+
+
 def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[str, str]], rolls: int, clients: int,
                    steady_s: float, max_tokens: int, adapter_slots: int = 2) -> dict:
     import ray
@@ -86,19 +138,25 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
     with ClosedLoop(f"{base_url}/{app}/v1/completions", clients=clients, body=body) as load:
         load.wait_for(4 * clients)  # warm: every client has answers, batches have formed
         progress(f"N={n}: steady state for {steady_s:.0f} s")
+        cpu = _CpuMeter()
+        cpu_steady0 = cpu.read()
         steady_window = (time.monotonic(), time.monotonic() + steady_s)
         time.sleep(steady_s)
+        cpu_steady = (cpu_steady0, cpu.read(), time.monotonic() - steady_window[0])
 
         progress(f"N={n}: (a) {rolls} rolls, each to a new version from S3")
         windows, roll_s, swap_phase_ms, prepare_windows, swap_windows = [], [], [], [], []
         per_replica: dict[str, list[float]] = {"drain_ms": [], "copy_ms": [], "smoke_ms": []}
         swaps = []  # one row per replica and roll
         swap_counts = {r["id"]: r.get("swaps") or 0 for r in client.status()["replicas"] if r["live"]}
+        cpu_rolls = []
         for j in range(rolls):
             uri, sha = versions[1 + j]
+            c0 = cpu.read()
             t0 = time.monotonic()
             result = client.roll(uri)
             t1 = time.monotonic()
+            cpu_rolls.append((c0, cpu.read(), t1 - t0))
             assert len(result["swapped"]) == n and _live_on(client, sha, n), result
             windows.append((t0, t1))
             roll_s.append(t1 - t0)
@@ -178,6 +236,9 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
             "cli_roll_s": cli_s,
             "during": latency_summary(during_roll),
             "failed_in_roll_phase": sum(not s.ok for s in roll_phase_samples),
+            # CPU per roll by process group, and beyond each group's steady-state rate: what a roll costs the cores
+            # every process shares (/proc, read before and after each roll)
+            "cpu": _cpu_per_roll(cpu_steady, cpu_rolls),
             "requests_in_roll_phase": len(roll_phase_samples),
         },
         "serve_redeploy": {
@@ -226,6 +287,10 @@ def _print_table(results: list[dict]) -> None:
             print(f"  {label:34} {'':>15} {a[key]['requests']:9d} {a[key]['failed']:7d} "
                   f"{ms(a[key]['p50_ms']):>8} {ms(a[key]['p99_ms']):>8}")
         print(f"  {'    slowest roll / CLI roll':34} {t['max'] * 1e3:9.0f} / {a['cli_roll_s']:.1f} s")
+        c = a["cpu"]
+        groups = sorted((g for g in c if g != "total_extra_ms_per_roll"), key=lambda g: -c[g]["extra_ms_per_roll"])
+        print(f"  {'    CPU per roll beyond steady':34} {c['total_extra_ms_per_roll']:.0f} ms: " + ", ".join(
+            f"{g} {c[g]['extra_ms_per_roll']:.0f}" for g in groups if abs(c[g]["extra_ms_per_roll"]) >= 0.5))
         print(f"  {'(b) Serve redeploy':34} {b['time_to_new_version_s']:13.1f} s {b['during']['requests']:9d} "
               f"{b['during']['failed']:7d} {ms(b['during']['p50_ms']):>8} {ms(b['during']['p99_ms']):>8}")
         q = r["ratios"]
