@@ -135,7 +135,7 @@ class VersionCatalog:
                                                        "controller; roll it again"])
         path = self.fetcher.cache.path_for(version.sha256)
         if not path.exists():
-            path = (await _background(self.fetcher.fetch, version.uri)).weights_path
+            path = (await _background(self.fetcher.fetch, version.uri, signature=False)).weights_path  # weights only
         validated = await _background(load_validated, path, record, self.spec)
         staged = await _background(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
                                          pin_memory=False)

@@ -375,6 +375,36 @@ def _expected_digests(head: dict, response: dict) -> _ExpectedDigests:
     )
 
 
+def _cached_blob(cache: _BlobCache, sha256_b64: str | None, size: int) -> Path | None:
+    """The cached blob whose bytes are the object's, named by the object's full-object sha256; None to download.
+
+    The blob is hashed again (local reads, no network): a damaged file must be replaced by a download, not trusted
+    for ever; and its mtime is renewed, since the cache evicts the least recently used."""
+    if sha256_b64 is None:
+        return None
+    try:
+        digest = base64.b64decode(sha256_b64, validate=True)
+    except ValueError:  # not base64 (binascii.Error is a ValueError): download, and let the GET's check speak
+        return None
+    if len(digest) != 32:
+        return None
+    path = cache.path_for(digest.hex())
+    try:
+        if path.stat().st_size != size:
+            return None
+        os.utime(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK_BYTES):
+                h.update(chunk)
+    except OSError:  # absent, or evicted meanwhile
+        return None
+    if h.digest() != digest:
+        logger.warning("cached blob %s does not hash to its name; downloading it again", path.name)
+        return None
+    return path
+
+
 class S3Store:
     """Adapters under ``s3://bucket/prefix``, read with bounded retries that cover the body.
 
@@ -424,14 +454,11 @@ class S3Store:
         if config is None:
             raise AdapterNotFoundError(f"adapter {uri} has no s3://{bucket}/{config_key}", uri=uri)
         sig = self._get_small(bucket, f"{prefix}/{SIGNATURE_NAME}", uri, SIGNATURE_NAME) if signature else None
-        known = _expected_digests(head, {}).sha256_b64
-        if known is not None:
-            sha256 = base64.b64decode(known).hex()
-            path = cache.path_for(sha256)
-            if path.is_file() and path.stat().st_size == size:  # content-addressed: written only once hashed
-                logger.info("fetched %s (%d bytes, sha256 %s): the weights were in the cache", uri, size,
-                            sha256[:12])
-                return FetchedAdapter(uri, sha256, path, config, size, sig)
+        cached = _cached_blob(cache, _expected_digests(head, {}).sha256_b64, size)
+        if cached is not None:
+            logger.info("fetched %s (%d bytes, sha256 %s): the weights were in the cache", uri, size,
+                        cached.stem[:12])
+            return FetchedAdapter(uri, cached.stem, cached, config, size, sig)
         started = time.perf_counter()
         with cache.writer() as out:
             self._download(bucket, weights_key, head, uri, write=out.write, reset=out.reset,

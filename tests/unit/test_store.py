@@ -254,6 +254,39 @@ def test_s3_fetch_sends_three_requests_and_none_for_weights_it_has(s3_bucket, ba
                                                                               ).read_bytes()
 
 
+def test_s3_cached_weights_are_hashed_again_and_a_damaged_blob_is_downloaded_again(s3_bucket, base_settings, adapter,
+                                                                                     tmp_path):
+    """A cache hit is trusted only if the blob still hashes to its name (a flipped byte of the same size is not
+    served, and the download repairs the blob), and it renews the blob's mtime (the cache evicts least recently
+    used). A HEAD whose ChecksumSHA256 is not base64 is no error: the weights are downloaded."""
+    client, bucket = s3_bucket
+    fetcher = _s3_fetcher(base_settings.model_copy(update={"cache_dir": tmp_path}), client)
+    uri = f"s3://{bucket}/damaged/v1"
+    fetcher.push(adapter, uri)
+    first = fetcher.fetch(uri)
+    os.utime(first.weights_path, (1000, 1000))
+    requests = _Requests(client)
+    assert fetcher.fetch(uri, signature=False) == first  # a hit: no weights GET, mtime renewed
+    assert ("GetObject", "damaged/v1/adapter_model.safetensors") not in requests.take()
+    assert first.weights_path.stat().st_mtime > 1000
+    raw = bytearray(first.weights_path.read_bytes())
+    raw[-1] ^= 0xFF
+    first.weights_path.write_bytes(bytes(raw))
+    again = fetcher.fetch(uri, signature=False)
+    assert ("GetObject", "damaged/v1/adapter_model.safetensors") in requests.take()
+    assert again.sha256 == first.sha256 == _sha(again.weights_path)  # repaired in place
+
+    def malformed(parsed, **_):
+        parsed["ChecksumSHA256"] = "not base64!"
+
+    client.meta.events.register("after-call.s3.HeadObject", malformed)
+    try:
+        assert fetcher.fetch(uri, signature=False).sha256 == first.sha256
+        assert ("GetObject", "damaged/v1/adapter_model.safetensors") in requests.take()
+    finally:
+        client.meta.events.unregister("after-call.s3.HeadObject", malformed)
+
+
 def test_s3_oversized_config_or_signature_is_refused_before_it_is_read(s3_bucket, base_settings, adapter):
     from hotswap.store import CONFIG_NAME, SIGNATURE_NAME
 
