@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import hypothesis.internal.observability  # noqa: F401 - see below
 import pytest
 
 from benchmarks._cluster import free_port  # noqa: F401 - tests import it from here
 from hotswap.builtin import materialize_builtin_model, write_random_adapter
 from hotswap.settings import HotswapSettings
+
+# hypothesis's pytest plugin imports hypothesis.internal.observability in the terminal summary when no test used
+# hypothesis; pytest's assertion rewriter then compiles it, and on CPython 3.11.7 that compile can die with
+# "SystemError: AST constructor recursion depth mismatch" after the asyncio tests (a run of test_controller.py alone
+# passed its 13 tests and exited 1 that way). Imported here, at collection, it is never compiled that late.
 
 
 @pytest.fixture(scope="session")
