@@ -134,9 +134,15 @@ class VersionCatalog:
             raise AdapterValidationError(version.uri, [f"version {version.short()} was never validated by this "
                                                        "controller; roll it again"])
         path = self.fetcher.cache.path_for(version.sha256)
-        if not path.exists():
-            path = (await _background(self.fetcher.fetch, version.uri, signature=False)).weights_path  # weights only
-        validated = await _background(load_validated, path, record, self.spec)
+        for attempt in (1, 2):  # the second: after load_validated removed a damaged blob, downloaded again
+            if not path.exists():
+                path = (await _background(self.fetcher.fetch, version.uri, signature=False)).weights_path  # weights
+            try:
+                validated = await _background(load_validated, path, record, self.spec)
+                break
+            except AdapterValidationError:
+                if attempt == 2 or path.exists():  # not a damaged blob (those are removed): the bytes changed
+                    raise
         staged = await _background(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
                                          pin_memory=False)
         if staged.identity != version:  # the record must describe exactly this version

@@ -216,7 +216,8 @@ def load_validated(weights_path: Path, record: dict, spec: ModelSpec) -> Validat
     """Reload an adapter that already passed :func:`validate_adapter` (``record`` is what it returned, as
     :meth:`ValidatedAdapter.record`), trusting that result: the file is identified by its sha256.
 
-    For a restarted controller that must stage a version again without validating it again.
+    For a restarted controller that must stage a version again without validating it again. A cached blob that
+    no longer hashes to its own name (a damaged file) is removed before the error is raised.
     """
     from safetensors import safe_open
 
@@ -225,6 +226,8 @@ def load_validated(weights_path: Path, record: dict, spec: ModelSpec) -> Validat
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     if digest.hexdigest() != record["sha256"]:
+        if digest.hexdigest() != weights_path.stem:  # a content-addressed blob that is not its name: damaged
+            weights_path.unlink(missing_ok=True)  # so that the next fetch downloads it again
         raise AdapterValidationError(record["uri"], [f"cached weights no longer match sha256 {record['sha256']}"])
     layers = spec.layer_index()
     tensors = {}

@@ -205,6 +205,34 @@ def test_staging_is_single_flight_retried_after_a_failure_and_bounded(base_setti
     asyncio.run(scenario())
 
 
+def test_staging_replaces_a_damaged_cached_blob_instead_of_failing_for_ever(base_settings, tmp_path, make_adapter):
+    """A version already validated is staged again from its cached blob (a revert, a restarted controller). If that
+    blob was damaged (a flipped byte), staging used to fail the same way on every try, so the stable version could not
+    be handed to a replica until someone rolled its URI again. The damaged blob is removed and downloaded again once;
+    a blob that is intact but holds other bytes than the record (the URI re-pushed) still fails, clearly."""
+    from hotswap.catalog import VersionCatalog
+
+    settings = _settings(base_settings, tmp_path, cache_dir=tmp_path / "cache")  # its own blobs, damaged below
+    catalog = VersionCatalog(settings, _spec(settings))
+    folder = make_adapter("damaged-blob", seed=31)
+
+    async def scenario():
+        version, record = await catalog.resolve(str(folder), known={})
+        blob = catalog.fetcher.cache.path_for(version.sha256)
+        raw = bytearray(blob.read_bytes())
+        raw[-1] ^= 0xFF
+        blob.write_bytes(bytes(raw))
+        staged = await catalog.staged_ref(version, "float32", record)
+        assert staged.identity == version
+        assert catalog.fetcher.cache.path_for(version.sha256).read_bytes() == (
+            folder / "adapter_model.safetensors").read_bytes()  # repaired
+        other, other_record = await catalog.resolve(str(make_adapter("damaged-blob-other", seed=32)), known={})
+        with pytest.raises(AdapterValidationError, match="no longer match"):  # intact bytes, not the record's
+            await catalog.staged_ref(other, "float32", {**other_record, "sha256": version.sha256})
+
+    asyncio.run(scenario())
+
+
 def _spec(settings):
     from hotswap.adapters import model_spec_for
 
