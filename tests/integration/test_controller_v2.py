@@ -399,8 +399,9 @@ def test_a_state_write_that_lands_but_whose_answer_is_lost_leaves_memory_equal_t
     uri = service.uri(target)
     injected = service.proxy.injected
     try:
-        # the first state body naming the target is the roll's: S3 stores it, the answer never comes back
-        with _fault(service.proxy, Fault("truncate", match=f'"uri": "{uri}"'.encode(), after=0, times=1)):
+        # the first state body naming the target is the roll's: S3 stores it, the answer never comes back (the state
+        # is compact JSON, DesiredState.to_json)
+        with _fault(service.proxy, Fault("truncate", match=f'"uri":"{uri}"'.encode(), after=0, times=1)):
             try:
                 outcome = client.roll(uri)
             except HotswapError as e:
@@ -491,3 +492,4 @@ def test_a_redeploy_with_another_swap_timeout_starts_a_controller_that_takes_ove
     wait_for_condition(_all_on(stable_sha), timeout_s=120, message="every replica back on stable")
     assert new.status()["stable"] == before["stable"]
     _assert_memory_is_persisted(new)
+
