@@ -138,6 +138,32 @@ def _restarted() -> bool:
     return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
+_CLAIMED_KEY = "hotswap/claimed/"  # + the state object: written to the cluster's GCS at every claim
+
+
+def _claimed_here_before(store: str) -> bool:
+    """Whether a controller claimed the state object ``store`` in this Ray cluster before (a GCS key, which lives as
+    long as the cluster). Its replicas may still serve here from what it assigned, unheard by a new controller, even
+    if a controller in another cluster claimed the state since. False without Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    from ray.experimental.internal_kv import _internal_kv_exists
+
+    return bool(_internal_kv_exists(_CLAIMED_KEY + store, namespace="hotswap"))
+
+
+def _mark_claimed(store: str) -> None:
+    """Record in this cluster's GCS that a controller claimed ``store`` here (see :func:`_claimed_here_before`)."""
+    import ray
+
+    if ray.is_initialized():
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(_CLAIMED_KEY + store, b"1", overwrite=True, namespace="hotswap")
+
+
 def describe_error(error: BaseException) -> str:
     """One line for a CLI or HTTP error body, unwrapping Ray's wrappers around our own errors."""
     error = unwrap(error)
@@ -206,7 +232,10 @@ class HotswapController:
 
     async def _start_once(self) -> None:
         lock, _, _ = self._objects()
-        restarted = await asyncio.to_thread(_restarted)  # a GCS query: off the event loop the replicas' polls share
+        where = self.store.describe()
+        # GCS queries: off the event loop the replicas' polls share. A controller ran here before if Ray restarted
+        # this one, or if another (killed, or of an earlier deploy) claimed this state in this cluster
+        ran_here = await asyncio.to_thread(_restarted) or await asyncio.to_thread(_claimed_here_before, where)
         async with lock:
             if self.sm is None:
                 self.waiting_for = f"the state at {self.store.describe()}"
@@ -217,7 +246,9 @@ class HotswapController:
                                     forget_after_s=self.settings.replica_liveness_s * 4,
                                     settle_s=2 * self.settings.watch_timeout_s, now=time.time(),
                                     new_id=lambda: uuid.uuid4().hex[:8], cluster=_cluster_name(),
-                                    restarted=restarted)
+                                    restarted=ran_here)
+                # marked first: a mark whose claim then fails only costs a later controller here a settle wait
+                await asyncio.to_thread(_mark_claimed, where)
                 # claim the state: this save fences any other controller that still writes it
                 await self._persist(sm, sm.claim(time.time()), raise_errors=True)
                 self.sm = sm

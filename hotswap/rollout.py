@@ -96,10 +96,11 @@ class RolloutMachine:
         self.cluster = cluster
         # A replica registers before it serves, and a cluster's replicas end with it, so replicas serving from this
         # state without having reported to this controller yet can only be in the cluster that last claimed it, or
-        # in this one if this controller ran here before (``restarted``: Ray restarted it, after which another
-        # cluster may have claimed the state meanwhile, e.g. an upgrade that was held back). A state never saved
-        # (generation 0), or last claimed in another Ray cluster by a controller that is new here (a new
-        # `serve run`, a new RayCluster), leaves nobody unheard to wait ``settle_s`` for: an operation moving
+        # in this one if a controller of this state ran here before (``restarted``: Ray restarted this one, or the
+        # controller found its own mark of an earlier claim in this cluster's GCS, e.g. one killed and created
+        # anew; another cluster may have claimed the state meanwhile, e.g. an upgrade that was held back). A state
+        # never saved (generation 0), or last claimed in another Ray cluster and never here (a new `serve run`, a
+        # new RayCluster), leaves nobody unheard to wait ``settle_s`` for: an operation moving
         # everyone would otherwise end only then. A state saved without a cluster name (older releases) is waited
         # for, as before.
         unheard = state.generation > 0 and (restarted or state.cluster in (None, cluster))

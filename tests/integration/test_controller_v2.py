@@ -493,3 +493,18 @@ def test_a_redeploy_with_another_swap_timeout_starts_a_controller_that_takes_ove
     assert new.status()["stable"] == before["stable"]
     _assert_memory_is_persisted(new)
 
+
+def test_a_claim_marks_the_cluster_in_its_gcs(live):
+    """A controller claiming a state marks this cluster in its GCS (so a controller created anew here later waits for
+    the replicas the first one may have left serving, even after another cluster claimed the state: the unit test
+    tests/unit/test_controller.py feeds the mark to the machine). The app's controller marked its state object; a
+    state object never claimed here is not marked."""
+    import uuid
+
+    from hotswap.controller import _claimed_here_before, _mark_claimed
+
+    assert _claimed_here_before(STATE_URI)
+    fresh = f"s3://{STATE_BUCKET}/never-claimed-{uuid.uuid4().hex}.json"
+    assert not _claimed_here_before(fresh)
+    _mark_claimed(fresh)
+    assert _claimed_here_before(fresh)

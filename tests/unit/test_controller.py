@@ -310,6 +310,43 @@ def test_the_controller_verifies_signatures_and_pins_before_anything_moves(base_
     asyncio.run(scenario())
 
 
+async def _claim_in(monkeypatch, settings, cluster: str, name: str) -> HotswapController:
+    """A controller of app ``name`` started (and claiming the state) as if in Ray cluster ``cluster``."""
+    import hotswap.controller as module
+
+    monkeypatch.setattr(module, "_cluster_name", lambda: cluster)
+    controller = HotswapController(settings, name)
+    await _until(lambda: _ready(controller), timeout_s=60)
+    return controller
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_new_controller_where_the_state_was_claimed_before_waits_the_settle_time(base_settings, tmp_path,
+                                                                                   monkeypatch, marked):
+    """Not restarted by Ray, but a controller of this state claimed it in this cluster before (killed, created anew),
+    and another cluster claimed it since: replicas here may serve from the first one's assignments, unheard, so the
+    new controller waits the settle time. Every claim marks the cluster first (a GCS key; tests/integration reads the
+    real one). The control: without the mark it does not wait."""
+    import hotswap.controller as module
+
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.5, replica_liveness_s=2)
+    marks: list[str] = []
+    monkeypatch.setattr(module, "_mark_claimed", marks.append)
+    monkeypatch.setattr(module, "_restarted", lambda: False)
+
+    def claim(cluster: str, name: str):
+        return _claim_in(monkeypatch, settings, cluster, name)
+
+    async def scenario():
+        await claim("cluster-b", "first")  # the state is claimed in cluster B (after cluster A, in the story)
+        monkeypatch.setattr(module, "_claimed_here_before", lambda store: marked)
+        controller = await claim("cluster-a", "second")  # a new controller back in cluster A
+        assert (controller.sm.registry.settle_s > 0) == marked, controller.sm.registry.settle_s
+        assert marks == [controller.store.describe()] * 2  # each claim marked its cluster
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("restarted", [True, False])
 def test_the_controller_tells_the_machine_whether_ray_restarted_it(base_settings, tmp_path, monkeypatch, restarted):
     """The settle wait's last rule is the machine's (tests/unit/test_rollout_cases.py); this checks the controller feeds
@@ -319,11 +356,8 @@ def test_the_controller_tells_the_machine_whether_ray_restarted_it(base_settings
 
     settings = _settings(base_settings, tmp_path, watch_timeout_s=0.5, replica_liveness_s=2)
 
-    async def claim(cluster: str, name: str) -> HotswapController:
-        monkeypatch.setattr(module, "_cluster_name", lambda: cluster)
-        controller = HotswapController(settings, name)
-        await _until(lambda: _ready(controller), timeout_s=60)
-        return controller
+    def claim(cluster: str, name: str):
+        return _claim_in(monkeypatch, settings, cluster, name)
 
     async def scenario():
         await claim("cluster-a", "first")  # the state is claimed in cluster A
