@@ -38,9 +38,10 @@ def test_rollout_benchmark_small_run_writes_its_json(tmp_path):
     assert swap["roll"] == 1 and swap["this_roll"] and swap["drain_ms"] is not None and swap["copy_ms"] is not None
     assert roll["drain_ms_max"] == swap["drain_ms"] and "swaps_that_waited" in roll
     assert "p99_during_roll_over_steady" in row["ratios"]
-    cpu = roll["cpu"]  # every group found, the controller's and the replica's CPU read
-    assert {"controller", "replicas", "ingress", "proxy", "s3_stand_in", "load_and_benchmark"} <= set(cpu)
+    cpu = roll["cpu"]  # every group found among the benchmark's own processes, the controller's and replica's CPU read
+    assert {"controller", "replicas", "ingress", "proxy", "s3_stand_in", "gcs", "load_and_benchmark"} <= set(cpu)
     assert cpu["controller"]["ms_per_roll"] > 0 and cpu["replicas"]["steady_cores"] > 0
+    assert "control_plane_extra_ms_per_roll" in cpu
 
 
 def test_serving_benchmark_small_run_writes_its_json(tmp_path):
