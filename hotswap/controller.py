@@ -128,14 +128,19 @@ def _cluster_name() -> str | None:
     return ray.get_runtime_context().get_session_name() if ray.is_initialized() else None
 
 
-def _restarted() -> bool:
-    """Whether Ray restarted this controller actor (it ran in this cluster before); False outside an actor (no Ray,
-    or a driver that runs the controller's logic in process, as the unit tests do after the integration tests)."""
+def _in_an_actor() -> bool:
+    """Whether this runs in a Ray actor: not without Ray, nor in a driver that runs the controller's logic in process
+    (as the unit tests do after the integration tests, Ray still connected: they must not read or write its GCS)."""
     import ray
 
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-        return False
-    return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
+def _restarted() -> bool:
+    """Whether Ray restarted this controller actor (it ran in this cluster before); False outside an actor."""
+    import ray
+
+    return _in_an_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 _CLAIMED_KEY = "hotswap/claimed/"  # + the state object: written to the cluster's GCS at every claim
@@ -145,9 +150,7 @@ def _claimed_here_before(store: str) -> bool:
     """Whether a controller claimed the state object ``store`` in this Ray cluster before (a GCS key, which lives as
     long as the cluster). Its replicas may still serve here from what it assigned, unheard by a new controller, even
     if a controller in another cluster claimed the state since. False without Ray."""
-    import ray
-
-    if not ray.is_initialized():
+    if not _in_an_actor():
         return False
     from ray.experimental.internal_kv import _internal_kv_exists
 
@@ -156,9 +159,7 @@ def _claimed_here_before(store: str) -> bool:
 
 def _mark_claimed(store: str) -> None:
     """Record in this cluster's GCS that a controller claimed ``store`` here (see :func:`_claimed_here_before`)."""
-    import ray
-
-    if ray.is_initialized():
+    if _in_an_actor():
         from ray.experimental.internal_kv import _internal_kv_put
 
         _internal_kv_put(_CLAIMED_KEY + store, b"1", overwrite=True, namespace="hotswap")
@@ -189,6 +190,7 @@ class HotswapController:
         self.sm: RolloutMachine | None = None
         self.waiting_for = "loading the state"
         self.retired: str | None = None
+        self._ran_here: bool | None = None  # a controller of this state ran in this cluster before (see _start_once)
         self._dtypes: dict[str, str] = {}  # replica id -> dtype
         self._waiters: dict[str, asyncio.Future] = {}
         self._loop_objects: tuple[asyncio.Lock, asyncio.Condition, asyncio.Event] | None = None
@@ -234,8 +236,12 @@ class HotswapController:
         lock, _, _ = self._objects()
         where = self.store.describe()
         # GCS queries: off the event loop the replicas' polls share. A controller ran here before if Ray restarted
-        # this one, or if another (killed, or of an earlier deploy) claimed this state in this cluster
-        ran_here = await asyncio.to_thread(_restarted) or await asyncio.to_thread(_claimed_here_before, where)
+        # this one, or if another (killed, or of an earlier deploy) claimed this state in this cluster. Asked once,
+        # before this controller's own mark: a start retried after a failed claim must not find its own mark
+        if self._ran_here is None:
+            self._ran_here = (await asyncio.to_thread(_restarted)
+                              or await asyncio.to_thread(_claimed_here_before, where))
+        ran_here = self._ran_here
         async with lock:
             if self.sm is None:
                 self.waiting_for = f"the state at {self.store.describe()}"

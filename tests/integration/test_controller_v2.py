@@ -497,14 +497,32 @@ def test_a_redeploy_with_another_swap_timeout_starts_a_controller_that_takes_ove
 def test_a_claim_marks_the_cluster_in_its_gcs(live):
     """A controller claiming a state marks this cluster in its GCS (so a controller created anew here later waits for
     the replicas the first one may have left serving, even after another cluster claimed the state: the unit test
-    tests/unit/test_controller.py feeds the mark to the machine). The app's controller marked its state object; a
-    state object never claimed here is not marked."""
+    tests/unit/test_controller.py feeds the mark to the machine). The app's controller marked its state object; in an
+    actor a state object never claimed here is not marked until it is; outside an actor (a driver, the unit tests
+    after these) the functions neither read nor write the GCS."""
     import uuid
 
-    from hotswap.controller import _claimed_here_before, _mark_claimed
+    from ray.experimental.internal_kv import _internal_kv_exists
 
-    assert _claimed_here_before(STATE_URI)
+    from hotswap.controller import _CLAIMED_KEY, _claimed_here_before, _mark_claimed
+
+    assert _internal_kv_exists(_CLAIMED_KEY + STATE_URI, namespace="hotswap")
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def claim(self, store: str) -> tuple[bool, bool]:
+            before = _claimed_here_before(store)
+            _mark_claimed(store)
+            return before, _claimed_here_before(store)
+
     fresh = f"s3://{STATE_BUCKET}/never-claimed-{uuid.uuid4().hex}.json"
-    assert not _claimed_here_before(fresh)
-    _mark_claimed(fresh)
-    assert _claimed_here_before(fresh)
+    probe = Probe.remote()
+    try:
+        assert ray.get(probe.claim.remote(fresh), timeout=60) == (False, True)
+    finally:
+        ray.kill(probe)
+    assert _internal_kv_exists(_CLAIMED_KEY + fresh, namespace="hotswap")
+    assert not _claimed_here_before(fresh)  # a driver: no GCS read
+    outside = fresh + "-driver"
+    _mark_claimed(outside)  # ... and no write
+    assert not _internal_kv_exists(_CLAIMED_KEY + outside, namespace="hotswap")

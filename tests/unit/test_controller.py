@@ -347,6 +347,41 @@ def test_a_new_controller_where_the_state_was_claimed_before_waits_the_settle_ti
     asyncio.run(scenario())
 
 
+def test_a_start_retried_after_a_failed_claim_does_not_find_its_own_mark(base_settings, tmp_path, monkeypatch):
+    """Whether a controller of this state ran here before is asked once, before this controller marks the cluster:
+    a first claim that fails (the state store unreachable a moment) is retried, and the retry must not take the mark
+    the same controller wrote for a predecessor's (which would make a new cluster wait the settle time)."""
+    import hotswap.controller as module
+
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.5, replica_liveness_s=2)
+    cluster = ["cluster-b"]
+    marks: set[tuple[str, str]] = set()  # (cluster, state object): each cluster's GCS, as the real key is
+    monkeypatch.setattr(module, "_mark_claimed", lambda store: marks.add((cluster[0], store)))
+    monkeypatch.setattr(module, "_claimed_here_before", lambda store: (cluster[0], store) in marks)
+    monkeypatch.setattr(module, "_restarted", lambda: False)
+    monkeypatch.setattr(module, "_START_BACKOFF_S", (0.05, 0.05))
+
+    async def scenario():
+        await _claim_in(monkeypatch, settings, "cluster-b", "first")  # claimed in cluster B
+        cluster[0] = "cluster-a"
+        monkeypatch.setattr(module, "_cluster_name", lambda: "cluster-a")
+        controller = HotswapController(settings, "second")  # new in cluster A, never claimed there
+        save, failed = controller.store.save, []
+
+        def once(state):
+            if not failed:
+                failed.append(state)
+                raise OSError("injected: state store unreachable")
+            return save(state)
+
+        controller.store.save = once
+        await _until(lambda: _ready(controller), timeout_s=60)
+        assert failed and ("cluster-a", controller.store.describe()) in marks  # it failed once, and marked A
+        assert controller.sm.registry.settle_s == 0  # nobody ran here before it: no wait
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("restarted", [True, False])
 def test_the_controller_tells_the_machine_whether_ray_restarted_it(base_settings, tmp_path, monkeypatch, restarted):
     """The settle wait's last rule is the machine's (tests/unit/test_rollout_cases.py); this checks the controller feeds
