@@ -140,7 +140,7 @@ class VersionCatalog:
             try:
                 validated = await _background(load_validated, path, record, self.spec)
                 break
-            except AdapterValidationError:
+            except (AdapterValidationError, FileNotFoundError):  # the latter: removed by a concurrent reader
                 if attempt == 2 or path.exists():  # not a damaged blob (those are removed): the bytes changed
                     raise
         staged = await _background(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),

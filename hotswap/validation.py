@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -212,6 +213,20 @@ def validate_adapter(
     )
 
 
+def _remove_if_damaged(path: Path, digest: str, hashed: os.stat_result) -> None:
+    """Remove a blob of the adapter cache (``blobs/<sha256>.safetensors``) whose bytes do not hash to its name, so
+    that the next fetch downloads it again; only the very file that was hashed (a good blob put in its place
+    meanwhile, by a concurrent download, stays), and never a file outside the cache."""
+    if path.parent.name != "blobs" or not re.fullmatch(r"[0-9a-f]{64}", path.stem) or digest == path.stem:
+        return
+    try:
+        now = os.stat(path)
+        if (now.st_ino, now.st_dev) == (hashed.st_ino, hashed.st_dev):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def load_validated(weights_path: Path, record: dict, spec: ModelSpec) -> ValidatedAdapter:
     """Reload an adapter that already passed :func:`validate_adapter` (``record`` is what it returned, as
     :meth:`ValidatedAdapter.record`), trusting that result: the file is identified by its sha256.
@@ -225,9 +240,9 @@ def load_validated(weights_path: Path, record: dict, spec: ModelSpec) -> Validat
     with open(weights_path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
+        hashed = os.fstat(f.fileno())
     if digest.hexdigest() != record["sha256"]:
-        if digest.hexdigest() != weights_path.stem:  # a content-addressed blob that is not its name: damaged
-            weights_path.unlink(missing_ok=True)  # so that the next fetch downloads it again
+        _remove_if_damaged(Path(weights_path), digest.hexdigest(), hashed)
         raise AdapterValidationError(record["uri"], [f"cached weights no longer match sha256 {record['sha256']}"])
     layers = spec.layer_index()
     tensors = {}

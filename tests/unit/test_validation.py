@@ -109,3 +109,27 @@ def test_spec_from_config_matches_spec_from_prepared_model(base_settings, tiny_b
     )
     assert ModelSpec.from_peft_model(model, max_rank=16).fingerprint == spec.fingerprint
     assert len(spec.layers) == 2 * 7
+
+
+def test_load_validated_removes_a_damaged_cache_blob_and_nothing_else(base_settings, make_adapter, tmp_path):
+    """A cache blob (blobs/<sha256>.safetensors) that no longer hashes to its name is removed, so that the next fetch
+    downloads it again; the same bytes anywhere else (a user's adapter file) are never touched."""
+    import shutil
+
+    from hotswap.adapters import model_spec_for
+    from hotswap.validation import load_validated
+
+    spec = model_spec_for(base_settings)
+    fetched = AdapterFetcher.from_settings(base_settings).fetch(str(make_adapter("load-validated", seed=41)))
+    record = validate_adapter(fetched, spec).record()
+    damaged = bytearray(fetched.weights_path.read_bytes())
+    damaged[-1] ^= 0xFF
+    blob = tmp_path / "blobs" / f"{fetched.sha256}.safetensors"
+    blob.parent.mkdir()
+    blob.write_bytes(bytes(damaged))
+    elsewhere = tmp_path / "adapter_model.safetensors"
+    shutil.copy(blob, elsewhere)
+    for path, removed in ((elsewhere, False), (blob, True)):
+        with pytest.raises(AdapterValidationError, match="no longer match"):
+            load_validated(path, record, spec)
+        assert path.exists() is not removed
