@@ -149,7 +149,7 @@ _CLAIMED_KEY = "hotswap/claimed/"  # + the state object: written to the cluster'
 def _claimed_here_before(store: str) -> bool:
     """Whether a controller claimed the state object ``store`` in this Ray cluster before (a GCS key, which lives as
     long as the cluster). Its replicas may still serve here from what it assigned, unheard by a new controller, even
-    if a controller in another cluster claimed the state since. False without Ray."""
+    if a controller in another cluster claimed the state since. False outside an actor."""
     if not _in_an_actor():
         return False
     from ray.experimental.internal_kv import _internal_kv_exists
