@@ -481,7 +481,7 @@ class S3Store:
             try:
                 response = self.client.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
             except ClientError as e:
-                if _status(e) == 404 or _code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                if _missing(e):
                     return None
                 raise
             body = response["Body"]
@@ -528,7 +528,7 @@ class S3Store:
             try:
                 return self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
             except ClientError as e:
-                if _status(e) == 404 or _code(e) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                if _missing(e):
                     return None
                 raise
 
@@ -607,6 +607,11 @@ class S3Store:
             f"{type(last).__name__}: {last}; check that S3 is reachable (AWS_ENDPOINT_URL_S3) and retry",
             uri=uri,
         ) from last
+
+
+def _missing(error: Any) -> bool:
+    """Whether a ClientError says the object (or its bucket) does not exist."""
+    return _status(error) == 404 or _code(error) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket")
 
 
 def _status(error: Any) -> int | None:
