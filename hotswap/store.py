@@ -433,8 +433,8 @@ class S3Store:
     def fetch(self, uri: str, *, cache: _BlobCache, signature: bool = True) -> FetchedAdapter:
         """HEAD the weights, GET the config (and ``model.sig`` if ``signature``), then GET the weights unless the cache
         already holds exactly these bytes: S3's full-object ``ChecksumSHA256`` on the HEAD names a blob the cache has
-        (a roll back to a version seen before downloads no weights). Three requests for a new version, two for a
-        known one."""
+        (a roll back to a version seen before downloads no weights; the weights are then HEADed again after the config,
+        so a push landing meanwhile is refused, not paired with the wrong config). Three requests either way."""
         bucket, prefix = _split_s3(uri)
         weights_key, config_key = f"{prefix}/{WEIGHTS_NAME}", f"{prefix}/{CONFIG_NAME}"
         head = self._head(bucket, weights_key, uri)
@@ -456,6 +456,13 @@ class S3Store:
         sig = self._get_small(bucket, f"{prefix}/{SIGNATURE_NAME}", uri, SIGNATURE_NAME) if signature else None
         cached = _cached_blob(cache, _expected_digests(head, {}).sha256_b64, size)
         if cached is not None:
+            # no weights GET (whose IfMatch would have caught it): a push landing after the first HEAD (weights first,
+            # then the config) would pair these weights with a config that never went with them, so HEAD them again
+            again = self._head(bucket, weights_key, uri)
+            if again is None or _identity(again) != _identity(head):
+                raise AdapterFetchError(f"adapter {uri} changed while it was being read ({WEIGHTS_NAME} was replaced "
+                                        "after it was first read); roll it again once the upload has finished",
+                                        uri=uri)
             logger.info("fetched %s (%d bytes, sha256 %s): the weights were in the cache", uri, size,
                         cached.stem[:12])
             return FetchedAdapter(uri, cached.stem, cached, config, size, sig)
@@ -607,6 +614,11 @@ class S3Store:
             f"{type(last).__name__}: {last}; check that S3 is reachable (AWS_ENDPOINT_URL_S3) and retry",
             uri=uri,
         ) from last
+
+
+def _identity(head: dict) -> tuple:
+    """What names one upload of an object in its HEAD: a new upload changes the ETag (and the checksum)."""
+    return head.get("ETag"), head.get("ChecksumSHA256"), head.get("ContentLength"), head.get("VersionId")
 
 
 def _missing(error: Any) -> bool:

@@ -229,8 +229,8 @@ def test_s3_fetch_sends_three_requests_and_none_for_weights_it_has(s3_bucket, ba
                                                                       tmp_path):
     """A roll reads a version once per operation. A new version costs a HEAD of the weights and a GET of the config
     and of the weights (not also HEADs of the config and of model.sig); a version whose bytes the cache holds (S3's
-    full-object sha256 on the HEAD names them: a roll back) costs no weights GET; content changed at the URI is
-    downloaded again."""
+    full-object sha256 on the HEAD names them: a roll back) costs a second HEAD instead of the weights GET; content
+    changed at the URI is downloaded again."""
     client, bucket = s3_bucket
     fetcher = _s3_fetcher(base_settings.model_copy(update={"cache_dir": tmp_path}), client)  # an empty cache
     uri = f"s3://{bucket}/count/v1"
@@ -242,7 +242,8 @@ def test_s3_fetch_sends_three_requests_and_none_for_weights_it_has(s3_bucket, ba
                                        ("GetObject", "count/v1/model.sig"),
                                        ("HeadObject", "count/v1/adapter_model.safetensors")]
     assert fetcher.fetch(uri, signature=False) == first
-    assert sorted(requests.take()) == [("GetObject", "count/v1/adapter_config.json"),
+    assert sorted(requests.take()) == [("GetObject", "count/v1/adapter_config.json"),  # the weights HEADed again
+                                       ("HeadObject", "count/v1/adapter_model.safetensors"),
                                        ("HeadObject", "count/v1/adapter_model.safetensors")]
     other = make_adapter("count-other", r=4, seed=7)
     fetcher.push(other, uri)  # new bytes at the same URI
@@ -285,6 +286,37 @@ def test_s3_cached_weights_are_hashed_again_and_a_damaged_blob_is_downloaded_aga
         assert ("GetObject", "damaged/v1/adapter_model.safetensors") in requests.take()
     finally:
         client.meta.events.unregister("after-call.s3.HeadObject", malformed)
+
+
+def test_s3_a_push_landing_during_a_cached_fetch_is_refused_not_paired_with_the_new_config(
+        s3_bucket, base_settings, make_adapter, tmp_path):
+    """Found by an outside review: a push (weights first, then the config) landing between the weights HEAD and the
+    config GET made a cache hit return the old weights with the new config, a version never uploaded. The download
+    path's IfMatch GET refuses that; the cache hit now HEADs the weights again and refuses it too."""
+    import json
+
+    client, bucket = s3_bucket
+    old, new = make_adapter("torn-old", r=4, seed=51), make_adapter("torn-new", r=4, lora_alpha=99, seed=52)
+    fetcher = _s3_fetcher(base_settings.model_copy(update={"cache_dir": tmp_path}), client)
+    uri = f"s3://{bucket}/torn/v"
+    fetcher.push(old, uri)
+    fetcher.fetch(uri, signature=False)  # the old weights are cached
+    pushed = []
+
+    def push_after_the_first_head(**_):
+        if not pushed:
+            pushed.append(True)
+            fetcher.push(new, uri)
+
+    client.meta.events.register("after-call.s3.HeadObject", push_after_the_first_head)
+    try:
+        with pytest.raises(AdapterFetchError, match="changed while it was being read"):
+            fetcher.fetch(uri, signature=False)
+    finally:
+        client.meta.events.unregister("after-call.s3.HeadObject", push_after_the_first_head)
+    fetched = fetcher.fetch(uri, signature=False)  # once the upload has finished: the new version, whole
+    assert fetched.sha256 == _sha(new / "adapter_model.safetensors")
+    assert json.loads(fetched.config_bytes)["lora_alpha"] == 99
 
 
 def test_s3_oversized_config_or_signature_is_refused_before_it_is_read(s3_bucket, base_settings, adapter):
