@@ -46,6 +46,24 @@ logger = logging.getLogger(__name__)
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 _ATTEMPTS = 3
 
+_draining: set[asyncio.Task] = set()  # streams whose response ended on their last item, read to their end
+
+
+def _drain(events) -> None:
+    """Read a replica stream whose last item was sent to the client to its end, in the background: the replica's
+    generator then returns as it would have, not cancelled mid-way (its cleanup and Serve's request record)."""
+    async def drain():
+        try:
+            async for _ in events:
+                pass
+        except Exception:  # noqa: BLE001 - the answer is already sent; nothing left to tell the client
+            logger.debug("the end of a finished stream failed", exc_info=True)
+
+    task = asyncio.ensure_future(drain())
+    _draining.add(task)
+    task.add_done_callback(_draining.discard)
+
+
 api = FastAPI(title="hotswap", description="Completions from a base model with hot-swapped LoRA adapters.")
 
 MAX_BODY_BYTES = 8 << 20  # a 1,000,000-character prompt fits even as JSON \u escapes; nothing larger is read
@@ -453,8 +471,9 @@ class Ingress:
     async def _stream(self, request: dict, chunks: Callable[[dict, dict], list[dict]], *,
                       opening: Callable[[dict], list[dict]] | None = None):
         """Server-sent events for ``request``: ``opening(adapter)``, then ``chunks(item, adapter)`` for each item with
-        text the replica yields (the first, which names the adapter, may carry text too), then ``data: [DONE]``; or
-        the error response, when the replica refuses the request."""
+        text the replica yields (the first, which names the adapter, may carry text too), and ``data: [DONE]`` in the
+        same message as the chunk with the finish reason (the response ends there; the replica's stream is read to
+        its end in the background); or the error response, when the replica refuses the request."""
         async def start():
             events = self.replica.options(stream=True).stream.remote(request)
             return events, await events.__anext__()
@@ -468,14 +487,30 @@ class Ingress:
         if "error" in first:
             return _replica_error(first)
 
+        def sse_events(chunk_list: list[dict], *, last: bool) -> str:
+            text = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunk_list)
+            return text + "data: [DONE]\n\n" if last else text
+
         async def sse():
             # the first item may carry the first text with the version (the replica sends them together)
             head = [*(opening(first) if opening else ()), *(chunks(first, first) if "delta" in first else ())]
+            if first.get("finish_reason") is not None:  # the whole answer came in the first item
+                yield sse_events(head, last=True)
+                _drain(events)
+                return
             if head:
-                yield "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in head)
+                yield sse_events(head, last=False)
             async for item in events:
-                for chunk in [{"error": item["error"]}] if "error" in item else chunks(item, first):
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                if "error" in item:
+                    yield sse_events([{"error": item["error"]}], last=False)
+                    continue
+                if item["finish_reason"] is not None:
+                    # the replica counted the request before sending its last item: the response ends here, with
+                    # [DONE] in the same message, instead of one more message after the replica's stream closes
+                    yield sse_events(chunks(item, first), last=True)
+                    _drain(events)
+                    return
+                yield sse_events(chunks(item, first), last=False)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=_adapter_headers(first))

@@ -276,6 +276,10 @@ class ModelReplica:
         self.metrics.error(version or self.engine.identity, "internal")
         return _internal(incident)
 
+    def _record(self, job: _Job, completion) -> None:
+        self.metrics.record(completion.version, tokens=completion.completion_tokens,
+                            latency_ms=(time.perf_counter() - job.received) * 1e3)
+
     async def complete(self, request: dict) -> dict:
         """One completion: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens", adapter...}`` or
         ``{"error": ..., "status": 4xx}``. It joins the replica's running batch at the next step."""
@@ -296,8 +300,7 @@ class ModelReplica:
                     return self._internal_error(version, event.error)
                 elif isinstance(event, Finished):
                     c = event.completion
-                    self.metrics.record(c.version, tokens=c.completion_tokens,
-                                        latency_ms=(time.perf_counter() - job.received) * 1e3)
+                    self._record(job, c)
                     return {
                         "text": c.text,
                         "finish_reason": c.finish_reason,
@@ -325,27 +328,37 @@ class ModelReplica:
             return
         ticket, job = submitted
         version = None
+        events = coalesced(queue, self.settings.stream_interval_ms / 1e3, opening=(Started,))
         try:
-            async for event in coalesced(queue, self.settings.stream_interval_ms / 1e3, opening=(Started,)):
+            async for event in events:
                 if isinstance(event, WithText):  # the version and the first text, one item
-                    version = event.event.version
-                    yield {**version.as_dict(), "replica_id": self.replica_id, "delta": event.text.delta,
-                           "finish_reason": event.text.finish_reason}
+                    version, text = event.event.version, event.text
+                    item = {**version.as_dict(), "replica_id": self.replica_id}
                 elif isinstance(event, Started):  # no text within the interval: the headers go out now
                     version = event.version
                     yield {**version.as_dict(), "replica_id": self.replica_id}
+                    continue
                 elif isinstance(event, TokenEvent):
-                    yield {"delta": event.delta, "finish_reason": event.finish_reason}
+                    text, item = event, {}
                 elif isinstance(event, Failed):
                     yield self._internal_error(version, event.error)
                     return
-                elif isinstance(event, Finished):
-                    c = event.completion
-                    self.metrics.record(c.version, tokens=c.completion_tokens,
-                                        latency_ms=(time.perf_counter() - job.received) * 1e3)
+                else:  # Finished: the last text takes it first (below), so this is only a safeguard
+                    self._record(job, event.completion)
                     return
+                item.update(delta=text.delta, finish_reason=text.finish_reason)
+                if text.finish_reason is not None:
+                    # the scheduler delivers Finished with the last token: it is counted before the last item goes,
+                    # so the ingress can end the response on that item without waiting for this generator's end
+                    finished = await anext(events)
+                    if isinstance(finished, Finished):
+                        self._record(job, finished.completion)
+                    yield item
+                    return
+                yield item
         finally:
             ticket.cancel()
+            await events.aclose()
 
     def stats(self) -> dict:
         """What this replica runs: the fields of ``hotswap status`` for one replica."""

@@ -117,11 +117,14 @@ def test_greedy_completions_equal_eager_peft(app, adapter, eager_reference):
         assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 12
 
 
-def test_streaming_gives_the_same_text_and_headers(app):
+@pytest.mark.parametrize("max_tokens", [10, 1], ids=["ten-tokens", "whole-answer-in-the-first-item"])
+def test_streaming_gives_the_same_text_and_headers(app, max_tokens):
+    """The response ends with [DONE] right after the chunk that carries the finish reason (also when the replica's
+    first item, which names the version, carries the whole answer)."""
     base, uri, sha, _ = app
-    plain = _complete(base, prompt="stream me", max_tokens=10, temperature=0).json()
+    plain = _complete(base, prompt="stream me", max_tokens=max_tokens, temperature=0).json()
     with httpx.stream("POST", f"{base}/v1/completions", timeout=120,
-                      json={"prompt": "stream me", "max_tokens": 10, "temperature": 0, "stream": True}) as r:
+                      json={"prompt": "stream me", "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-adapter-uri"] == uri and r.headers["x-adapter-sha256"] == sha
