@@ -1,7 +1,10 @@
 """Closed-loop HTTP load for the benchmarks and the reliability tests: N clients, each sends its next request
 as soon as the previous one answers, and every answer is recorded (times, status, adapter, replica, text).
 With ``stream=True`` each request asks for server-sent events (``"stream": true``) and the client reads every
-chunk as it arrives; the sample also records when the first text came and how many chunks did.
+chunk as it arrives; the sample also records when the first text came and how many chunks did. A streaming
+client stops reading at ``data: [DONE]`` as openai-python (3.60) does, and httpx then closes the connection
+(the end of the chunked body was not read yet): every stream opens a new one. With ``read_to_end=True`` it
+reads each response to its end, so its connection is used again as a whole answer's is.
 
 Bounded by count and time: :meth:`ClosedLoop.stop` ends it, and every client also stops after
 ``max_requests`` requests or ``max_seconds``, whichever comes first.
@@ -47,10 +50,12 @@ class ClosedLoop:
     JSON of client ``client``'s ``k``-th request (a ``prompt`` key is recorded with the sample)."""
 
     def __init__(self, url: str, *, clients: int, body: Callable[[int, int], dict], timeout_s: float = 120,
-                 max_requests: int = 100_000, max_seconds: float = 900, stream: bool = False) -> None:
+                 max_requests: int = 100_000, max_seconds: float = 900, stream: bool = False,
+                 read_to_end: bool = False) -> None:
         self.url = url
         self.body = body
         self.stream = stream
+        self.read_to_end = read_to_end
         self.timeout_s = timeout_s
         self.max_requests = max_requests
         self.max_seconds = max_seconds
@@ -96,7 +101,8 @@ class ClosedLoop:
                 t0 = time.monotonic()
                 try:
                     if self.stream:
-                        sample = _streamed(http, self.url, i, t0, {**body, "stream": True})
+                        sample = _streamed(http, self.url, i, t0, {**body, "stream": True},
+                                           read_to_end=self.read_to_end)
                     else:
                         r = http.post(self.url, json=body)
                         sample = _sample(i, t0, time.monotonic(), r, body)
@@ -117,8 +123,10 @@ def _sample(client: int, t0: float, t1: float, r: httpx.Response, body: dict) ->
                   completion_tokens=payload.get("usage", {}).get("completion_tokens", 0))
 
 
-def _streamed(http: httpx.Client, url: str, client: int, t0: float, body: dict) -> Sample:
-    """One streamed completion, read chunk by chunk as the server sends it."""
+def _streamed(http: httpx.Client, url: str, client: int, t0: float, body: dict, *, read_to_end: bool = False
+              ) -> Sample:
+    """One streamed completion, read chunk by chunk as the server sends it; at ``data: [DONE]`` the response is
+    closed (so is its connection), or with ``read_to_end`` read to its end (the connection is used again)."""
     import json
 
     prompt = str(body.get("prompt", ""))
@@ -126,13 +134,16 @@ def _streamed(http: httpx.Client, url: str, client: int, t0: float, body: dict) 
         if r.status_code != 200:
             r.read()
             return Sample(client, t0, time.monotonic(), r.status_code, prompt=prompt, error=r.text[:500])
-        text, chunks, first, error = [], 0, None, ""
+        text, chunks, first, error, done = [], 0, None, "", False
         for line in r.iter_lines():
-            if not line.startswith("data: "):
+            if done or not line.startswith("data: "):
                 continue
             data = line[len("data: "):]
             if data == "[DONE]":
-                break
+                if not read_to_end:
+                    break
+                done = True
+                continue
             chunks += 1
             chunk = json.loads(data)
             if "error" in chunk:

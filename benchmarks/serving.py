@@ -14,7 +14,9 @@ same ``max_batch_size`` (default 8, so that the mixed workload below has rows to
 - **service**: ``POST /v1/completions`` through Serve's proxy and the ingress to one replica (1 CPU),
   closed-loop clients at each ``--concurrency`` level, non-streaming and streaming
   (``"stream": true``, server-sent events read as they arrive): tokens/s, p50/p99 latency, and for
-  streams the time to the first text.
+  streams the time to the first text. A streaming client stops at ``data: [DONE]``, as openai-python
+  does, which closes its connection; at the top level the streams run once more with clients that
+  read each response to its end and so keep their connection (``keep-conn``).
 - **mixed**: short requests (``--short-tokens``, non-streaming, ``--short-clients`` clients) alone, then
   the same under ``--long-streams`` streaming clients of ``--long-tokens`` tokens each: their p50.
 - unless ``--no-eager``, the service again with ``compile: false`` (non-streaming levels): what compile buys.
@@ -217,11 +219,11 @@ class _Tokens:
         return out
 
 
-def _window(url: str, *, clients: int, body, seconds: float, stream: bool = False, warm: int = 2
-            ) -> tuple[list[Sample], float, float]:
+def _window(url: str, *, clients: int, body, seconds: float, stream: bool = False, warm: int = 2,
+            read_to_end: bool = False) -> tuple[list[Sample], float, float]:
     """Closed-loop clients, warmed up (``warm`` answers per client), then ``seconds`` measured: the requests that
     finished in the window, and its start and end."""
-    with ClosedLoop(url, clients=clients, body=body, stream=stream) as load:
+    with ClosedLoop(url, clients=clients, body=body, stream=stream, read_to_end=read_to_end) as load:
         load.wait_for(warm * clients, timeout_s=300)
         t0 = time.monotonic()
         time.sleep(seconds)
@@ -230,11 +232,13 @@ def _window(url: str, *, clients: int, body, seconds: float, stream: bool = Fals
 
 
 def _level(url: str, *, clients: int, seconds: float, body, stream: bool, tokens: _Tokens, max_tokens: int,
-           what: str) -> dict:
-    progress(f"{what}: {clients} {'streaming ' if stream else ''}clients for {seconds:.0f} s")
-    window, t0, t1 = _window(url, clients=clients, body=body, seconds=seconds, stream=stream)
+           what: str, read_to_end: bool = False) -> dict:
+    how = " that read each response to its end (one connection each)" if read_to_end else ""
+    progress(f"{what}: {clients} {'streaming ' if stream else ''}clients{how} for {seconds:.0f} s")
+    window, t0, t1 = _window(url, clients=clients, body=body, seconds=seconds, stream=stream,
+                             read_to_end=read_to_end)
     return _summary(window, t1 - t0, stream=stream, tokens=tokens, max_tokens=max_tokens,
-                    extra={"concurrency": clients, "stream": stream})
+                    extra={"concurrency": clients, "stream": stream, "read_to_end": read_to_end})
 
 
 def _summary(window: list[Sample], seconds: float, *, stream: bool, tokens: _Tokens, max_tokens: int,
@@ -298,6 +302,11 @@ def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency:
         if streams:
             out["stream"][f"c{c}"] = _level(url, clients=c, seconds=seconds, body=body, stream=True, tokens=tokens,
                                             max_tokens=max_tokens, what=name)
+    if streams:  # the top level once more with clients that keep their connection (the others stop at [DONE], as
+        top = max(concurrency)  # openai-python does, and so open a new one for every stream)
+        out["stream_read_to_end"] = {f"c{top}": _level(
+            url, clients=top, seconds=seconds, body=body, stream=True, tokens=tokens, max_tokens=max_tokens,
+            what=name, read_to_end=True)}
     if mixed is not None:
         out["mixed"] = _mixed(url, tokens=tokens, seconds=seconds, **mixed)
     out["stream_text_mismatches"] = tokens.mismatches
@@ -366,6 +375,9 @@ def _ratios(results: dict, concurrency: list[int], batch: int) -> tuple[dict, li
         ratios[f"stream_c{top}_over_service_c{top}"] = v = _ratio(compiled["stream"][f"c{top}"]["tokens_per_s"],
                                                                 compiled["service"][f"c{top}"]["tokens_per_s"])
         target(f"{top} streaming clients >= 0.9 x the tokens/s of {top} non-streaming clients", v, at_least=0.9)
+    if "stream_read_to_end" in compiled:  # not a target: what clients that keep their connection get
+        ratios[f"stream_read_to_end_c{top}_over_service_c{top}"] = _ratio(
+            compiled["stream_read_to_end"][f"c{top}"]["tokens_per_s"], compiled["service"][f"c{top}"]["tokens_per_s"])
     if "mixed" in compiled:
         m = compiled["mixed"]
         ratios["short_p50_under_long_over_alone"] = v = _ratio(m["short_under_long"]["p50_ms"],
@@ -415,14 +427,15 @@ def _print_table(payload: dict) -> None:
                       f"{per if per is None else round(per, 2)!s:>16}")
     print(f"\nservice: POST /v1/completions through Serve, 1 replica, max_batch_size {payload['max_batch_size']}, "
           f"max_tokens {payload['max_tokens']}, {payload['seconds']:.0f} s per level")
-    print(f"  {'mode':9} {'kind':7} {'clients':>7} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"  {'mode':9} {'kind':9} {'clients':>5} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'1st text p50':>12} {'failed':>7}")
     for mode in ("compiled", "eager"):
         if mode not in results:
             continue
-        for kind in ("service", "stream"):
+        for kind in ("service", "stream", "stream_read_to_end"):
             for row in results[mode].get(kind, {}).values():
-                print(f"  {mode:9} {'stream' if row['stream'] else 'whole':7} {row['concurrency']:7d} "
+                label = "whole" if not row["stream"] else "stream" if not row.get("read_to_end") else "keep-conn"
+                print(f"  {mode:9} {label:9} {row['concurrency']:5d} "
                       f"{row['tokens_per_s']:9.1f} {row['requests_per_s']:7.1f} {_ms(row['p50_ms']):>8} "
                       f"{_ms(row['p99_ms']):>8} {_ms(row.get('first_text_p50_ms')):>12} {row['failed']:7d}")
     m = results["compiled"].get("mixed")

@@ -63,6 +63,9 @@ def test_serving_benchmark_small_run_writes_its_json(tmp_path):
     assert set(results["compiled"]["stream"]) == {"c2"}  # streaming clients, compiled only
     assert results["compiled"]["stream"]["c2"]["tokens_per_s"] > 0
     assert results["compiled"]["stream"]["c2"]["first_text_p50_ms"] > 0
+    assert results["compiled"]["stream"]["c2"]["read_to_end"] is False  # stops at [DONE], as openai-python does
+    keep = results["compiled"]["stream_read_to_end"]["c2"]  # the top level again, clients that keep the connection
+    assert keep["read_to_end"] is True and keep["tokens_per_s"] > 0 and keep["failed"] == 0
     mixed = results["compiled"]["mixed"]
     for key in ("short_alone", "short_under_long", "long"):
         assert mixed[key]["requests"] > 0 and mixed[key]["failed"] == 0
@@ -71,5 +74,6 @@ def test_serving_benchmark_small_run_writes_its_json(tmp_path):
     assert results["eager"]["engine"]["compiled_graphs"] == 0  # eager really ran eagerly
     assert results["compiled"]["engine"]["compiled_graphs"] >= 2
     assert {"service_c2_over_engine_batch_4", "stream_c2_over_service_c2", "short_p50_under_long_over_alone",
-            "engine_batch_4_1slot_over_2slots", "compiled_over_eager"} <= set(payload["ratios"])
+            "engine_batch_4_1slot_over_2slots", "compiled_over_eager", "stream_read_to_end_c2_over_service_c2"
+            } <= set(payload["ratios"])
     assert len(payload["targets"]) == 3

@@ -44,3 +44,55 @@ def test_swap_layout_benchmark_writes_its_json(tmp_path):
                 "rank_major_over_flat"):
         assert payload[key] > 0
     assert payload["destinations"] == 308 and payload["slot_buffer_shape"] == [64, 788480]
+
+
+def test_streaming_load_clients_reuse_their_connection_only_when_they_read_to_the_end():
+    """A client that stops at ``data: [DONE]`` (as openai-python does) leaves the chunked body's end unread, so
+    httpx closes the connection: every stream opens a new one. The benchmarks' streaming clients do the same unless
+    told to read to the end, as whole-answer clients do. A real uvicorn server on loopback counts the connections."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from benchmarks.load import ClosedLoop
+
+    peers: set[int] = set()
+
+    async def completions(request):
+        peers.add(request.scope["client"][1])  # the client's port: one per connection
+
+        async def sse():
+            yield 'data: {"choices": [{"text": "a"}]}\n\n'
+            yield 'data: {"choices": [{"text": "b"}]}\n\ndata: [DONE]\n\n'
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/", completions, methods=["POST"])]),
+                                           host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        connections = {}
+        for read_to_end in (True, False):
+            peers.clear()
+            load = ClosedLoop(f"http://127.0.0.1:{port}/", clients=1, body=lambda i, k: {"prompt": "p"},
+                              stream=True, max_requests=6, read_to_end=read_to_end)
+            with load:
+                load.wait_for(6, timeout_s=30)
+            assert [s.text for s in load.samples] == ["ab"] * 6 and all(s.ok and s.chunks == 2 for s in load.samples)
+            connections[read_to_end] = len(peers)
+        assert connections == {True: 1, False: 6}
+    finally:
+        server.should_exit = True
+        thread.join(10)
