@@ -2,8 +2,9 @@
 as soon as the previous one answers, and every answer is recorded (times, status, adapter, replica, text).
 With ``stream=True`` each request asks for server-sent events (``"stream": true``) and the client reads every
 chunk as it arrives; the sample also records when the first text came and how many chunks did. A streaming
-client stops reading at ``data: [DONE]`` as openai-python (3.60) does, and httpx then closes the connection
-(the end of the chunked body was not read yet): every stream opens a new one. With ``read_to_end=True`` it
+client stops reading at ``data: [DONE]`` as openai-python's synchronous client (3.60) does, and httpx then
+closes the connection (the end of the chunked body was not read yet): every stream opens a new one (its
+``AsyncStream`` reads the rest and keeps the connection). With ``read_to_end=True`` it
 reads each response to its end, so its connection is used again as a whole answer's is.
 
 Bounded by count and time: :meth:`ClosedLoop.stop` ends it, and every client also stops after

@@ -14,8 +14,8 @@ same ``max_batch_size`` (default 8, so that the mixed workload below has rows to
 - **service**: ``POST /v1/completions`` through Serve's proxy and the ingress to one replica (1 CPU),
   closed-loop clients at each ``--concurrency`` level, non-streaming and streaming
   (``"stream": true``, server-sent events read as they arrive): tokens/s, p50/p99 latency, and for
-  streams the time to the first text. A streaming client stops at ``data: [DONE]``, as openai-python
-  does, which closes its connection; at the top level the streams run once more with clients that
+  streams the time to the first text. A streaming client stops at ``data: [DONE]``, as openai-python's
+  synchronous client does, which closes its connection; at the top level the streams run once more with clients that
   read each response to its end and so keep their connection (``keep-conn``).
 - **mixed**: short requests (``--short-tokens``, non-streaming, ``--short-clients`` clients) alone, then
   the same under ``--long-streams`` streaming clients of ``--long-tokens`` tokens each: their p50.
@@ -303,7 +303,7 @@ def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency:
             out["stream"][f"c{c}"] = _level(url, clients=c, seconds=seconds, body=body, stream=True, tokens=tokens,
                                             max_tokens=max_tokens, what=name)
     if streams:  # the top level once more with clients that keep their connection (the others stop at [DONE], as
-        top = max(concurrency)  # openai-python does, and so open a new one for every stream)
+        top = max(concurrency)  # openai-python's sync client does, and so open a new one for every stream)
         out["stream_read_to_end"] = {f"c{top}": _level(
             url, clients=top, seconds=seconds, body=body, stream=True, tokens=tokens, max_tokens=max_tokens,
             what=name, read_to_end=True)}

@@ -343,9 +343,11 @@ class ModelReplica:
                 elif isinstance(event, Failed):
                     yield self._internal_error(version, event.error)
                     return
-                else:  # Finished: the last text takes it first (below), so this is only a safeguard
+                elif isinstance(event, Finished):  # the last text takes it first (below): only a safeguard
                     self._record(job, event.completion)
                     return
+                else:  # no other event reaches a stream (it asks for no logits)
+                    continue
                 item.update(delta=text.delta, finish_reason=text.finish_reason)
                 if text.finish_reason is not None:
                     # the scheduler delivers Finished with the last token: it is counted before the last item goes,

@@ -63,7 +63,7 @@ def test_serving_benchmark_small_run_writes_its_json(tmp_path):
     assert set(results["compiled"]["stream"]) == {"c2"}  # streaming clients, compiled only
     assert results["compiled"]["stream"]["c2"]["tokens_per_s"] > 0
     assert results["compiled"]["stream"]["c2"]["first_text_p50_ms"] > 0
-    assert results["compiled"]["stream"]["c2"]["read_to_end"] is False  # stops at [DONE], as openai-python does
+    assert results["compiled"]["stream"]["c2"]["read_to_end"] is False  # stops at [DONE] (openai-python's sync client)
     keep = results["compiled"]["stream_read_to_end"]["c2"]  # the top level again, clients that keep the connection
     assert keep["read_to_end"] is True and keep["tokens_per_s"] > 0 and keep["failed"] == 0
     mixed = results["compiled"]["mixed"]

@@ -47,9 +47,10 @@ def test_swap_layout_benchmark_writes_its_json(tmp_path):
 
 
 def test_streaming_load_clients_reuse_their_connection_only_when_they_read_to_the_end():
-    """A client that stops at ``data: [DONE]`` (as openai-python does) leaves the chunked body's end unread, so
-    httpx closes the connection: every stream opens a new one. The benchmarks' streaming clients do the same unless
-    told to read to the end, as whole-answer clients do. A real uvicorn server on loopback counts the connections."""
+    """A client that stops at ``data: [DONE]`` (as openai-python's synchronous client does) leaves the chunked
+    body's end unread, so httpx closes the connection: every stream opens a new one. The benchmarks' streaming
+    clients do the same unless told to read to the end, as whole-answer clients do. A real uvicorn server on
+    loopback counts the connections."""
     import socket
     import threading
     import time
