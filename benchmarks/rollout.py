@@ -317,9 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", required=True, help="where to write the JSON result")
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 3], help="replica counts (default 2 3)")
-    parser.add_argument("--rolls", type=int, default=10, help="rolls per replica count, each a new version")
+    # 30 rolls: about 400 requests overlap them under 4 clients, so their p99 is not just the second-worst request
+    # (10 rolls gave about 130, and 3-replica ratios of 1.19-1.40x where 30 gave 1.09x; BENCHMARKS.md section 2)
+    parser.add_argument("--rolls", type=int, default=30, help="rolls per replica count, each a new version "
+                        "(default 30)")
     parser.add_argument("--clients", type=int, default=4, help="closed-loop clients (default 4)")
-    parser.add_argument("--steady-s", type=float, default=10.0, help="seconds of steady state measured first")
+    parser.add_argument("--steady-s", type=float, default=20.0,
+                        help="seconds of steady state measured first (default 20: its p99 is over some 600 requests)")
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per request (default 8)")
     parser.add_argument("--adapter-slots", type=int, choices=(1, 2), default=2,
                         help="the replicas' adapter_slots (default 2; 1 drains on every swap)")
