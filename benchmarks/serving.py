@@ -427,7 +427,7 @@ def _print_table(payload: dict) -> None:
                       f"{per if per is None else round(per, 2)!s:>16}")
     print(f"\nservice: POST /v1/completions through Serve, 1 replica, max_batch_size {payload['max_batch_size']}, "
           f"max_tokens {payload['max_tokens']}, {payload['seconds']:.0f} s per level")
-    print(f"  {'mode':9} {'kind':9} {'clients':>5} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+    print(f"  {'mode':9} {'kind':9} {'clients':>7} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'1st text p50':>12} {'failed':>7}")
     for mode in ("compiled", "eager"):
         if mode not in results:
@@ -435,7 +435,7 @@ def _print_table(payload: dict) -> None:
         for kind in ("service", "stream", "stream_read_to_end"):
             for row in results[mode].get(kind, {}).values():
                 label = "whole" if not row["stream"] else "stream" if not row.get("read_to_end") else "keep-conn"
-                print(f"  {mode:9} {label:9} {row['concurrency']:5d} "
+                print(f"  {mode:9} {label:9} {row['concurrency']:7d} "
                       f"{row['tokens_per_s']:9.1f} {row['requests_per_s']:7.1f} {_ms(row['p50_ms']):>8} "
                       f"{_ms(row['p99_ms']):>8} {_ms(row.get('first_text_p50_ms')):>12} {row['failed']:7d}")
     m = results["compiled"].get("mixed")
