@@ -21,6 +21,7 @@ to it, then admits new requests to it: nothing drains (``last_drain_ms`` is 0).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -130,6 +131,7 @@ class ModelReplica:
         self.last_drain_ms: float | None = None  # the last swap's wait for the batch in flight
         self.last_smoke_ms: float | None = None  # ... and its smoke check
         self.phase = ReplicaPhase.IDLE
+        self._reports = (time.time_ns(), itertools.count(1))  # numbers this replica's reports (ReplicaReport.seq)
         self._failed: tuple[AdapterVersion, str, str, float] | None = None  # version, token, why, when
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
@@ -172,6 +174,7 @@ class ModelReplica:
             failed=failed[0] if failed else None, failure=failed[2] if failed else None,
             failed_token=failed[1] if failed else "", dtype=self.dtype,
             settings_fingerprint=self.settings.fingerprint, stats=self.stats(),
+            seq=(self._reports[0], next(self._reports[1])),
         )
 
     async def _watch(self) -> None:

@@ -58,6 +58,10 @@ class ReplicaReport:
     dtype: str = "float32"
     settings_fingerprint: str = ""
     stats: dict[str, Any] = field(default_factory=dict, compare=False)
+    # orders one replica's reports: Ray may run an async actor's calls out of order, even calls from one caller (a
+    # heartbeat sent while swapping can land after the ack that followed it); an older report than the last one
+    # heard only says the replica is alive. (replica start in ns, count): a restarted replica's reports are newer
+    seq: tuple[int, int] = field(default=(0, 0), compare=False)
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,15 @@ class ReplicaRegistry:
         self._seen: dict[str, ReplicaSeen] = {}
 
     def heard(self, report: ReplicaReport, now: float) -> bool:
-        """Record a report; True when the replica was not known before."""
+        """Record a report; True when the replica was not known before. A report older (``seq``) than the last one
+        heard from the replica arrived late: it only says the replica is alive."""
         seen = self._seen.get(report.replica_id)
         if seen is None:
             self._seen[report.replica_id] = ReplicaSeen(report, now, now)
             return True
-        seen.report, seen.last_seen = report, now
+        if report.seq >= seen.report.seq:
+            seen.report = report
+        seen.last_seen = now
         return False
 
     def grace(self, now: float) -> None:

@@ -357,7 +357,7 @@ class RolloutMachine:
             if r in op.reverted or r in op.dropped:
                 continue
             report = reg.report(r)
-            if report is not None and report.running == op.previous[r]:
+            if _back(report, op.previous[r]):
                 op.reverted.append(r)
             elif reg.is_gone(r, now):
                 op.dropped.append(r)
@@ -461,6 +461,12 @@ def _base_rule(s: DesiredState, replica_id: str) -> AdapterVersion:
     if s.canary is not None and replica_id in s.canary_replicas:
         return s.canary
     return s.stable
+
+
+def _back(report: ReplicaReport | None, previous: AdapterVersion) -> bool:
+    """A reverted replica is back: idle on its previous version. One that names it while swapping may be about to
+    flip to the new one (with two slots the old version stays active until the new one passed its check)."""
+    return report is not None and report.running == previous and report.phase == ReplicaPhase.IDLE
 
 
 def _token(report: ReplicaReport) -> str:

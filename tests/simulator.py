@@ -88,6 +88,7 @@ class SimController:
     def run(self, transition) -> bool:
         if transition is None:
             return True
+        before = self.sm.state.operation  # the operation as last committed (what a reply's check needs)
         try:
             self.store.save(transition.state)
         except (OSError, StateConflictError) as e:
@@ -100,7 +101,7 @@ class SimController:
         for action in actions:
             if isinstance(action, Reply):
                 self.replies[action.op_id] = action
-                self.world.finished(action)
+                self.world.finished(action, before)
             elif not isinstance(action, Notify):  # pragma: no cover - a new action kind needs a handler here
                 raise Violation(f"unknown action {action!r}")
         return ok
@@ -117,19 +118,29 @@ class SimReplica:
     failed: tuple[AdapterVersion, str] | None = None
     failed_at: float = 0.0
     swaps: list[tuple[str, AdapterVersion]] = field(default_factory=list)
+    # while it swaps, the report names the version it swaps to (one slot, loaded in place) or, with two slots, the
+    # one still active until the new one passed its check and is flipped to (the real engine's default)
+    names_new_while_swapping: bool = True
+    # its next report arrives this many ticks late, after the ones it sends meanwhile (Ray does not order an async
+    # actor's calls, not even one caller's: a heartbeat sent while swapping can land after the ack that followed it)
+    delay_next: int = 0
+    sent: int = 0
 
     def report(self) -> ReplicaReport:
-        # while it swaps and smoke-checks, the engine already names the new version (as the real one does)
-        running = self.applying[0] if self.applying else self.running
+        self.sent += 1
+        running = self.applying[0] if self.applying and self.names_new_while_swapping else self.running
         return ReplicaReport(self.id, running, ReplicaPhase.SWAPPING if self.applying else ReplicaPhase.IDLE,
                              failed=self.failed[0] if self.failed else None,
                              failure="injected smoke-check failure" if self.failed else None,
-                             failed_token=self.failed[1] if self.failed else "")
+                             failed_token=self.failed[1] if self.failed else "", seq=(0, self.sent))
 
 
 class World:
-    def __init__(self, *, replicas: int = 3, batch_size: int = 1, initial: str | None = "v1") -> None:
+    def __init__(self, *, replicas: int = 3, batch_size: int = 1, initial: str | None = "v1",
+                 two_slots: bool = False) -> None:
         self.now = 0.0
+        self.two_slots = two_slots  # replicas name the active slot's version while they swap
+        self.in_flight: list[tuple[int, ReplicaReport]] = []  # late reports: (the step they arrive at, report)
         self.cluster = "sim-cluster"  # the Ray cluster's session name; new_cluster() starts another
         self.batch_size = batch_size
         self.backend = FakeBackend()
@@ -153,15 +164,15 @@ class World:
 
     def add_replica(self) -> str:
         rid = f"r{next(self._ids)}"
-        self.replicas[rid] = replica = SimReplica(rid)
+        self.replicas[rid] = replica = SimReplica(rid, names_new_while_swapping=not self.two_slots)
         self.trace.append(f"register {rid}")
         if not self.controller.start():
             return rid  # it registers at its next step
         # a replica registers before it serves, and starts on what the answer assigns
-        self.controller.run(self.controller.sm.heard(replica.report(), self.now))
+        self._send(replica)
         self._apply_now(replica, self.controller.sm)
         if replica.alive:
-            self.controller.run(self.controller.sm.heard(replica.report(), self.now))
+            self._send(replica)
         return rid
 
     def request(self, kind: OpKind, uri: str | None = None, percent: float | None = None) -> str | None:
@@ -188,6 +199,26 @@ class World:
     def stall(self, rid: str, on: bool) -> None:
         self.trace.append(f"{'stall' if on else 'resume'} {rid}")
         self.replicas[rid].stalled = on
+
+    def delay(self, rid: str, ticks: int) -> None:
+        """``rid``'s next report arrives ``ticks`` ticks late, overtaken by the ones it sends meanwhile."""
+        self.trace.append(f"delay {rid}'s next report {ticks} ticks")
+        self.replicas[rid].delay_next = ticks
+
+    def _send(self, replica: SimReplica) -> None:
+        report = replica.report()
+        if replica.delay_next:
+            self.in_flight.append((self.steps + replica.delay_next, report))
+            replica.delay_next = 0
+        else:
+            self.controller.run(self.controller.sm.heard(report, self.now))
+
+    def _deliver_late(self) -> None:
+        due = [report for step, report in self.in_flight if step <= self.steps]
+        self.in_flight = [(step, report) for step, report in self.in_flight if step > self.steps]
+        for report in due:
+            self.trace.append(f"late report from {report.replica_id}: {report.running.short()} {report.phase.value}")
+            self.controller.run(self.controller.sm.heard(report, self.now))
 
     def crash_controller(self) -> None:
         self.trace.append("crash controller")
@@ -231,6 +262,7 @@ class World:
                 for replica in list(self.replicas.values()):
                     if replica.alive and not replica.stalled:
                         self._replica_step(replica)
+                self._deliver_late()
                 self.controller.run(self.controller.sm.tick(self.now))
             if self.zombie is not None:  # a zombie still hears old heartbeats and ticks; its saves must be refused
                 self.zombie.run(self.zombie.sm.tick(self.now))
@@ -253,18 +285,18 @@ class World:
             if target != replica.running and retry:
                 # it says it is swapping first (the real replica heartbeats as an apply starts), then swaps
                 replica.applying = (target, token, replica.slowness)
-                self.controller.run(sm.heard(replica.report(), self.now))
+                self._send(replica)
                 if not replica.slowness:
                     self._finish_apply(replica, target, token)
                 if not replica.alive:
                     return
-        self.controller.run(sm.heard(replica.report(), self.now))
+        self._send(replica)
 
     def _apply_now(self, replica: SimReplica, sm: RolloutMachine) -> None:
         target, token = sm.assignment(replica.id), sm.token(replica.id)
         if target != replica.running:
             replica.applying = (target, token, 0)
-            self.controller.run(sm.heard(replica.report(), self.now))  # the heartbeat as its apply starts
+            self._send(replica)  # the heartbeat as its apply starts
             self._finish_apply(replica, target, token)
 
     def _finish_apply(self, replica: SimReplica, version: AdapterVersion, token: str) -> None:
@@ -295,8 +327,19 @@ class World:
         if controller is self.zombie and self.controller.claimed:
             self.violation("a fenced (zombie) controller's save went through")
 
-    def finished(self, reply: Reply) -> None:
+    def finished(self, reply: Reply, op=None) -> None:
         self.completed.append(reply)
+        if reply.outcome == Outcome.REVERTED and op is not None and op.id == reply.op_id and not (
+                op.phase == Phase.REVERT and self.now > op.deadline):  # not the revert's own deadline passing
+            # "reverted" means back: every replica it touched runs its previous version when the reply goes out
+            for rid, previous in op.previous.items():
+                replica = self.replicas.get(rid)
+                if rid in reply.result["dropped"] or replica is None or not replica.alive:
+                    continue
+                if replica.running != previous or (replica.applying and replica.applying[0] != previous):
+                    self.violation(f"{op.kind.value} answered 'reverted' while {rid} runs {replica.running.short()}"
+                                   f"{' and swaps to ' + replica.applying[0].short() if replica.applying else ''}"
+                                   f", not its previous {previous.short()}")
         version = AdapterVersion.of(reply.result.get("version")) if reply.result else None
         if (reply.outcome == Outcome.OK and version in self.deadly and reply.result["dropped"]
                 and not reply.result["swapped"] and reply.result["kind"] in ("roll", "canary", "promote")):
@@ -325,6 +368,7 @@ class World:
         for r in self.replicas.values():
             r.stalled = False
             r.slowness = 0
+            r.delay_next = 0  # reports already in flight still arrive late
         self.bad.clear()
         self.deadly.clear()
         owed, self.replacements = self.replacements, 0  # replicas a capped crash loop did not restart

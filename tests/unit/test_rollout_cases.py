@@ -427,3 +427,100 @@ def test_a_controller_restarted_by_ray_waits_the_settle_time_even_if_another_clu
 def test_control_a_restart_not_known_as_one_makes_the_failing_version_stable():
     world = _restart_after_another_cluster_claimed(restarted=False)
     assert world.controller.sm.state.stable == V2  # r1 and r2 were dropped unheard: the check never ran there
+
+
+# --- found by tests/integration/test_faults.py: a heartbeat overtaken by the ack that followed it ---------------
+
+def _overtaken_heartbeat_then_a_failure(world: World) -> None:
+    """r0's heartbeat as it starts swapping to v2 ("v1, swapping") arrives two ticks late, after its ack: r0 is done
+    and r1 swaps next, fails its smoke check, and the roll reverts; then the stale heartbeat lands."""
+    world.request(OpKind.ROLL, "v2")
+    world.delay("r0", 2)
+    world.replicas["r1"].slowness = 1
+    world.advance(1)  # r0 swaps; its ack arrives, its heartbeat is late; r1 starts its (slow) swap
+    world.bad.add(V2)
+    world.advance(2)  # r1 fails its check and the roll reverts; then r0's stale heartbeat arrives
+
+
+def test_a_stale_heartbeat_does_not_count_a_replica_as_reverted():
+    """Two slots: a replica names its active (old) version while it swaps. The stale heartbeat said r0 runs v1, so
+    the revert counted r0 back at once and answered 'reverted' while r0 still served v2."""
+    world = World(replicas=3, two_slots=True)
+    _overtaken_heartbeat_then_a_failure(world)
+    world.quiesce()
+    reply = world.completed[-1]
+    assert reply.outcome == Outcome.REVERTED and "injected smoke-check failure" in str(reply.error)
+    assert set(_running(world).values()) == {V1.uri}
+    assert world.replicas["r0"].swaps[-1][1] == V1  # r0 was swapped back before the reply
+
+
+def _a_late_idle_report_then_a_failure(world: World) -> None:
+    """r0's "v1, idle" from before the roll (the report its watch carries) arrives three ticks late: after r0
+    moved to v2, and after r1's failed check turned the roll to revert."""
+    world.delay("r0", 3)
+    world.advance(1)
+    world.request(OpKind.ROLL, "v2")
+    world.replicas["r1"].slowness = 1
+    world.advance(1)  # r0 swaps to v2 and is done; r1 starts a slow swap
+    world.bad.add(V2)
+    world.advance(2)  # r1 fails and the roll reverts; r0's late report lands
+
+
+def test_a_report_older_than_the_last_one_heard_only_says_the_replica_is_alive():
+    world = World(replicas=3, two_slots=True)
+    _a_late_idle_report_then_a_failure(world)
+    assert world.controller.sm.state.operation is not None  # r0 is not back: no answer yet
+    world.quiesce()
+    assert world.completed[-1].outcome == Outcome.REVERTED
+    assert set(_running(world).values()) == {V1.uri}
+    assert [v for _, v in world.replicas["r0"].swaps][-2:] == [V2, V1]
+
+
+def test_control_a_registry_that_keeps_the_last_report_to_arrive_answers_reverted_too_early(monkeypatch):
+    """Control: the registry as it was (the last report to arrive wins); the revert's own rule still stands."""
+    from hotswap.registry import ReplicaRegistry, ReplicaSeen
+
+    def heard(self, report, now):
+        seen = self._seen.get(report.replica_id)
+        if seen is None:
+            self._seen[report.replica_id] = ReplicaSeen(report, now, now)
+            return True
+        seen.report, seen.last_seen = report, now
+        return False
+
+    monkeypatch.setattr(ReplicaRegistry, "heard", heard)
+    with pytest.raises(Violation, match="answered 'reverted' while r0 runs s3://bkt/v2"):
+        _a_late_idle_report_then_a_failure(World(replicas=3, two_slots=True))
+
+
+def _a_swap_still_in_flight_when_the_roll_reverts(world: World) -> None:
+    """Two replicas swap together to v2; r1 hangs (never answers) and r0 is slow, still swapping when the step's
+    deadline passes and the roll reverts."""
+    world.request(OpKind.ROLL, "v2")
+    world.replicas["r0"].slowness = int(SWAP_TIMEOUT_S) + 5
+    world.stall("r1", True)
+    world.advance(int(SWAP_TIMEOUT_S) + 2)
+
+
+def test_a_replica_still_swapping_forward_is_not_counted_as_reverted():
+    """With two slots a swapping replica names its old (active) version: the revert counted r0 back at once and
+    answered 'reverted', and r0 then flipped to v2."""
+    world = World(replicas=3, batch_size=2, two_slots=True)
+    _a_swap_still_in_flight_when_the_roll_reverts(world)
+    assert world.controller.sm.state.operation.phase == Phase.REVERT  # r0 is not back yet: no answer yet
+    world.quiesce()
+    reply = world.completed[-1]
+    assert reply.outcome == Outcome.REVERTED and "no answer within swap_timeout_s" in str(reply.error)
+    assert set(_running(world).values()) == {V1.uri}
+    assert [v for _, v in world.replicas["r0"].swaps][-2:] == [V2, V1]  # it flipped to v2, then went back
+
+
+def test_control_a_revert_that_counts_a_swapping_replica_as_back_answers_too_early(monkeypatch):
+    """Control: the revert's old rule (any report naming the previous version, swapping or not)."""
+    import hotswap.rollout
+
+    monkeypatch.setattr(hotswap.rollout, "_back", lambda report, previous: report is not None
+                        and report.running == previous)
+    world = World(replicas=3, batch_size=2, two_slots=True)
+    with pytest.raises(Violation, match="answered 'reverted' while r0 runs s3://bkt/v1.* and swaps to s3://bkt/v2"):
+        _a_swap_still_in_flight_when_the_roll_reverts(world)
