@@ -358,6 +358,9 @@ class ModelReplica:
                     finished = await anext(events)
                     if isinstance(finished, Finished):
                         self._record(job, finished.completion)
+                    else:  # the scheduler broke its order: say so rather than lose the request's metrics quietly
+                        logger.error("stream: %r came after the last token instead of Finished; this request is "
+                                     "not in the replica's metrics", finished)
                     yield item
                     return
                 yield item

@@ -137,6 +137,38 @@ def test_streaming_gives_the_same_text_and_headers(app, max_tokens):
     assert all(c["adapter_sha256"] == sha for c in chunks)
 
 
+@pytest.mark.parametrize("max_tokens", [10, 1], ids=["ten-tokens", "whole-answer-in-the-first-item"])
+def test_stream_ends_in_the_message_with_the_finish_reason(app, max_tokens):
+    """The ingress's response body, message by message (what HTTP turns into chunks and the client into reads):
+    ``[DONE]`` goes in the same message as the chunk with the finish reason, the last one, instead of one more
+    message once the replica's stream closes; the replica's stream is then read to its end in the background.
+    The ingress's own streaming code against the app's real replicas, outside Serve, so nothing merges messages."""
+    import asyncio
+
+    from deployments.ingress import Ingress, _draining
+
+    _, _, sha, handle = app
+    ingress = object.__new__(Ingress.func_or_class)  # only what _stream uses: the handle to the replicas
+    ingress.replica = handle
+    request = {"prompt": "stream me", "max_tokens": max_tokens, "temperature": 0}
+
+    async def body() -> list[str]:
+        response = await ingress._stream(request, lambda item, adapter: [
+            {"text": item["delta"], "finish_reason": item["finish_reason"], "sha": adapter["adapter_sha256"]}])
+        messages = [m async for m in response.body_iterator]
+        await asyncio.wait_for(asyncio.gather(*_draining), timeout=60)  # the replica's stream, read to its end
+        return messages
+
+    messages = asyncio.run(body())
+    assert messages[-1].endswith("data: [DONE]\n\n"), messages
+    events = [e.removeprefix("data: ") for e in messages[-1].split("\n\n") if e]
+    assert len(events) >= 2 and events[-1] == "[DONE]", messages  # the last chunk and [DONE], together
+    last = json.loads(events[-2])
+    assert last["finish_reason"] is not None and last["sha"] == sha
+    assert all("[DONE]" not in m for m in messages[:-1])
+    assert not _draining
+
+
 BAD_BODIES = [
     ("not-json", b"{nope", "not valid JSON"),
     ("array-body", b"[1, 2]", ""),
