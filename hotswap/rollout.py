@@ -361,7 +361,10 @@ class RolloutMachine:
                 op.reverted.append(r)
             elif reg.is_gone(r, now):
                 op.dropped.append(r)
-            elif report is not None and report.phase == ReplicaPhase.FAILED and _token(report) == token:
+            # out of rotation after a failure of this operation's (forward or revert): one that failed forward and
+            # names its previous version is never handed the revert (nothing differs), so no revert token comes
+            elif (report is not None and report.phase == ReplicaPhase.FAILED
+                  and _token(report).startswith(f"{op.id}:")):
                 op.reverted.append(r)
                 _event(op, f"{r}: could not go back to {op.previous[r].short()} ({report.failure}); it is out "
                            "of rotation until it converges")

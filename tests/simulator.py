@@ -332,7 +332,8 @@ class World:
         if reply.outcome == Outcome.REVERTED and op is not None and op.id == reply.op_id and not (
                 op.phase == Phase.REVERT and self.now > op.deadline):  # not the revert's own deadline passing
             # "reverted" means back: every replica it touched runs its previous version when the reply goes out
-            for rid, previous in op.previous.items():
+            for rid in op.touched():
+                previous = op.previous[rid]
                 replica = self.replicas.get(rid)
                 if rid in reply.result["dropped"] or replica is None or not replica.alive:
                     continue

@@ -524,3 +524,30 @@ def test_control_a_revert_that_counts_a_swapping_replica_as_back_answers_too_ear
     world = World(replicas=3, batch_size=2, two_slots=True)
     with pytest.raises(Violation, match="answered 'reverted' while r0 runs s3://bkt/v1.* and swaps to s3://bkt/v2"):
         _a_swap_still_in_flight_when_the_roll_reverts(world)
+
+
+def test_a_replica_failed_forward_on_its_previous_version_ends_the_revert_at_once():
+    """One slot, the copy of v2 failed and so did the restore: the replica reports v1, FAILED, with the forward
+    token. The IDLE rule alone left the revert waiting for it until it was gone (it is never handed the revert:
+    it already names v1), refusing every other operation meanwhile (found by an outside review of c3c4b5d)."""
+    from hotswap.messages import ReplicaPhase, ReplicaReport
+    from hotswap.rollout import Reply
+    from hotswap.state import DesiredState
+
+    state = DesiredState()
+    state.stable = V1
+    sm = RolloutMachine(state, batch_size=1, swap_timeout_s=120, liveness_s=30, forget_after_s=120, settle_s=0,
+                        now=0.0, new_id=lambda: "op1")
+
+    def run(transition):
+        return sm.commit(transition) if transition else []
+
+    for rid in ("r1", "r2"):
+        run(sm.heard(ReplicaReport(rid, V1, seq=(1, 1)), 0.0))
+    run(sm.request(OpKind.ROLL, V2, 1.0, op_id="op1"))
+    failed = ReplicaReport("r1", V1, ReplicaPhase.FAILED, failed=V2, failure="restore failed",
+                           failed_token="op1:forward", seq=(1, 5))
+    actions = run(sm.heard(failed, 2.0))
+    assert sm.state.operation is None
+    reply = next(a for a in actions if isinstance(a, Reply))
+    assert reply.outcome == Outcome.REVERTED and reply.result["dropped"] == []
