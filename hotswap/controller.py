@@ -376,6 +376,7 @@ class HotswapController:
         await self._ready(self.settings.watch_timeout_s)
         await self._heard(report)
         assignment = await self._assignment(report.replica_id)
+        self.sm.registry.hand(report.replica_id, assignment.version, report.seq)
         logger.info("replica %s registered; assigned %s", report.replica_id, assignment.version.short())
         return assignment
 
@@ -409,11 +410,14 @@ class HotswapController:
             except asyncio.TimeoutError:
                 return None
         try:
-            return await self._assignment(rid)
+            assignment = await self._assignment(rid)
         except Exception as e:  # noqa: BLE001 - staging failed: logged, retried at the next watch
             logger.error("could not stage %s for replica %s: %s", self.sm.assignment(rid).short(), rid,
                          describe_error(e))
             return None
+        # until a report sent after it is heard, the replica may be about to apply it (the revert waits for that)
+        self.sm.registry.hand(rid, assignment.version, report.seq)
+        return assignment
 
     # --- operations -----------------------------------------------------------------------------------
 

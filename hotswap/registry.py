@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hotswap.messages import ReplicaPhase, ReplicaReport
+from hotswap.versions import AdapterVersion
 
 __all__ = ["ReplicaRegistry", "ReplicaSeen"]
 
@@ -20,6 +21,9 @@ class ReplicaSeen:
     report: ReplicaReport
     last_seen: float
     first_seen: float
+    # the last assignment handed to it, and the seq of the report its watch (or register) carried: until a newer
+    # report comes, the replica may be about to apply it, whatever its reports say
+    handed: tuple[AdapterVersion, tuple[int, int]] | None = None
 
 
 class ReplicaRegistry:
@@ -43,6 +47,24 @@ class ReplicaRegistry:
             seen.report = report
         seen.last_seen = now
         return False
+
+    def hand(self, replica_id: str, version: AdapterVersion, seq: tuple[int, int]) -> None:
+        """The controller answered a watch (or register) that carried the report numbered ``seq`` with ``version``."""
+        seen = self._seen.get(replica_id)
+        if seen is not None:
+            seen.handed = (version, seq)
+
+    def in_flight(self, replica_id: str) -> AdapterVersion | None:
+        """The version last handed to ``replica_id`` if no report sent after it received it has been heard yet (it
+        may still be on its way to the replica, or about to be applied); else ``None``. A replica that numbers no
+        reports (seq (0, 0), an older release) is never judged to have one in flight."""
+        seen = self._seen.get(replica_id)
+        if seen is None or seen.handed is None:
+            return None
+        version, seq = seen.handed
+        if seq == (0, 0) or seen.report.seq > seq:
+            return None
+        return version
 
     def grace(self, now: float) -> None:
         """Judge nobody gone for a while from ``now``: the controller itself was not listening (a stall)."""

@@ -16,10 +16,11 @@ save failure delays progress but never loses it.
 An operation moves its ``targets`` to its version ``batch_size`` at a time. A replica counts
 as moved only when it reports running the version. A replica that reports a failure (for the
 operation's own assignment token), or a step that gets no answer within ``swap_timeout_s``,
-turns the operation to its REVERT phase: every replica it touched is assigned its previous
-version again, and the operation ends when each is back, gone, or the revert's own deadline
-passes. Operations that move everyone (roll, promote, rollback to the previous stable) take
-in replicas that appear while they run.
+turns the operation to its REVERT phase: every target is assigned its previous version again,
+and the operation ends when each is back (idle on it, with no other version handed to it
+since its last report), gone, out of rotation, or the revert's own deadline passes.
+Operations that move everyone (roll, promote, rollback to the previous stable) take in
+replicas that appear while they run.
 """
 
 from __future__ import annotations
@@ -351,13 +352,35 @@ class RolloutMachine:
             op.moving.extend(queue[: self.batch_size])
             op.deadline = now + self.swap_timeout_s
             return [Notify()]
-        # REVERT: every replica the operation touched goes back to its previous version
+        # REVERT: every replica the operation touched goes back to its previous version. The others it targeted are
+        # looked at too: one dropped mid-swap that came back is no longer counted as moving, yet may run the version
+        for r in list(op.dropped):  # back after all: it is sent back too (its assignment is its previous version)
+            report = reg.report(r)
+            if reg.is_live(r, now) and report is not None and report.phase != ReplicaPhase.FAILED:
+                op.dropped.remove(r)
+                _event(op, f"{r}: reported in again; back in the revert")
         settled = True
-        for r in op.touched():
+        touched = op.touched()
+        for r in _revert_scope(op):
             if r in op.reverted or r in op.dropped:
                 continue
             report = reg.report(r)
-            if _back(report, op.previous[r]):
+            pending = reg.in_flight(r)
+            if pending is not None and pending != op.previous[r]:
+                # handed another version and not heard from since it got it: its reports say nothing of it yet
+                if reg.is_gone(r, now):
+                    op.dropped.append(r)
+                else:
+                    settled = False
+            elif r not in touched:
+                # never moved by this operation: it holds the revert only while it may run the version (it came back
+                # on it after it was dropped, or is swapping), not for what else it may be doing
+                if reg.is_gone(r, now):
+                    op.dropped.append(r)
+                elif report is not None and report.phase == ReplicaPhase.SWAPPING or (
+                        report is not None and report.running == op.version and report.phase == ReplicaPhase.IDLE):
+                    settled = False
+            elif _back(report, op.previous[r]):
                 op.reverted.append(r)
             elif reg.is_gone(r, now):
                 op.dropped.append(r)
@@ -366,8 +389,12 @@ class RolloutMachine:
             elif (report is not None and report.phase == ReplicaPhase.FAILED
                   and _token(report).startswith(f"{op.id}:")):
                 op.reverted.append(r)
-                _event(op, f"{r}: could not go back to {op.previous[r].short()} ({report.failure}); it is out "
-                           "of rotation until it converges")
+                if _token(report) == f"{op.id}:{Phase.FORWARD.value}":
+                    _event(op, f"{r}: failed {op.version.short()} and could not restore {op.previous[r].short()} "
+                               f"({report.failure}); it is out of rotation until it converges")
+                else:
+                    _event(op, f"{r}: could not go back to {op.previous[r].short()} ({report.failure}); it is out "
+                               "of rotation until it converges")
             else:
                 settled = False
         if settled or now > op.deadline:
@@ -464,6 +491,11 @@ def _base_rule(s: DesiredState, replica_id: str) -> AdapterVersion:
     if s.canary is not None and replica_id in s.canary_replicas:
         return s.canary
     return s.stable
+
+
+def _revert_scope(op: Operation) -> list[str]:
+    """The replicas a revert looks at: every target (those it did not touch only while they may run the version)."""
+    return list(op.targets)
 
 
 def _back(report: ReplicaReport | None, previous: AdapterVersion) -> bool:

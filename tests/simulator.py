@@ -101,7 +101,7 @@ class SimController:
         for action in actions:
             if isinstance(action, Reply):
                 self.replies[action.op_id] = action
-                self.world.finished(action, before)
+                self.world.finished(action, before, self.sm.registry)
             elif not isinstance(action, Notify):  # pragma: no cover - a new action kind needs a handler here
                 raise Violation(f"unknown action {action!r}")
         return ok
@@ -125,6 +125,10 @@ class SimReplica:
     # actor's calls, not even one caller's: a heartbeat sent while swapping can land after the ack that followed it)
     delay_next: int = 0
     sent: int = 0
+    # the answer to its watch (an assignment) reaches it this many ticks after the controller handed it out; the
+    # replica sends nothing meanwhile (its one watch call is still returning), then applies it however stale
+    hold_next: int = 0
+    inbox: tuple[AdapterVersion, str, int] | None = None  # version, token, ticks until it arrives
 
     def report(self) -> ReplicaReport:
         self.sent += 1
@@ -205,6 +209,18 @@ class World:
         self.trace.append(f"delay {rid}'s next report {ticks} ticks")
         self.replicas[rid].delay_next = ticks
 
+    def hold(self, rid: str, ticks: int) -> None:
+        """The next assignment handed to ``rid`` reaches it ``ticks`` ticks later (it may be stale by then)."""
+        self.trace.append(f"hold {rid}'s next assignment {ticks} ticks")
+        self.replicas[rid].hold_next = ticks
+
+    def _hand(self, replica: SimReplica, sm: RolloutMachine) -> tuple[AdapterVersion, str]:
+        """The controller answers the replica's watch (or register), which carried its last report: as the actor
+        does, it records what it handed out and the number of that report."""
+        version, token = sm.assignment(replica.id), sm.token(replica.id)
+        sm.registry.hand(replica.id, version, (0, replica.sent))
+        return version, token
+
     def _send(self, replica: SimReplica) -> None:
         report = replica.report()
         if replica.delay_next:
@@ -272,7 +288,17 @@ class World:
 
     def _replica_step(self, replica: SimReplica) -> None:
         sm = self.controller.sm
-        if replica.applying is not None:
+        if replica.inbox is not None:
+            version, token, left = replica.inbox
+            if left > 0:
+                replica.inbox = (version, token, left - 1)
+                return  # its watch's answer is still on its way: nothing to report meanwhile
+            replica.inbox = None
+            if version != replica.running:  # the real replica applies what it is handed, however stale
+                self._start_apply(replica, version, token)
+                if not replica.alive:
+                    return
+        elif replica.applying is not None:
             version, token, left = replica.applying
             if left > 0:
                 replica.applying = (version, token, left - 1)
@@ -283,17 +309,24 @@ class World:
             # a failure is not retried for the same operation; a failed steady-state assignment is, after a while
             retry = replica.failed != (target, token) or (not token and self.now - replica.failed_at >= RETRY_S)
             if target != replica.running and retry:
-                # it says it is swapping first (the real replica heartbeats as an apply starts), then swaps
-                replica.applying = (target, token, replica.slowness)
-                self._send(replica)
-                if not replica.slowness:
-                    self._finish_apply(replica, target, token)
+                self._hand(replica, sm)
+                if replica.hold_next:
+                    replica.inbox, replica.hold_next = (target, token, replica.hold_next - 1), 0
+                    return
+                self._start_apply(replica, target, token)
                 if not replica.alive:
                     return
         self._send(replica)
 
+    def _start_apply(self, replica: SimReplica, target: AdapterVersion, token: str) -> None:
+        # it says it is swapping first (the real replica heartbeats as an apply starts), then swaps
+        replica.applying = (target, token, replica.slowness)
+        self._send(replica)
+        if not replica.slowness:
+            self._finish_apply(replica, target, token)
+
     def _apply_now(self, replica: SimReplica, sm: RolloutMachine) -> None:
-        target, token = sm.assignment(replica.id), sm.token(replica.id)
+        target, token = self._hand(replica, sm)
         if target != replica.running:
             replica.applying = (target, token, 0)
             self._send(replica)  # the heartbeat as its apply starts
@@ -327,19 +360,29 @@ class World:
         if controller is self.zombie and self.controller.claimed:
             self.violation("a fenced (zombie) controller's save went through")
 
-    def finished(self, reply: Reply, op=None) -> None:
+    def finished(self, reply: Reply, op=None, registry=None) -> None:
         self.completed.append(reply)
         if reply.outcome == Outcome.REVERTED and op is not None and op.id == reply.op_id and not (
                 op.phase == Phase.REVERT and self.now > op.deadline):  # not the revert's own deadline passing
-            # "reverted" means back: every replica it touched runs its previous version when the reply goes out
-            for rid in op.touched():
+            # "reverted" means back: when the reply goes out, every replica the operation touched runs its previous
+            # version, and no target runs the version, swaps to it or has it on its way. Skipped: a target dropped
+            # that the controller has not heard from since (gone, as far as it can know), and dead replicas
+            touched = op.touched()
+            for rid in op.targets:
                 previous = op.previous[rid]
                 replica = self.replicas.get(rid)
-                if rid in reply.result["dropped"] or replica is None or not replica.alive:
+                if replica is None or not replica.alive:
                     continue
-                if replica.running != previous or (replica.applying and replica.applying[0] != previous):
+                if rid in reply.result["dropped"] and registry is not None and not registry.is_live(rid, self.now):
+                    continue
+                coming = [v[0] for v in (replica.applying, replica.inbox) if v]
+                if rid in touched:
+                    wrong = replica.running != previous or any(v != previous for v in coming)
+                else:
+                    wrong = replica.running == op.version or op.version in coming
+                if wrong:
                     self.violation(f"{op.kind.value} answered 'reverted' while {rid} runs {replica.running.short()}"
-                                   f"{' and swaps to ' + replica.applying[0].short() if replica.applying else ''}"
+                                   f"{' and swaps to ' + coming[0].short() if coming else ''}"
                                    f", not its previous {previous.short()}")
         version = AdapterVersion.of(reply.result.get("version")) if reply.result else None
         if (reply.outcome == Outcome.OK and version in self.deadly and reply.result["dropped"]
@@ -370,6 +413,7 @@ class World:
             r.stalled = False
             r.slowness = 0
             r.delay_next = 0  # reports already in flight still arrive late
+            r.hold_next = 0  # an assignment already on its way still arrives late
         self.bad.clear()
         self.deadly.clear()
         owed, self.replacements = self.replacements, 0  # replicas a capped crash loop did not restart

@@ -114,6 +114,38 @@ def test_a_failed_state_save_fails_the_roll_and_leaves_nothing_in_progress(base_
     asyncio.run(scenario())
 
 
+def test_the_controller_records_what_it_hands_out_and_the_report_the_call_carried(base_settings, tmp_path,
+                                                                                  make_adapter):
+    """register and watch record the version they answer with and the number of the report the call carried: until
+    a newer report is heard, the replica may be about to apply it (the revert waits for that)."""
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.3, replica_liveness_s=2)
+    v1 = str(make_adapter("ctl-handed", seed=3))
+
+    def numbered(running, n: int) -> ReplicaReport:
+        return ReplicaReport("r0", running, settings_fingerprint=settings.fingerprint, seq=(7, n))
+
+    async def scenario():
+        controller = HotswapController(settings, "handed")
+        assignment = await controller.register(numbered(BASE, 1))
+        registry = controller.sm.registry  # the machine exists once the controller is ready
+        assert registry.in_flight("r0") == assignment.version == BASE
+        await controller.heartbeat(numbered(BASE, 2))
+        assert registry.in_flight("r0") is None
+        rolling = asyncio.ensure_future(controller.roll(v1))
+        n, assignment = 3, None
+        while assignment is None:  # a watch times out until the roll has fetched, validated and started
+            assignment = await controller.watch(numbered(BASE, n))
+            n += 1
+        assert assignment.version.uri == v1 and registry.in_flight("r0") == assignment.version
+        await controller.heartbeat(numbered(BASE, 2))  # a late report, older than the watch's: it says nothing new
+        assert registry.in_flight("r0") == assignment.version
+        await controller.heartbeat(numbered(assignment.version, n + 1))
+        assert registry.in_flight("r0") is None
+        assert (await rolling)["swapped"] == ["r0"]
+
+    asyncio.run(scenario())
+
+
 async def _live(controller, n) -> bool:
     status = await controller.status()
     return status["ready"] and sum(r["live"] for r in status["replicas"]) == n

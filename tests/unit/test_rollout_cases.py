@@ -476,21 +476,40 @@ def test_a_report_older_than_the_last_one_heard_only_says_the_replica_is_alive()
     assert [v for _, v in world.replicas["r0"].swaps][-2:] == [V2, V1]
 
 
+def _last_report_wins(self, report, now):
+    """ReplicaRegistry.heard as it was before reports were numbered: the last report to arrive wins."""
+    from hotswap.registry import ReplicaSeen
+
+    seen = self._seen.get(report.replica_id)
+    if seen is None:
+        self._seen[report.replica_id] = ReplicaSeen(report, now, now)
+        return True
+    seen.report, seen.last_seen = report, now
+    return False
+
+
 def test_control_a_registry_that_keeps_the_last_report_to_arrive_answers_reverted_too_early(monkeypatch):
-    """Control: the registry as it was (the last report to arrive wins); the revert's own rule still stands."""
-    from hotswap.registry import ReplicaRegistry, ReplicaSeen
+    """Control: the registry as it was (the last report to arrive wins), and no record of what was handed out (the
+    late report lands while r0 is still due its forward assignment's ack, so that record alone also holds the revert
+    back); the revert's own rule still stands."""
+    from hotswap.registry import ReplicaRegistry
 
-    def heard(self, report, now):
-        seen = self._seen.get(report.replica_id)
-        if seen is None:
-            self._seen[report.replica_id] = ReplicaSeen(report, now, now)
-            return True
-        seen.report, seen.last_seen = report, now
-        return False
-
-    monkeypatch.setattr(ReplicaRegistry, "heard", heard)
+    monkeypatch.setattr(ReplicaRegistry, "heard", _last_report_wins)
+    monkeypatch.setattr(ReplicaRegistry, "in_flight", lambda self, replica_id: None)
     with pytest.raises(Violation, match="answered 'reverted' while r0 runs s3://bkt/v2"):
         _a_late_idle_report_then_a_failure(World(replicas=3, two_slots=True))
+
+
+def _reverted_only_once_back(world: World, schedule, rid: str, reason: str) -> None:
+    """``schedule`` turns the roll of v2 to revert while ``rid`` is on its way to v2: no answer until it applied v2
+    and went back; then everyone runs v1."""
+    schedule(world)
+    assert world.controller.sm.state.operation.phase == Phase.REVERT  # rid is not back yet: no answer yet
+    world.quiesce()
+    reply = world.completed[-1]
+    assert reply.outcome == Outcome.REVERTED and reason in str(reply.error)
+    assert set(_running(world).values()) == {V1.uri}
+    assert [v for _, v in world.replicas[rid].swaps][-2:] == [V2, V1]  # it got to v2, then went back
 
 
 def _a_swap_still_in_flight_when_the_roll_reverts(world: World) -> None:
@@ -505,14 +524,8 @@ def _a_swap_still_in_flight_when_the_roll_reverts(world: World) -> None:
 def test_a_replica_still_swapping_forward_is_not_counted_as_reverted():
     """With two slots a swapping replica names its old (active) version: the revert counted r0 back at once and
     answered 'reverted', and r0 then flipped to v2."""
-    world = World(replicas=3, batch_size=2, two_slots=True)
-    _a_swap_still_in_flight_when_the_roll_reverts(world)
-    assert world.controller.sm.state.operation.phase == Phase.REVERT  # r0 is not back yet: no answer yet
-    world.quiesce()
-    reply = world.completed[-1]
-    assert reply.outcome == Outcome.REVERTED and "no answer within swap_timeout_s" in str(reply.error)
-    assert set(_running(world).values()) == {V1.uri}
-    assert [v for _, v in world.replicas["r0"].swaps][-2:] == [V2, V1]  # it flipped to v2, then went back
+    _reverted_only_once_back(World(replicas=3, batch_size=2, two_slots=True),
+                             _a_swap_still_in_flight_when_the_roll_reverts, "r0", "no answer within swap_timeout_s")
 
 
 def test_control_a_revert_that_counts_a_swapping_replica_as_back_answers_too_early(monkeypatch):
@@ -551,3 +564,149 @@ def test_a_replica_failed_forward_on_its_previous_version_ends_the_revert_at_onc
     assert sm.state.operation is None
     reply = next(a for a in actions if isinstance(a, Reply))
     assert reply.outcome == Outcome.REVERTED and reply.result["dropped"] == []
+    assert any(e.startswith(f"r1: failed {V2.short()} and could not restore {V1.short()} (restore failed)")
+               for e in reply.result["events"]), reply.result["events"]
+
+
+# --- an assignment handed out but not yet applied: the replica's last report said nothing of it ---------------
+
+def _an_assignment_in_flight_when_the_roll_reverts(world: World) -> None:
+    """Batch of two: r0 and r1 are handed v2 together. r1's answer takes three ticks to reach it, while its last
+    report ("v1, idle", carried by the watch that got the answer) stands; r0's check fails meanwhile."""
+    world.request(OpKind.ROLL, "v2")
+    world.replicas["r0"].slowness = 1
+    world.hold("r1", 3)
+    world.bad.add(V2)
+    world.advance(1)  # both handed v2: r0 starts a slow swap, r1's assignment is on its way
+    world.advance(2)  # r0 fails its check: the roll reverts
+    world.bad.clear()  # r1's copy of v2 will pass its check
+
+
+def test_a_replica_handed_the_version_is_not_counted_as_reverted_before_it_reports_again():
+    """Found by an outside review: the revert counted r1 back on its "v1, idle" report and answered 'reverted'; r1
+    then received and applied v2."""
+    _reverted_only_once_back(World(replicas=3, batch_size=2), _an_assignment_in_flight_when_the_roll_reverts, "r1",
+                             "injected smoke-check failure")
+
+
+def test_control_a_revert_blind_to_assignments_in_flight_answers_too_early(monkeypatch):
+    """Control: no record of what was handed out (the revert as it was)."""
+    from hotswap.registry import ReplicaRegistry
+
+    monkeypatch.setattr(ReplicaRegistry, "in_flight", lambda self, replica_id: None)
+    with pytest.raises(Violation, match="answered 'reverted' while r1 runs s3://bkt/v1 .* and swaps to s3://bkt/v2"):
+        _an_assignment_in_flight_when_the_roll_reverts(World(replicas=3, batch_size=2))
+
+
+def test_a_replica_joining_with_the_version_in_flight_is_waited_for_by_the_revert():
+    """A replica that registers mid-roll is handed the version in the answer to its register; until its next report
+    it may be applying it."""
+    world = World(replicas=2)
+    world.request(OpKind.ROLL, "v2")
+    world.replicas["r0"].slowness = 2
+    world.advance(1)  # r0 starts a slow swap
+    sm = world.controller.sm
+    from hotswap.messages import ReplicaReport
+
+    sm.registry.heard(ReplicaReport("r9", V1, seq=(7, 1)), world.now)
+    world.controller.run(sm.heard(ReplicaReport("r9", V1, seq=(7, 1)), world.now))
+    assert sm.assignment("r9") == V2
+    sm.registry.hand("r9", V2, (7, 1))  # what the controller's register does as it answers
+    world.bad.add(V2)
+    world.advance(3)  # r0 fails: the roll reverts; r9 has said nothing since its register
+    assert sm.state.operation is not None and sm.state.operation.phase == Phase.REVERT
+    world.controller.run(sm.heard(ReplicaReport("r9", V2, seq=(7, 2)), world.now))  # it applied v2
+    assert sm.state.operation is not None and sm.assignment("r9") == V1
+    world.controller.run(sm.heard(ReplicaReport("r9", V1, seq=(7, 3)), world.now))  # and went back
+    assert sm.state.operation is None and world.completed[-1].outcome == Outcome.REVERTED
+
+
+# --- a target dropped mid-swap that came back is not moving any more, yet may run the version --------------------
+
+def _a_dropped_target_back_on_the_version_then_a_failure(world: World) -> None:
+    """Batch of two: r1 stalls mid-swap and is dropped, finishes v2 unheard, and comes back while r0 still swaps; it
+    is sent back to v1 (it waits its turn), slowly. Then r0's check fails."""
+    world.request(OpKind.ROLL, "v2")
+    world.replicas["r0"].slowness = int(LIVENESS_S) + 6
+    world.replicas["r1"].slowness = 2
+    world.advance(1)
+    world.stall("r1", True)
+    world.replicas["r1"].running, world.replicas["r1"].applying = V2, None  # it finished its swap, unheard
+    world.advance(int(LIVENESS_S) + 2)  # r1 is dropped
+    world.replicas["r1"].slowness = 6  # its swap back to v1 takes a while
+    world.stall("r1", False)
+    world.bad.add(V2)
+    world.advance(5)  # r1 reports v2 (back in the roll, not moving) and starts back to v1; r0 fails: revert
+
+
+def test_a_dropped_target_that_came_back_on_the_version_is_waited_for_by_the_revert():
+    """Found by an outside review: the revert looked only at replicas counted moving or done, answered 'reverted'
+    while r1 still ran v2."""
+    world = World(replicas=3, batch_size=2)
+    _a_dropped_target_back_on_the_version_then_a_failure(world)
+    world.quiesce()
+    assert world.completed[-1].outcome == Outcome.REVERTED
+    assert set(_running(world).values()) == {V1.uri}
+
+
+def test_control_a_revert_that_looks_only_at_replicas_it_touched_answers_too_early(monkeypatch):
+    import hotswap.rollout
+
+    monkeypatch.setattr(hotswap.rollout, "_revert_scope", lambda op: op.touched())
+    with pytest.raises(Violation, match="answered 'reverted' while r1 runs s3://bkt/v2"):
+        _a_dropped_target_back_on_the_version_then_a_failure(World(replicas=3, batch_size=2))
+
+
+def test_a_target_dropped_mid_swap_that_comes_back_during_the_revert_is_sent_back_before_the_reply():
+    """Found by the review of the fix above: only the forward phase took a replica that reported again out of
+    'dropped'; one back during the revert stayed dropped, and the roll answered 'reverted' while it served v2."""
+    world = World(replicas=3, batch_size=3)
+    world.request(OpKind.ROLL, "v2")
+    world.replicas["r0"].slowness = int(LIVENESS_S) + 4
+    world.replicas["r1"].slowness = 2
+    world.advance(1)  # all three handed v2; r2 is done at once
+    world.stall("r1", True)
+    world.replicas["r1"].running, world.replicas["r1"].applying = V2, None  # r1 finished v2, unheard
+    world.advance(int(LIVENESS_S) + 2)  # r1 is dropped
+    world.bad.add(V2)
+    world.replicas["r2"].slowness = 4  # r2's swap back takes a while
+    world.advance(3)  # r0 fails its check: the roll reverts
+    assert world.controller.sm.state.operation.dropped == ["r1"]
+    world.replicas["r1"].slowness = 10
+    world.stall("r1", False)  # r1 is back, idle on v2, while the revert waits for r2
+    world.quiesce()
+    reply = world.completed[-1]
+    assert reply.outcome == Outcome.REVERTED and reply.result["dropped"] == []
+    assert set(_running(world).values()) == {V1.uri}
+    assert "r1: reported in again; back in the revert" in reply.result["events"]
+
+
+def _a_late_idle_report_after_the_revert_handed_v1_back(world: World) -> None:
+    """r0's "v1, idle" (the report its watch carried before the roll) lands five ticks late: after r0 moved to v2,
+    after the revert handed v1 back to it (so nothing but v1 is in flight to r0), while its slow swap back runs."""
+    world.delay("r0", 5)
+    world.advance(1)
+    world.request(OpKind.ROLL, "v2")
+    world.replicas["r1"].slowness = 1
+    world.advance(1)  # r0 swaps to v2 (done); r1 starts a slow swap
+    world.bad.add(V2)
+    world.replicas["r0"].slowness = 4
+    world.advance(5)  # r1 fails: the roll reverts; r0 is handed v1 and swaps slowly; the stale report lands
+
+
+def test_a_late_report_does_not_count_a_replica_swapping_back_as_back():
+    world = World(replicas=3, two_slots=True)
+    _a_late_idle_report_after_the_revert_handed_v1_back(world)
+    world.quiesce()
+    assert world.completed[-1].outcome == Outcome.REVERTED
+    assert set(_running(world).values()) == {V1.uri}
+
+
+def test_control_only_the_numbered_reports_keep_the_late_one_from_counting(monkeypatch):
+    """Control (found by the review): with the last report to arrive winning again, and nothing else changed, the
+    stale "v1, idle" counts r0 back while it still serves v2."""
+    from hotswap.registry import ReplicaRegistry
+
+    monkeypatch.setattr(ReplicaRegistry, "heard", _last_report_wins)
+    with pytest.raises(Violation, match="answered 'reverted' while r0 runs s3://bkt/v2"):
+        _a_late_idle_report_after_the_revert_handed_v1_back(World(replicas=3, two_slots=True))

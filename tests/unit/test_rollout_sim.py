@@ -28,7 +28,8 @@ _action = st.one_of(
     st.tuples(st.just("kill"), st.integers(0, 20)),
     st.tuples(st.just("stall"), st.integers(0, 20), st.booleans()),
     st.tuples(st.just("slow"), st.integers(0, 20), st.integers(0, 30)),
-    st.tuples(st.just("delay"), st.integers(0, 20), st.integers(1, 4)),
+    st.tuples(st.just("delay"), st.integers(0, 20), st.integers(1, 6)),
+    st.tuples(st.just("hold"), st.integers(0, 20), st.integers(1, 4)),
     st.tuples(st.just("bad"), st.sampled_from(_URIS)),
     st.tuples(st.just("deadly"), st.sampled_from(_URIS)),
     st.tuples(st.just("unfetchable"), st.sampled_from(_URIS)),
@@ -64,6 +65,8 @@ def play(world: World, actions) -> None:
             world.replicas[pick(args[0])].slowness = args[1]
         elif kind == "delay" and ids:
             world.delay(pick(args[0]), args[1])
+        elif kind == "hold" and ids:
+            world.hold(pick(args[0]), args[1])
         elif kind == "bad":
             world.bad.add(VERSIONS[args[0]])
         elif kind == "deadly":
@@ -103,6 +106,11 @@ def play(world: World, actions) -> None:
 # tests/integration/test_faults.py; pinned with its controls in tests/unit/test_rollout_cases.py)
 @example(replicas=3, batch=1, two_slots=True, actions=[("roll", "v2"), ("delay", 0, 2), ("slow", 1, 1), ("tick", 1),
                                                        ("bad", "v2"), ("tick", 2)])
+# a replica that joined mid-roll was handed the version at its register, not yet applied, and counted as reverted on
+# the report that register carried (found by explore:40 once assignments in flight were modelled; the batch-of-two
+# form, from an outside review, is pinned with its control in tests/unit/test_rollout_cases.py)
+@example(replicas=1, batch=1, two_slots=False, actions=[("roll", "v2"), ("hold", 0, 1), ("bad", "v2"),
+                                                        ("fail_saves", 1), ("register",), ("tick", 1)])
 @given(replicas=st.integers(1, 5), batch=st.integers(1, 3), two_slots=st.booleans(),
        actions=st.lists(_action, max_size=40))
 def test_drawn_schedules_keep_every_invariant(replicas, batch, two_slots, actions):
