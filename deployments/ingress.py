@@ -202,6 +202,11 @@ def _error(status: int, message: str, param: str | None = None, *, retry_after_s
                         status_code=status, headers=headers)
 
 
+def _stream_error(message: str) -> dict:
+    """An error event for a stream whose status (200) is already sent: OpenAI's error object, as its API streams it."""
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+
+
 def _replica_error(result: dict) -> JSONResponse:
     """A replica's refusal (``{"error", "status"[, "retry_after_s"]}``) as the response to send."""
     return _error(result["status"], result["error"]["message"], retry_after_s=result.get("retry_after_s"))
@@ -495,22 +500,39 @@ class Ingress:
             # the first item may carry the first text with the version (the replica sends them together)
             head = [*(opening(first) if opening else ()), *(chunks(first, first) if "delta" in first else ())]
             if first.get("finish_reason") is not None:  # the whole answer came in the first item
+                _drain(events)  # before the last message: a client gone at once must not cut the replica's stream
                 yield sse_events(head, last=True)
-                _drain(events)
                 return
             if head:
                 yield sse_events(head, last=False)
-            async for item in events:
-                if "error" in item:
-                    yield sse_events([{"error": item["error"]}], last=False)
-                    continue
-                if item["finish_reason"] is not None:
-                    # the replica counted the request before sending its last item: the response ends here, with
-                    # [DONE] in the same message, instead of one more message after the replica's stream closes
-                    yield sse_events(chunks(item, first), last=True)
-                    _drain(events)
-                    return
-                yield sse_events(chunks(item, first), last=False)
+            sent = 0
+            try:
+                async for item in events:
+                    if "error" in item:
+                        yield sse_events([{"error": item["error"]}], last=False)
+                        continue
+                    if item["finish_reason"] is not None:
+                        # the replica counted the request before sending its last item: the response ends here,
+                        # with [DONE] in the same message, instead of one more message after the replica's stream
+                        # closes (read to its end in the background, started before a client gone can stop it)
+                        _drain(events)
+                        yield sse_events(chunks(item, first), last=True)
+                        return
+                    sent += 1
+                    yield sse_events(chunks(item, first), last=False)
+            except _REPLICA_GONE as e:  # the status is sent: the client learns it from an error event, then [DONE]
+                logger.warning("the replica %s went away mid-stream after %d chunk(s): %s", first.get("replica_id"),
+                               sent, type(e).__name__)
+                yield sse_events([_stream_error(
+                    f"the model replica serving this stream went away ({type(e).__name__}) after {sent} chunk(s); "
+                    "the answer is incomplete: send the request again")], last=True)
+                return
+            except Exception as e:  # noqa: BLE001 - a transport error mid-stream: an error event naming an incident
+                incident = uuid.uuid4().hex[:8]
+                logger.error("a stream failed (incident %s): %r", incident, e, exc_info=e)
+                yield sse_events([_stream_error(f"internal error mid-stream (incident {incident}; the ingress log "
+                                                "has the details); the answer is incomplete")], last=True)
+                return
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers=_adapter_headers(first))

@@ -9,6 +9,7 @@ swap or fail its smoke check) and :mod:`tests.faultproxy` (the app's ``s3_endpoi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -352,6 +353,37 @@ def test_s3_persistent_fault_or_s3_down_fails_clearly_touches_nothing_then_recov
     reliability.record("S3 persistently damaged, then down, then back", inputs=3,
                        held="bounded retries, then an AdapterFetchError naming the URI; no replica touched and "
                             "stable/canary unchanged; the same roll succeeded once S3 was back")
+
+
+def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error_event(service, reliability):
+    """After a stream's first item the ingress has sent 200 and cannot send the request elsewhere: when the replica
+    dies then, the client reads an error event that says so, then ``[DONE]`` (before, the body just stopped)."""
+    base, client, marks, _ = service
+    count = len(_live(client))
+    (marks / "hold-request").touch()  # the request joins a row and sits out every step: no text after its head
+    try:
+        body = {"prompt": "a stream cut short", "max_tokens": 8, "temperature": 0, "seed": HOLD_SEED, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            victim = response.headers["x-replica-id"]
+            wait_for_condition(lambda: (marks / f"holding-{victim}").exists(), timeout_s=30,
+                               message="the stream held on its replica")
+            _kill_process(victim)
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    finally:
+        (marks / "hold-request").unlink()
+        for mark in marks.glob("holding-*"):
+            mark.unlink(missing_ok=True)
+    assert events[-1] == "[DONE]", events
+    error = json.loads(events[-2])["error"]
+    assert "went away" in error["message"] and "incomplete" in error["message"], error
+    assert error["type"] == "server_error"
+    assert all("error" not in json.loads(e) for e in events[:-2])
+    wait_for_condition(lambda: len(_live(client)) >= count and victim not in _live(client), timeout_s=180,
+                       message="the replacement of the killed replica")
+    reliability.record("a replica killed mid-stream (after the first item)", requests=1, failed=1, inputs=1,
+                       in_flight=1, held="the stream (the one request, cut short) ended with an error event naming "
+                                         "the lost replica, then [DONE]; the replacement started")
 
 
 def test_a_killed_canary_replica_is_replaced_and_the_split_kept(service, versions, reliability):

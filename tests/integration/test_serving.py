@@ -169,6 +169,35 @@ def test_stream_ends_in_the_message_with_the_finish_reason(app, max_tokens):
     assert not _draining
 
 
+@pytest.mark.parametrize("max_tokens", [10, 1], ids=["ten-tokens", "whole-answer-in-the-first-item"])
+def test_a_client_gone_right_after_the_last_message_leaves_the_replica_stream_read_to_its_end(app, max_tokens):
+    """Starlette stops reading the body when the client goes: the generator is closed at the yield of the last
+    message. The replica's stream must still be read to its end (before, the drain started after that yield, so a
+    client gone at once skipped it and the replica's generator was cancelled mid-way)."""
+    import asyncio
+
+    from deployments.ingress import Ingress, _draining
+
+    handle = app[3]
+    ingress = object.__new__(Ingress.func_or_class)
+    ingress.replica = handle
+    request = {"prompt": "stream and leave", "max_tokens": max_tokens, "temperature": 0}
+
+    async def leave_after_the_last_message() -> int:
+        response = await ingress._stream(request, lambda item, adapter: [{"text": item["delta"]}])
+        body = response.body_iterator
+        async for message in body:
+            if message.endswith("data: [DONE]\n\n"):
+                break
+        await body.aclose()  # the client is gone: nothing more is read
+        draining = len(_draining)
+        await asyncio.wait_for(asyncio.gather(*_draining), timeout=60)
+        return draining
+
+    assert asyncio.run(leave_after_the_last_message()) == 1
+    assert not _draining
+
+
 BAD_BODIES = [
     ("not-json", b"{nope", "not valid JSON"),
     ("array-body", b"[1, 2]", ""),
