@@ -38,14 +38,15 @@ class ReplicaRegistry:
 
     def heard(self, report: ReplicaReport, now: float) -> bool:
         """Record a report; True when the replica was not known before. A report older (``seq``) than the last one
-        heard from the replica arrived late: it only says the replica is alive."""
+        heard from the replica arrived late and is ignored: it was sent before the one already heard, so it says
+        nothing newer, not even that the replica is still alive (a late report from a replica that died since must
+        not bring it back)."""
         seen = self._seen.get(report.replica_id)
         if seen is None:
             self._seen[report.replica_id] = ReplicaSeen(report, now, now)
             return True
         if report.seq >= seen.report.seq:
-            seen.report = report
-        seen.last_seen = now
+            seen.report, seen.last_seen = report, now
         return False
 
     def hand(self, replica_id: str, version: AdapterVersion, seq: tuple[int, int]) -> None:

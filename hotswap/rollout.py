@@ -374,11 +374,12 @@ class RolloutMachine:
                     settled = False
             elif r not in touched:
                 # never moved by this operation: it holds the revert only while it may run the version (it came back
-                # on it after it was dropped, or is swapping), not for what else it may be doing
+                # on it after it was dropped, is swapping, or is not heard yet after a restart), not for what else it
+                # may be doing
                 if reg.is_gone(r, now):
                     op.dropped.append(r)
-                elif report is not None and report.phase == ReplicaPhase.SWAPPING or (
-                        report is not None and report.running == op.version and report.phase == ReplicaPhase.IDLE):
+                elif report is None or report.phase == ReplicaPhase.SWAPPING or (
+                        report.running == op.version and report.phase == ReplicaPhase.IDLE):
                     settled = False
             elif _back(report, op.previous[r]):
                 op.reverted.append(r)

@@ -466,7 +466,7 @@ def _a_late_idle_report_then_a_failure(world: World) -> None:
     world.advance(2)  # r1 fails and the roll reverts; r0's late report lands
 
 
-def test_a_report_older_than_the_last_one_heard_only_says_the_replica_is_alive():
+def test_a_report_older_than_the_last_one_heard_is_ignored():
     world = World(replicas=3, two_slots=True)
     _a_late_idle_report_then_a_failure(world)
     assert world.controller.sm.state.operation is not None  # r0 is not back: no answer yet
@@ -474,6 +474,21 @@ def test_a_report_older_than_the_last_one_heard_only_says_the_replica_is_alive()
     assert world.completed[-1].outcome == Outcome.REVERTED
     assert set(_running(world).values()) == {V1.uri}
     assert [v for _, v in world.replicas["r0"].swaps][-2:] == [V2, V1]
+
+
+def test_a_late_report_does_not_bring_back_a_replica_judged_gone():
+    """From the review of the revert's un-drop: a report sent before the last one heard, landing after the replica
+    was judged gone, made it live again (the un-drop then waited for a dead replica, or moved it again)."""
+    from hotswap.messages import ReplicaPhase, ReplicaReport
+    from hotswap.registry import ReplicaRegistry
+
+    registry = ReplicaRegistry(liveness_s=8, forget_after_s=60, settle_s=0, started=0.0)
+    registry.heard(ReplicaReport("r0", V1, seq=(1, 2)), 1.0)
+    assert registry.is_gone("r0", 10.0)
+    registry.heard(ReplicaReport("r0", V1, ReplicaPhase.SWAPPING, seq=(1, 1)), 10.0)  # sent before the one heard
+    assert registry.is_gone("r0", 10.0) and registry.report("r0").seq == (1, 2)
+    registry.heard(ReplicaReport("r0", V2, seq=(1, 3)), 11.0)
+    assert registry.is_live("r0", 11.0) and registry.report("r0").running == V2
 
 
 def _last_report_wins(self, report, now):
@@ -679,6 +694,34 @@ def test_a_target_dropped_mid_swap_that_comes_back_during_the_revert_is_sent_bac
     assert reply.outcome == Outcome.REVERTED and reply.result["dropped"] == []
     assert set(_running(world).values()) == {V1.uri}
     assert "r1: reported in again; back in the revert" in reply.result["events"]
+
+
+def test_a_target_back_in_the_revert_and_not_heard_after_a_restart_holds_the_answer_until_settled():
+    """Found by the review of the fix above: r1 came back in the revert (on v2, swapping back slowly), went quiet
+    again, and the controller restarted. The new registry had no report for r1, and an untouched target without one
+    neither held the revert nor was dropped (not before the settle time): 'reverted' while r1 ran v2."""
+    world = World(replicas=3, batch_size=3)
+    world.request(OpKind.ROLL, "v2")
+    world.replicas["r0"].slowness = int(LIVENESS_S) + 4
+    world.replicas["r1"].slowness = 2
+    world.advance(1)
+    world.stall("r1", True)
+    world.replicas["r1"].running, world.replicas["r1"].applying = V2, None  # r1 finished v2, unheard
+    world.advance(int(LIVENESS_S) + 2)  # r1 is dropped
+    world.bad.add(V2)
+    world.replicas["r2"].slowness = 3
+    world.advance(3)  # r0 fails: the roll reverts; r2 swaps back slowly
+    world.replicas["r1"].slowness = 30
+    world.stall("r1", False)
+    world.advance(1)  # r1 reports (swapping back to v1): back in the revert
+    assert "r1" not in world.controller.sm.state.operation.dropped
+    world.stall("r1", True)  # quiet again ...
+    world.crash_controller()  # ... as the controller restarts
+    world.advance(int(SETTLE_S) + 2)
+    reply = world.completed[-1]
+    assert reply.outcome == Outcome.REVERTED and reply.result["dropped"] == ["r1"]  # judged gone once settled
+    world.quiesce()
+    assert set(_running(world).values()) == {V1.uri}
 
 
 def _a_late_idle_report_after_the_revert_handed_v1_back(world: World) -> None:
