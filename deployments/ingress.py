@@ -503,9 +503,10 @@ class Ingress:
                 _drain(events)  # before the last message: a client gone at once must not cut the replica's stream
                 yield sse_events(head, last=True)
                 return
+            sent = 0  # messages sent: what the client has of the answer if the stream breaks
             if head:
                 yield sse_events(head, last=False)
-            sent = 0
+                sent += 1
             try:
                 async for item in events:
                     if "error" in item:
@@ -518,16 +519,17 @@ class Ingress:
                         _drain(events)
                         yield sse_events(chunks(item, first), last=True)
                         return
-                    sent += 1
                     yield sse_events(chunks(item, first), last=False)
-            except _REPLICA_GONE as e:  # the status is sent: the client learns it from an error event, then [DONE]
-                logger.warning("the replica %s went away mid-stream after %d chunk(s): %s", first.get("replica_id"),
-                               sent, type(e).__name__)
-                yield sse_events([_stream_error(
-                    f"the model replica serving this stream went away ({type(e).__name__}) after {sent} chunk(s); "
-                    "the answer is incomplete: send the request again")], last=True)
-                return
-            except Exception as e:  # noqa: BLE001 - a transport error mid-stream: an error event naming an incident
+                    sent += 1
+            except Exception as e:  # noqa: BLE001 - the status is sent: the client learns it from an error event
+                gone = e if isinstance(e, _REPLICA_GONE) else getattr(e, "cause", None)  # a task error wrapping it
+                if isinstance(gone, _REPLICA_GONE):
+                    logger.warning("the replica %s went away mid-stream after %d message(s): %s",
+                                   first.get("replica_id"), sent, type(gone).__name__)
+                    yield sse_events([_stream_error(
+                        f"the model replica serving this stream went away ({type(gone).__name__}) after {sent} "
+                        "message(s); the answer is incomplete: send the request again")], last=True)
+                    return
                 incident = uuid.uuid4().hex[:8]
                 logger.error("a stream failed (incident %s): %r", incident, e, exc_info=e)
                 yield sse_events([_stream_error(f"internal error mid-stream (incident {incident}; the ingress log "
