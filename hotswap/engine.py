@@ -274,19 +274,21 @@ class SwapEngine:
         self.checker.check(prompt_len, params)
 
     def submit(self, token_ids: list[int], params: SamplingParams, *, on_event: Callable[[object], None],
-               slot: int | None = None, want_logits: bool = False, held: bool = False, probe: bool = False
-               ) -> Ticket:
+               slot: int | None = None, version: AdapterIdentity | None = None, want_logits: bool = False,
+               held: bool = False, probe: bool = False) -> Ticket:
         """Queue one request (already encoded); events go to ``on_event`` from the scheduler thread.
 
         ``slot=None`` joins the active slot when a row frees up; a slot index pins it to that slot
-        (a smoke check, or request-level A/B). ``held`` keeps it in its row without stepping until
-        ``scheduler.release(ticket)``; ``probe`` marks a swap check's own request (only those may join a
-        slot loaded by :meth:`swap_checked` before its check passes). Raises
+        (a smoke check). ``version`` pins it to the slot that serves that version, looked up atomically
+        with the queueing (request-level A/B; :meth:`slot_for` then ``slot=`` could race a swap into
+        that slot); a :class:`~hotswap.errors.RequestError` if no slot serves it. ``held`` keeps it in
+        its row without stepping until ``scheduler.release(ticket)``; ``probe`` marks a swap check's own
+        request (only those may join a slot loaded by :meth:`swap_checked` before its check passes). Raises
         :class:`~hotswap.errors.OverloadedError` when the admission queue is full and
         :class:`~hotswap.errors.RequestError` when it is invalid.
         """
-        return self.scheduler.submit(token_ids, params, on_event=on_event, slot=slot, want_logits=want_logits,
-                                     held=held, probe=probe)
+        return self.scheduler.submit(token_ids, params, on_event=on_event, slot=slot, version=version,
+                                     want_logits=want_logits, held=held, probe=probe)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: Sequence[SamplingParams], *,
                  slot: int | None = None) -> tuple[list[Completion], AdapterIdentity]:
@@ -361,10 +363,7 @@ class SwapEngine:
         """The slot that serves ``version`` (checked, or loaded with :meth:`load`), to pin requests to it; None if
         no slot holds it, or the slot that holds it failed a check since it was loaded."""
         with self.scheduler.cond:
-            for state in self.slots:
-                if state.version == version and not (state.loading or state.checking or state.check_failed):
-                    return state.index
-        return None
+            return self.scheduler.slot_serving(version)
 
     def slot_info(self) -> list[dict]:
         """Per slot: the version it holds, whether it is active, its rows in flight and swaps into it."""

@@ -209,14 +209,18 @@ class Scheduler:
     # -- the caller's side ---------------------------------------------------------------------------------
 
     def submit(self, token_ids: list[int], params: SamplingParams, *, on_event: Callable[[object], None],
-               slot: int | None = None, want_logits: bool = False, held: bool = False, probe: bool = False
-               ) -> Ticket:
+               slot: int | None = None, version: AdapterVersion | None = None, want_logits: bool = False,
+               held: bool = False, probe: bool = False) -> Ticket:
         """Queue a request; raise :class:`OverloadedError` when the queue is full, :class:`RequestError` if invalid.
 
+        ``version``: pin it to the slot that serves that version, found under the same lock that queues it (so no
+        swap can load another version into the slot in between); a :class:`RequestError` if no slot serves it.
         ``held``: it joins a row as usual but sits out every step until :meth:`release` (tests and fault
         seams use it to keep a request in flight). ``probe``: a swap's check, which alone may join a slot
         that is loaded but not yet checked.
         """
+        if slot is not None and version is not None:
+            raise ValueError("pin a request to a slot or to a version, not both")
         self.checker.check(len(token_ids), params)
         ticket = Ticket(list(token_ids), params, on_event, slot=slot, want_logits=want_logits, held=held,
                         probe=probe, _wake=self.wake)
@@ -224,6 +228,13 @@ class Scheduler:
             if self._stopping or self.dead is not None:
                 what = f"stopped serving ({self.dead})" if self.dead is not None else "is shut down"
                 raise SwapError(f"the engine {what}; the replica must be restarted")
+            if version is not None:
+                slot = ticket.slot = self.slot_serving(version)
+                if slot is None:
+                    held_now = ", ".join(s.version.short() if s.version is not None else "nothing"
+                                         for s in self.slots)
+                    raise RequestError(f"no adapter slot serves {version.short()} (the slots hold {held_now}); "
+                                       "load it into a slot first, or send the request without a version")
             if slot is not None:
                 if not 0 <= slot < len(self.slots) or self.slots[slot].version is None:
                     raise RequestError(f"adapter slot {slot} holds no version")
@@ -239,6 +250,14 @@ class Scheduler:
             self.queue.append(ticket)
             self.cond.notify_all()
         return ticket
+
+    def slot_serving(self, version: AdapterVersion) -> int | None:
+        """Under :attr:`cond`: the slot that serves ``version`` (checked, or loaded without a check), to pin requests
+        to; None if no slot holds it, or the one that does is being written, not yet checked, or failed its check."""
+        for state in self.slots:
+            if state.version == version and not (state.loading or state.checking or state.check_failed):
+                return state.index
+        return None
 
     def queued(self) -> int:
         with self.cond:

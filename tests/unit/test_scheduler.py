@@ -4,6 +4,7 @@ adapter slots serve in one batch, a swap loads the idle slot under rows in fligh
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 
@@ -290,6 +291,54 @@ def eager(base_settings):
     engine = SwapEngine.build(base_settings.model_copy(update={"compile": False}), warmup=False)
     yield engine
     engine.close()
+
+
+def test_a_request_pinned_to_a_version_reads_the_slot_that_serves_it(eager, adapters, stage):
+    """``submit(version=)`` (request-level A/B): the same tokens as pinning to that version's slot by index; a
+    version no slot serves is refused, naming it and what the slots hold."""
+    from hotswap.errors import RequestError
+
+    engine = eager
+    a, b = stage(adapters["a"]), stage(adapters["b"])
+    engine.apply(a)
+    engine.load(engine.idle_slot(), b)
+    prompt = engine.encode(PROMPTS[1])
+    for staged in (a, b):
+        by_version = Recorder()
+        engine.submit(prompt, greedy(8), on_event=by_version, version=staged.identity)
+        assert by_version.wait().token_ids == _alone(engine, PROMPTS[1], 8, engine.slot_for(staged.identity))
+        assert by_version.version == staged.identity
+    c = stage(adapters["c"]).identity
+    with pytest.raises(RequestError, match=f"no adapter slot serves {re.escape(c.short())}"):
+        engine.submit(prompt, greedy(2), on_event=Recorder(), version=c)
+    with pytest.raises(ValueError, match="a slot or to a version, not both"):
+        engine.submit(prompt, greedy(2), on_event=Recorder(), slot=0, version=a.identity)
+
+
+def test_a_version_pin_cannot_land_in_a_slot_a_swap_has_claimed(eager, adapters, stage):
+    """Once a swap has claimed the slot (it is being written), a request pinned to the version it held is refused
+    and nothing is pinned to the slot. (The look-up and the queueing happen under the one lock the claim takes, so
+    there is no moment between them; with ``slot_for`` then ``submit(slot=)`` an index looked up before the claim
+    still pins the request to the slot being written.)"""
+    from hotswap.errors import RequestError
+
+    engine = eager
+    a, b = stage(adapters["a"]), stage(adapters["b"])
+    engine.apply(a)
+    engine.load(engine.idle_slot(), b)
+    idle = engine.idle_slot()
+    looked_up = engine.slot_for(b.identity)
+    assert looked_up == idle
+    engine._claim(idle, timeout_s=0, hold=False)  # a swap into the idle slot begins: it is being written
+    try:
+        with pytest.raises(RequestError, match="no adapter slot serves"):
+            engine.submit(engine.encode(PROMPTS[0]), greedy(2), on_event=Recorder(), version=b.identity)
+        assert engine.slots[idle].pinned_waiting == 0
+    finally:
+        with engine.scheduler.cond:
+            engine.slots[idle].loading = False
+            engine.scheduler.cond.notify_all()
+    engine.load(idle, b)  # what the swap would have done; the slot serves b again
 
 
 @pytest.fixture(scope="module")
