@@ -50,6 +50,7 @@ __all__ = [
     "describe_error",
     "get_controller",
     "get_or_create_controller",
+    "lower_priority",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,29 @@ _START_BACKOFF_S = (0.5, 10.0)  # first and longest wait between start-up attemp
 
 def controller_name(app_name: str, settings: HotswapSettings) -> str:
     return f"{_PREFIX}{app_name}@{settings.fingerprint}"
+
+
+def lower_priority(nice: int) -> int:
+    """Give every thread of this process the CPU priority ``nice`` (never raise it above what it has: only a
+    privileged process may); later threads inherit it from the thread that starts them. Returns the threads changed.
+
+    Linux gives each thread its own nice value, so the process's threads are set one by one (``/proc/self/task``);
+    elsewhere the call on the process sets them all."""
+    import os
+
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    changed = 0
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                changed += 1
+        except OSError:  # the thread ended meanwhile, or the platform refuses: it keeps its priority
+            continue
+    return changed
 
 
 def get_or_create_controller(settings: HotswapSettings, app_name: str):
@@ -78,6 +102,12 @@ def get_or_create_controller(settings: HotswapSettings, app_name: str):
         max_concurrency=1000,
         num_cpus=0,
     ).remote(settings, app_name)
+
+
+def _in_actor() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def _controllers(app_name: str) -> list[str]:
@@ -183,6 +213,8 @@ class HotswapController:
         self.settings = settings
         self.app_name = app_name
         self.name = controller_name(app_name, settings)
+        if settings.controller_nice and _in_actor():  # in its own process: not a caller's (a test's) process
+            lower_priority(settings.controller_nice)
         self.store = state_store_for(settings, app_name)
         self.spec = model_spec_for(settings)
         self.catalog = VersionCatalog(settings, self.spec)

@@ -111,6 +111,11 @@ class HotswapSettings(BaseModel):
         5.0, gt=0, le=300, description="How long a replica's long-poll waits for a new assignment; it is also "
         "the replicas' heartbeat interval (they heartbeat while they swap, too)."
     )
+    controller_nice: int = Field(
+        10, ge=0, le=19, description="The controller process's CPU priority (Unix nice, every thread): fetch, "
+        "validate, stage and the replicas' long-polls yield the CPU to serving when both want it. 0 keeps the "
+        "priority Ray gives it."
+    )
     adapter_cache_max_bytes: int = Field(
         20 << 30, ge=1, description="Byte cap of the controller's download cache (LRU eviction; the versions in "
         "use are always kept)."

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -144,6 +147,53 @@ def test_the_controller_records_what_it_hands_out_and_the_report_the_call_carrie
         assert (await rolling)["swapped"] == ["r0"]
 
     asyncio.run(scenario())
+
+
+_PRIORITY_PROBE = """
+import json, os, sys, threading
+from hotswap.controller import lower_priority
+
+def nices():
+    return sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")})
+
+started, stop = threading.Event(), threading.Event()
+early = threading.Thread(target=lambda: (started.set(), stop.wait()))
+early.start()
+started.wait()
+target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
+if sys.argv[1] == "process-call":  # the naive way: on Linux it sets the calling thread only
+    os.setpriority(os.PRIO_PROCESS, 0, target)
+    changed = 1
+else:
+    changed = lower_priority(target)
+later = []
+thread = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
+thread.start()
+thread.join()
+result = {"target": target, "changed": changed, "nices": nices(), "later": later}
+result["again"] = lower_priority(max(0, target - 3))  # never raised back (only a privileged process may)
+result["after"] = nices()
+stop.set()
+early.join()
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread priorities are Linux's")
+@pytest.mark.parametrize("how", ["lower_priority", "process-call"])
+def test_the_controller_priority_reaches_every_thread_and_is_never_raised(how):
+    """controller_nice: every thread of the controller's process, those started before as well as after, runs at
+    the nice value; a lower value later changes nothing. Control: ``os.setpriority`` on the process, the obvious
+    call, leaves a thread started before it at the old priority on Linux."""
+    done = subprocess.run([sys.executable, "-c", _PRIORITY_PROBE, how], capture_output=True, text=True, timeout=60,
+                          check=True)
+    result = json.loads(done.stdout)
+    target = result["target"]
+    if how == "process-call":
+        assert len(result["nices"]) == 2 and target in result["nices"]  # the early thread kept its priority
+        return
+    assert result["nices"] == [target] and result["later"] == [target] and result["changed"] >= 2
+    assert result["again"] == 0 and result["after"] == [target]
 
 
 async def _live(controller, n) -> bool:
