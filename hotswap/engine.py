@@ -531,15 +531,16 @@ class SwapEngine:
         with sched.cond:
             sched.hold_unpinned = hold
             waited = not free()
+            state.claimed = True  # requests pinned to its version from now on are refused: they cannot hold it off
             if waited and not sched.cond.wait_for(free, timeout=timeout_s):
-                sched.hold_unpinned = False
+                sched.hold_unpinned = state.claimed = False
                 sched.cond.notify_all()
                 raise SwapError(
                     f"{state.rows} request(s) still read adapter slot {slot} "
                     f"({state.version.short() if state.version else 'empty'}) after {timeout_s} s; the swap was "
                     "not made (raise swap_timeout_s, or retry when the long requests have finished)"
                 )
-            state.loading = True
+            state.loading, state.claimed = True, False
         return waited
 
     def _load_claimed(self, slot: int, staged: StagedAdapter | None, method: str, *, checking: bool = False

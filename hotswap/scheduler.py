@@ -91,6 +91,7 @@ class SlotState:
     rows: int = 0  # rows in flight on this slot
     pinned_waiting: int = 0  # queued requests pinned to this slot
     swaps: int = 0
+    claimed: bool = False  # a swap waits for its rows to finish: no new request may be pinned to it meanwhile
     loading: bool = False  # being written: nothing may join it
     checking: bool = False  # loaded, not yet checked: only the check's own requests (probes) may join it
     checked: bool = False  # its version passed a swap's check since it was loaded
@@ -228,18 +229,11 @@ class Scheduler:
             if self._stopping or self.dead is not None:
                 what = f"stopped serving ({self.dead})" if self.dead is not None else "is shut down"
                 raise SwapError(f"the engine {what}; the replica must be restarted")
-            if version is not None:
-                slot = ticket.slot = self.slot_serving(version)
-                if slot is None:
-                    held_now = ", ".join(s.version.short() if s.version is not None else "nothing"
-                                         for s in self.slots)
-                    raise RequestError(f"no adapter slot serves {version.short()} (the slots hold {held_now}); "
-                                       "load it into a slot first, or send the request without a version")
-            if slot is not None:
+            if slot is not None:  # a swap's smoke check (or a test): the next free row, ahead of the queue
                 if not 0 <= slot < len(self.slots) or self.slots[slot].version is None:
                     raise RequestError(f"adapter slot {slot} holds no version")
                 self.slots[slot].pinned_waiting += 1
-                self.queue.appendleft(ticket)  # pinned requests (a swap's smoke check) take the next free row
+                self.queue.appendleft(ticket)
                 self.cond.notify_all()
                 return ticket
             if len(self.queue) - sum(r is None for r in self.rows) >= self.max_queued:  # free rows take some
@@ -247,15 +241,26 @@ class Scheduler:
                     f"the replica's admission queue is full ({self.max_queued} requests wait for one of "
                     f"{self.batch_size} rows); retry shortly, or raise max_queued_requests / add replicas"
                 )
+            if version is not None:  # traffic pinned to a version (request-level A/B): in turn, like any request
+                ticket.slot = self.slot_serving(version)
+                if ticket.slot is None:
+                    held_now = ", ".join(s.version.short() if s.version is not None else "nothing"
+                                         for s in self.slots)
+                    raise RequestError(f"no adapter slot serves {version.short()} now (the slots hold {held_now}; "
+                                       "one being swapped serves nothing new); load it into a slot first, or send "
+                                       "the request without a version")
+                self.slots[ticket.slot].pinned_waiting += 1
             self.queue.append(ticket)
             self.cond.notify_all()
         return ticket
 
     def slot_serving(self, version: AdapterVersion) -> int | None:
         """Under :attr:`cond`: the slot that serves ``version`` (checked, or loaded without a check), to pin requests
-        to; None if no slot holds it, or the one that does is being written, not yet checked, or failed its check."""
+        to; None if no slot holds it, or the one that does is claimed by a swap, being written, not yet checked, or
+        failed its check."""
         for state in self.slots:
-            if state.version == version and not (state.loading or state.checking or state.check_failed):
+            if state.version == version and not (state.claimed or state.loading or state.checking
+                                                 or state.check_failed):
                 return state.index
         return None
 

@@ -341,6 +341,70 @@ def test_a_version_pin_cannot_land_in_a_slot_a_swap_has_claimed(eager, adapters,
     engine.load(idle, b)  # what the swap would have done; the slot serves b again
 
 
+def test_version_pinned_requests_queue_in_turn_and_within_the_admission_limit(eager, adapters, stage):
+    """From a review of submit(version=): pins went down the smoke check's path, ahead of the queue and past
+    ``max_queued``: 1,000 were accepted where a fifth plain request got a 429, served newest first."""
+    from hotswap.errors import OverloadedError
+
+    engine = eager
+    a, b = stage(adapters["a"]), stage(adapters["b"])
+    engine.apply(a)
+    engine.load(engine.idle_slot(), b)
+    sched = engine.scheduler
+    prompt = engine.encode(PROMPTS[0])
+    recorders = []
+    sched.pause()  # nothing joins a row meanwhile: the queue is what was accepted
+    try:
+        for i in range(sched.max_queued + sched.batch_size):
+            recorders.append(Recorder(name=str(i)))
+            engine.submit(prompt, greedy(1), on_event=recorders[-1], version=(a, b)[i % 2].identity)
+        with pytest.raises(OverloadedError, match="admission queue is full"):
+            engine.submit(prompt, greedy(1), on_event=Recorder(), version=b.identity)
+        with sched.cond:
+            order = [t.on_event.name for t in sched.queue]
+        assert order == [r.name for r in recorders]  # first in, first served, as any request
+    finally:
+        sched.resume()
+    for i, recorder in enumerate(recorders):
+        assert recorder.wait().version == (a, b)[i % 2].identity
+    assert all(s.pinned_waiting == 0 for s in engine.slots)
+
+
+def test_a_swap_waiting_for_a_slot_is_not_held_off_by_new_pins_to_its_version(eager, adapters, stage):
+    """From the same review: while a swap waited for the rows on the slot it claims, requests pinned to the version
+    in it kept landing there, so a steady A/B stream held the swap off until swap_timeout_s (and a revert)."""
+    from hotswap.errors import RequestError
+
+    engine = eager
+    a, b = stage(adapters["a"]), stage(adapters["b"])
+    engine.apply(a)
+    engine.load(engine.idle_slot(), b)
+    idle, sched = engine.idle_slot(), engine.scheduler
+    first = Recorder()
+    sched.pause()
+    try:
+        engine.submit(engine.encode(PROMPTS[0]), greedy(3), on_event=first, version=b.identity)
+        claim = threading.Thread(target=engine._claim, args=(idle,), kwargs={"timeout_s": 30, "hold": False})
+        claim.start()
+        for _ in range(200):  # the swap now waits for the pinned request
+            with sched.cond:
+                if getattr(engine.slots[idle], "claimed", False):  # (no such mark before the fix: 2 s, then on)
+                    break
+            time.sleep(0.01)
+        with pytest.raises(RequestError, match=f"no adapter slot serves {re.escape(b.identity.short())} now"):
+            engine.submit(engine.encode(PROMPTS[1]), greedy(3), on_event=Recorder(), version=b.identity)
+    finally:
+        sched.resume()
+    assert first.wait().version == b.identity  # the request pinned before the claim finished on its slot
+    claim.join(timeout=30)
+    assert not claim.is_alive()
+    with sched.cond:
+        assert engine.slots[idle].loading and not engine.slots[idle].claimed
+        engine.slots[idle].loading = False
+        sched.cond.notify_all()
+    engine.load(idle, b)
+
+
 @pytest.fixture(scope="module")
 def overflowing(adapters, store_root):
     """Adapter "a" with every weight x 1e30: finite (it passes validation), but its LoRA overflows to inf."""
