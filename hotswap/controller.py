@@ -69,22 +69,30 @@ def lower_priority(nice: int) -> int:
     """Give every thread of this process the CPU priority ``nice`` (never raise it above what it has: only a
     privileged process may); later threads inherit it from the thread that starts them. Returns the threads changed.
 
-    Linux gives each thread its own nice value, so the process's threads are set one by one (``/proc/self/task``);
-    elsewhere the call on the process sets them all."""
+    Linux gives each thread its own nice value, so the process's threads are set one by one (``/proc/self/task``,
+    read again until a pass changes nothing: a thread not yet set may start another meanwhile); elsewhere the call
+    on the process sets them all. Without priorities (Windows) it does nothing."""
     import os
 
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
+    if not hasattr(os, "setpriority"):
+        return 0
     changed = 0
-    for tid in tids:
+    for _ in range(5):
         try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
-                changed += 1
-        except OSError:  # the thread ended meanwhile, or the platform refuses: it keeps its priority
-            continue
+            tids = [int(t) for t in os.listdir("/proc/self/task")]
+        except OSError:
+            tids = [0]
+        now = 0
+        for tid in tids:
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                    now += 1
+            except OSError:  # the thread ended meanwhile, or the platform refuses: it keeps its priority
+                continue
+        changed += now
+        if not now:
+            break
     return changed
 
 
@@ -102,12 +110,6 @@ def get_or_create_controller(settings: HotswapSettings, app_name: str):
         max_concurrency=1000,
         num_cpus=0,
     ).remote(settings, app_name)
-
-
-def _in_actor() -> bool:
-    import ray
-
-    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def _controllers(app_name: str) -> list[str]:
@@ -213,7 +215,7 @@ class HotswapController:
         self.settings = settings
         self.app_name = app_name
         self.name = controller_name(app_name, settings)
-        if settings.controller_nice and _in_actor():  # in its own process: not a caller's (a test's) process
+        if settings.controller_nice and _in_an_actor():  # in its own process: not a caller's (a test's) process
             lower_priority(settings.controller_nice)
         self.store = state_store_for(settings, app_name)
         self.spec = model_spec_for(settings)

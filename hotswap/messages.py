@@ -59,8 +59,8 @@ class ReplicaReport:
     settings_fingerprint: str = ""
     stats: dict[str, Any] = field(default_factory=dict, compare=False)
     # orders one replica's reports: Ray may run an async actor's calls out of order, even calls from one caller (a
-    # heartbeat sent while swapping can land after the ack that followed it); an older report than the last one
-    # heard only says the replica is alive. (replica start in ns, count): a restarted replica's reports are newer
+    # heartbeat sent while swapping can land after the ack that followed it); a report older than the last one heard
+    # is ignored. (replica start in ns, count): Serve gives a restarted replica a new id anyway
     seq: tuple[int, int] = field(default=(0, 0), compare=False)
 
 

@@ -536,5 +536,9 @@ def test_the_controller_runs_at_controller_nice(live):
 
         return sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")})
 
+    import os
+
     found = ray.get(HotswapClient(APP).actor.__ray_call__.remote(nices), timeout=30)
-    assert found[0] == 10, found  # none runs at a higher priority; some of Ray's own threads already run lower
+    # none runs at a higher priority (some of Ray's own threads already run lower); a suite started at a nice value
+    # above 10 leaves it there: the controller never raises a priority
+    assert found[0] == max(10, os.getpriority(os.PRIO_PROCESS, 0)), found
