@@ -23,6 +23,7 @@ LIVENESS_S = 8.0
 SWAP_TIMEOUT_S = 20.0
 TICK_S = 1.0
 SETTLE_S = 3.0  # replicas report every tick here: a restarted controller has heard them all by then
+HEALTH_S = 4.0  # a FAILED replica fails Serve's health check: replaced this long after it broke
 RETRY_S = 5.0  # a replica retries a failed steady-state assignment this long after (the real one: _RETRY_S)
 VERSIONS = {f"v{i}": AdapterVersion(f"s3://bkt/v{i}", f"{i:064x}", f"{i + 100:064x}") for i in range(1, 5)}
 
@@ -129,11 +130,16 @@ class SimReplica:
     # replica sends nothing meanwhile (its one watch call is still returning), then applies it however stale
     hold_next: int = 0
     inbox: tuple[AdapterVersion, str, int] | None = None  # version, token, ticks until it arrives
+    # one slot: a failed copy whose restore failed too; it reports FAILED (out of rotation) on its previous version
+    # until an apply succeeds, and Serve replaces it when its health check has failed for a while
+    broken_since: float | None = None
 
     def report(self) -> ReplicaReport:
         self.sent += 1
         running = self.applying[0] if self.applying and self.names_new_while_swapping else self.running
-        return ReplicaReport(self.id, running, ReplicaPhase.SWAPPING if self.applying else ReplicaPhase.IDLE,
+        phase = (ReplicaPhase.SWAPPING if self.applying else
+                 ReplicaPhase.FAILED if self.broken_since is not None else ReplicaPhase.IDLE)
+        return ReplicaReport(self.id, running, phase,
                              failed=self.failed[0] if self.failed else None,
                              failure="injected smoke-check failure" if self.failed else None,
                              failed_token=self.failed[1] if self.failed else "", seq=(0, self.sent))
@@ -149,6 +155,7 @@ class World:
         self.batch_size = batch_size
         self.backend = FakeBackend()
         self.bad: set[AdapterVersion] = set()  # smoke checks fail on these
+        self.unrestorable: set[AdapterVersion] = set()  # a failed check of one of these breaks a one-slot restore
         self.deadly: set[AdapterVersion] = set()  # applying one kills the replica (Serve starts a replacement)
         self.replacements = 0
         self.unfetchable: set[str] = set()
@@ -274,6 +281,11 @@ class World:
             self.replacements -= due
             for _ in range(due):
                 self.add_replica()
+            for replica in list(self.replicas.values()):  # Serve replaces a replica failing its health check
+                if replica.alive and replica.broken_since is not None and self.now - replica.broken_since >= HEALTH_S:
+                    self.trace.append(f"{replica.id} replaced (health check failed)")
+                    replica.alive = False
+                    self.replacements += 1
             if self.controller.start():  # a controller still starting answers no replica (they retry)
                 for replica in list(self.replicas.values()):
                     if replica.alive and not replica.stalled:
@@ -341,8 +353,11 @@ class World:
             return
         if version in self.bad:
             replica.failed, replica.failed_at = (version, token), self.now
+            if version in self.unrestorable and not self.two_slots and replica.broken_since is None:
+                replica.broken_since = self.now  # two slots: the active one was never touched, nothing to restore
+                self.trace.append(f"{replica.id} could not restore {replica.running.short()} after {version.uri}")
             return
-        replica.running, replica.failed = version, None
+        replica.running, replica.failed, replica.broken_since = version, None, None
         replica.swaps.append((token, version))
         if token.endswith(":forward") and replica.swaps.count((token, version)) > 1:
             self.violation(f"{replica.id} swapped to {version.short()} twice for operation {token}")
@@ -366,13 +381,14 @@ class World:
                 op.phase == Phase.REVERT and self.now > op.deadline):  # not the revert's own deadline passing
             # "reverted" means back: when the reply goes out, every replica the operation touched runs its previous
             # version, and no target runs the version, swaps to it or has it on its way. Skipped: a target dropped
-            # that the controller has not heard from since (gone, as far as it can know), and dead replicas
+            # that the controller has not heard from since (gone, as far as it can know), dead replicas, and broken
+            # ones (FAILED: their engine serves nothing until Serve replaces them)
             touched = op.touched()
             for rid in op.targets:
                 previous = op.previous[rid]
                 replica = self.replicas.get(rid)
-                if replica is None or not replica.alive:
-                    continue
+                if replica is None or not replica.alive or replica.broken_since is not None:
+                    continue  # dead, or broken (its engine stopped serving: FAILED, out of rotation)
                 if rid in reply.result["dropped"] and registry is not None and not registry.is_live(rid, self.now):
                     continue
                 coming = [v[0] for v in (replica.applying, replica.inbox) if v]
@@ -415,6 +431,7 @@ class World:
             r.delay_next = 0  # reports already in flight still arrive late
             r.hold_next = 0  # an assignment already on its way still arrives late
         self.bad.clear()
+        self.unrestorable.clear()
         self.deadly.clear()
         owed, self.replacements = self.replacements, 0  # replicas a capped crash loop did not restart
         for _ in range(owed):

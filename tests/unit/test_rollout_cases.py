@@ -753,3 +753,21 @@ def test_control_only_the_numbered_reports_keep_the_late_one_from_counting(monke
     monkeypatch.setattr(ReplicaRegistry, "heard", _last_report_wins)
     with pytest.raises(Violation, match="answered 'reverted' while r0 runs s3://bkt/v2"):
         _a_late_idle_report_after_the_revert_handed_v1_back(World(replicas=3, two_slots=True))
+
+
+def test_a_replica_whose_restore_failed_is_out_of_rotation_and_replaced():
+    """The simulator's FAILED replica (one slot: the copy of v2 failed its check and v1 could not be put back): it
+    reports FAILED on v1 with the forward token, the revert counts it out of rotation at once, Serve replaces it, and
+    the replacement converges on v1."""
+    world = World(replicas=3)
+    world.bad.add(V2)
+    world.unrestorable.add(V2)
+    world.request(OpKind.ROLL, "v2")
+    world.advance(1)
+    reply = world.completed[-1]
+    assert reply.outcome == Outcome.REVERTED
+    assert any(e.startswith("r0: failed s3://bkt/v2") and "could not restore s3://bkt/v1" in e
+               for e in reply.result["events"]), reply.result["events"]
+    world.quiesce()
+    assert not world.replicas["r0"].alive and len(world.live()) == 3
+    assert set(_running(world).values()) == {V1.uri}
