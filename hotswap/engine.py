@@ -361,7 +361,8 @@ class SwapEngine:
 
     def slot_for(self, version: AdapterIdentity) -> int | None:
         """The slot that serves ``version`` (checked, or loaded with :meth:`load`), to pin requests to it; None if
-        no slot holds it, or the slot that holds it failed a check since it was loaded."""
+        no slot holds it, or the one that does is claimed by a swap, being written, not yet checked, or failed its
+        check (``Scheduler.slot_serving``). To pin a request, ``submit(version=)`` looks it up atomically."""
         with self.scheduler.cond:
             return self.scheduler.slot_serving(version)
 
