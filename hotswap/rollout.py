@@ -304,12 +304,15 @@ class RolloutMachine:
             return self._upkeep(cand, now)
         reg = self.registry
         token = f"{op.id}:{op.phase.value}"
+        # back after all (a stall, not a death): forward, it takes its turn again; in a revert, it is sent back too
+        # (its assignment is its previous version)
+        for r in list(op.dropped):
+            report = reg.report(r)
+            if reg.is_live(r, now) and report is not None and report.phase != ReplicaPhase.FAILED:
+                op.dropped.remove(r)
+                where = op.kind.value if op.phase == Phase.FORWARD else "revert"
+                _event(op, f"{r}: reported in again; back in the {where}")
         if op.phase == Phase.FORWARD:
-            for r in list(op.dropped):  # back after all (a stall, not a death): it takes its turn again
-                report = reg.report(r)
-                if reg.is_live(r, now) and report is not None and report.phase != ReplicaPhase.FAILED:
-                    op.dropped.remove(r)
-                    _event(op, f"{r}: reported in again; back in the {op.kind.value}")
             for r in list(op.moving):
                 report = reg.report(r)
                 # failure first: a replica whose smoke check (or restore) failed may already name the version
@@ -354,11 +357,6 @@ class RolloutMachine:
             return [Notify()]
         # REVERT: every replica the operation touched goes back to its previous version. The others it targeted are
         # looked at too: one dropped mid-swap that came back is no longer counted as moving, yet may run the version
-        for r in list(op.dropped):  # back after all: it is sent back too (its assignment is its previous version)
-            report = reg.report(r)
-            if reg.is_live(r, now) and report is not None and report.phase != ReplicaPhase.FAILED:
-                op.dropped.remove(r)
-                _event(op, f"{r}: reported in again; back in the revert")
         settled = True
         touched = op.touched()
         for r in _revert_scope(op):
