@@ -398,6 +398,12 @@ class Scheduler:
                 events.append((ticket, Failed(SwapError(f"adapter slot {slot} was emptied before the request "
                                                         "joined it"))))
                 continue
+            if (state.check_failed and ticket.slot is not None and ticket.slot != self.active
+                    and not ticket.probe):  # queued before a swap's check of its (idle) slot failed
+                events.append((ticket, Failed(RequestError(
+                    f"adapter slot {slot} ({state.version.short()}) failed a smoke check before the request joined "
+                    "it; nothing runs on it until a version passes a check there: send the request again"))))
+                continue
             try:  # nothing about one request may stop the loop: it fails alone
                 params = ticket.params
                 generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None

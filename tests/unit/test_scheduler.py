@@ -405,6 +405,34 @@ def test_a_swap_waiting_for_a_slot_is_not_held_off_by_new_pins_to_its_version(ea
     engine.load(idle, b)
 
 
+def test_a_pin_queued_before_its_slot_failed_a_check_is_refused_not_run_there(eager, adapters, stage):
+    """From an outside review: a request pinned to an unchecked version, still queued when a swap's check of that
+    very slot failed, was admitted and ran on the slot that had just failed (new pins were refused already)."""
+    engine = eager
+    a, b = stage(adapters["a"]), stage(adapters["b"])
+    engine.apply(a)
+    idle = engine.idle_slot()
+    engine.load(idle, b)  # loaded without a check: pins to b are served by it
+    sched = engine.scheduler
+    queued = Recorder()
+
+    def failing_check(slot: int, timeout_s: float | None = None) -> None:
+        raise RuntimeError("injected check failure")
+
+    sched.pause()
+    try:
+        engine.submit(engine.encode(PROMPTS[0]), greedy(2), on_event=queued, version=b.identity)
+        with pytest.raises(Exception, match="smoke check failed"):
+            engine.swap_checked(b, check=failing_check)  # a flip to the idle slot, checked first: it fails
+        assert engine.slots[idle].check_failed and engine.slot_for(b.identity) is None
+    finally:
+        sched.resume()
+    assert queued.done.wait(60)
+    assert queued.version is None and "failed a smoke check before the request joined it" in str(queued.error)
+    assert engine.slots[idle].pinned_waiting == 0
+    engine.load(idle, a)  # leave no failed slot behind for the next test
+
+
 @pytest.fixture(scope="module")
 def overflowing(adapters, store_root):
     """Adapter "a" with every weight x 1e30: finite (it passes validation), but its LoRA overflows to inf."""
