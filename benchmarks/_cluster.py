@@ -38,7 +38,14 @@ def machine() -> dict:
     import torch
 
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.cuda.is_available()}
+            "cuda": torch.cuda.is_available(), **gpu()}
+
+
+def gpu() -> dict:
+    """The GPU's name, when there is one (``{}`` without CUDA)."""
+    import torch
+
+    return {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {}
 
 
 def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str, interval_s: float = 0.05):

@@ -42,7 +42,7 @@ from benchmarks.load import ClosedLoop, Sample, latency_summary, percentile
 
 
 def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2) -> dict:
-    out = {"base_model": args.base_model, "initial_adapter": "builtin:demo", "cache_dir": str(cache),
+    out = {"base_model": args.base_model, "initial_adapter": args.initial_adapter, "cache_dir": str(cache),
            "compile": compiled, "device": args.device, "max_batch_size": args.max_batch_size,
            "max_seq_len": args.max_seq_len, "adapter_slots": adapter_slots}
     if args.dtype:
@@ -51,6 +51,10 @@ def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2)
         out["stream_interval_ms"] = args.stream_interval_ms
     if compiled and args.compile_mode:
         out["compile_mode"] = args.compile_mode
+    if args.target_modules:
+        out["target_modules"] = args.target_modules
+    if args.max_rank:
+        out["max_rank"] = args.max_rank
     return out
 
 
@@ -367,10 +371,11 @@ def _ratios(results: dict, concurrency: list[int], batch: int) -> tuple[dict, li
         met = None if value is None else (value >= at_least if at_least is not None else value <= at_most)
         targets.append({"target": name, "value": value, "met": met})
 
-    ratios[f"service_c{top}_over_engine_batch_{batch}"] = v = _ratio(
-        compiled["service"][f"c{top}"]["tokens_per_s"], engine_full)
-    target(f"service tokens/s at {top} clients >= 0.6 x the in-process engine (batch {batch}, its best round)", v,
-           at_least=0.6)
+    if "service" in compiled:  # not with --engine-only
+        ratios[f"service_c{top}_over_engine_batch_{batch}"] = v = _ratio(
+            compiled["service"][f"c{top}"]["tokens_per_s"], engine_full)
+        target(f"service tokens/s at {top} clients >= 0.6 x the in-process engine (batch {batch}, its best round)",
+               v, at_least=0.6)
     if "stream" in compiled:
         ratios[f"stream_c{top}_over_service_c{top}"] = v = _ratio(compiled["stream"][f"c{top}"]["tokens_per_s"],
                                                                 compiled["service"][f"c{top}"]["tokens_per_s"])
@@ -394,7 +399,7 @@ def _ratios(results: dict, concurrency: list[int], batch: int) -> tuple[dict, li
         ratios["compiled_over_eager"] = {
             **{f"service c{c}": _ratio(compiled["service"][f"c{c}"]["tokens_per_s"],
                                        eager["service"][f"c{c}"]["tokens_per_s"])
-               for c in concurrency if f"c{c}" in eager.get("service", {})},
+               for c in concurrency if f"c{c}" in eager.get("service", {}) and "service" in compiled},
             **{f"engine {k.replace('_', ' ')}": _ratio(compiled["engine"][k]["tokens_per_s"],
                                                         eager["engine"][k]["tokens_per_s"])
                for k in compiled["engine"] if k.startswith("batch_")},
@@ -425,10 +430,13 @@ def _print_table(payload: dict) -> None:
                 print(f"  {label:16} {row['rows_in_flight']:9d} {row['tokens_per_s']:9.1f} "
                       f"{row['max_tokens_per_s']:8.1f} {row['ms_per_step']:8.2f} "
                       f"{per if per is None else round(per, 2)!s:>16}")
-    print(f"\nservice: POST /v1/completions through Serve, 1 replica, max_batch_size {payload['max_batch_size']}, "
-          f"max_tokens {payload['max_tokens']}, {payload['seconds']:.0f} s per level")
-    print(f"  {'mode':9} {'kind':9} {'clients':>7} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'1st text p50':>12} {'failed':>7}")
+    if "service" not in results["compiled"]:
+        print("\nservice: not run (--engine-only)")
+    else:
+        print(f"\nservice: POST /v1/completions through Serve, 1 replica, max_batch_size {payload['max_batch_size']}, "
+              f"max_tokens {payload['max_tokens']}, {payload['seconds']:.0f} s per level")
+        print(f"  {'mode':9} {'kind':9} {'clients':>7} {'tokens/s':>9} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'1st text p50':>12} {'failed':>7}")
     for mode in ("compiled", "eager"):
         if mode not in results:
             continue
@@ -486,6 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the device's)")
     parser.add_argument("--compile-mode", default=None, help="default, reduce-overhead (CUDA), ...")
+    parser.add_argument("--initial-adapter", default="builtin:demo",
+                        help="the adapter every configuration serves (default builtin:demo, for the built-in model)")
+    parser.add_argument("--target-modules", nargs="+", default=None,
+                        help="the engines' target_modules (default: the setting's default)")
+    parser.add_argument("--max-rank", type=int, default=None, help="the engines' max_rank (default: the setting's)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="the in-process engine only: no Ray, no service (e.g. on a GPU machine without Ray)")
     args = parser.parse_args(argv)
     if min(args.concurrency) < 1 or args.seconds <= 0 or args.engine_seconds <= 0 or args.engine_rounds < 1:
         parser.error("--concurrency and --engine-rounds must be >= 1 and --seconds, --engine-seconds > 0")
@@ -516,16 +531,17 @@ def main(argv: list[str] | None = None) -> int:
             mixed = None if args.no_stream else {
                 "short_tokens": args.short_tokens, "short_clients": args.short_clients,
                 "long_tokens": args.long_tokens, "long_streams": args.long_streams}
-            with serve_cluster(cache) as base_url:
-                services = [("compiled", True)] + ([] if args.no_eager else [("eager", False)])
-                for mode, compiled in services:
-                    progress(f"{mode}: starting the service")
-                    results[mode] = bench_service(
-                        _settings_args(args, cache, compiled), base_url=base_url, name=mode,
-                        concurrency=args.concurrency, seconds=args.seconds, max_tokens=args.max_tokens,
-                        streams=compiled and not args.no_stream, mixed=mixed if compiled else None)
-            progress("compiled: engine in-process once more, after the service")
-            engines["compiled"].measure(args.engine_seconds)
+            if not args.engine_only:
+                with serve_cluster(cache) as base_url:
+                    services = [("compiled", True)] + ([] if args.no_eager else [("eager", False)])
+                    for mode, compiled in services:
+                        progress(f"{mode}: starting the service")
+                        results[mode] = bench_service(
+                            _settings_args(args, cache, compiled), base_url=base_url, name=mode,
+                            concurrency=args.concurrency, seconds=args.seconds, max_tokens=args.max_tokens,
+                            streams=compiled and not args.no_stream, mixed=mixed if compiled else None)
+                progress("compiled: engine in-process once more, after the service")
+                engines["compiled"].measure(args.engine_seconds)
             for mode, engine in engines.items():
                 results.setdefault(mode, {})["engine"] = engine.result()
         finally:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._cluster import progress, write_result
+from benchmarks._cluster import gpu, progress, write_result
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -49,19 +49,26 @@ def _timed(fn, reps: int, *, sync) -> list[float]:
 
 
 def _big_base(cache: Path) -> Path:
-    """A TinyLlama-1.1B-shaped Llama with random weights, saved once (about 4.4 GB in float32)."""
+    """A TinyLlama-1.1B-shaped Llama with random weights, saved once (about 4.4 GB in float32).
+
+    With CUDA it is initialised on the GPU and saved in bfloat16 (2.2 GB, what the GPU engine loads): the
+    random init of 1.1B parameters takes minutes of CPU time, and a GPU machine is lent by the minute."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from hotswap.builtin import materialize_builtin_model
 
-    out = cache / "models" / "tinyllama-1.1b-shape-v1"
+    cuda = torch.cuda.is_available()
+    out = cache / "models" / ("tinyllama-1.1b-shape-v1-bf16" if cuda else "tinyllama-1.1b-shape-v1")
     if (out / "config.json").exists():
         return out
-    progress("building the 1.1B-shaped model (random init, once)")
+    progress(f"building the 1.1B-shaped model (random init on the {'GPU' if cuda else 'CPU'}, once)")
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(out))
+    with torch.device("cuda" if cuda else "cpu"):
+        model = LlamaForCausalLM(config)
+    (model.to(torch.bfloat16) if cuda else model).save_pretrained(str(out))
+    del model
     tiny = materialize_builtin_model("tiny-llama", cache_dir=cache)
     AutoTokenizer.from_pretrained(tiny).save_pretrained(str(out))
     return out
@@ -116,7 +123,7 @@ def _peft_hotswap_from_disk(engine, folder: Path, device) -> None:
 
 
 def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], reps: int, reload_reps: int,
-                cache: Path, compile_model: bool, profile: bool = False) -> dict:
+                cache: Path, compile_model: bool, profile: bool = False, compile_mode: str | None = None) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +134,8 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
 
     settings = HotswapSettings(base_model=str(base), cache_dir=cache, local_store_root=cache / "bench-store",
                                max_rank=max_rank, compile=compile_model, max_batch_size=1,
-                               prefill_chunk_tokens=8, max_seq_len=32)
+                               prefill_chunk_tokens=8, max_seq_len=32,
+                               **({"compile_mode": compile_mode} if compile_mode else {}))
     folders = []
     for i, params in enumerate(adapters):
         folder = settings.store_root / f"{name}-{i}"
@@ -260,6 +268,8 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
         "model": name,
         "device": str(device),
         "dtype": str(engine.dtype).removeprefix("torch."),
+        "compile": compile_model,
+        "compile_mode": settings.compile_mode if compile_model else None,
         "adapter_bytes": nbytes,
         "copy_bytes": copy_bytes,
         "adapter_slots": settings.adapter_slots,
@@ -293,7 +303,8 @@ def _print_table(results: list[dict]) -> None:
     keys = ["memcpy_ms", "memcpy_same_pair_ms", "engine_swap_ms", "engine_copy_ms", "engine_revert_ms",
             "peft_from_state_dict_ms", "peft_hotswap_adapter_ms", "reload_recompile_ms"]
     for r in results:
-        print(f"\n{r['model']}  ({r['device']}, {r['dtype']}, adapter r={r['adapter_rank']}, "
+        mode = f", compiled ({r['compile_mode']})" if r.get("compile") else ", eager"
+        print(f"\n{r['model']}  ({r['device']}, {r['dtype']}{mode}, adapter r={r['adapter_rank']}, "
               f"{r['adapter_bytes'] / 1e6:.2f} MB, {r['copy_bytes'] / 1e6:.2f} MB copied per swap, "
               f"max_rank {r['max_rank']}, {r['adapter_slots']} slots)")
         print(f"  {'method':28} {'median ms':>11} {'p90 ms':>10} {'max ms':>10} {'n':>4}")
@@ -317,9 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=30, help="timed swaps per method (default 30)")
     parser.add_argument("--cache-dir", default=None, help="models and adapters (default: a temporary folder)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of the engine swaps")
+    parser.add_argument("--compile-mode", default=None,
+                        help="the engines' compile_mode (default: the setting's default); reduce-overhead on a GPU")
+    parser.add_argument("--reload-reps", type=int, default=None,
+                        help="timed reloads (each a recompile) per model (default: 20 tiny, 3 1.1B; 5 tiny --quick)")
     args = parser.parse_args(argv)
     if args.reps < 20:
         parser.error("--reps must be at least 20")
+    if args.reload_reps is not None and args.reload_reps < 1:
+        parser.error("--reload-reps must be at least 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp)
@@ -328,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         tiny = materialize_builtin_model("tiny-llama", cache_dir=cache)
         results = [bench_model(
             "builtin:tiny-llama", tiny, max_rank=16, cache=cache, compile_model=True, reps=args.reps,
-            profile=args.profile,
-            reload_reps=5 if args.quick else 20,
+            profile=args.profile, compile_mode=args.compile_mode,
+            reload_reps=args.reload_reps or (5 if args.quick else 20),
             adapters=[dict(r=8, lora_alpha=16, target_modules=ALL_PROJ, seed=1),
                       dict(r=8, lora_alpha=8, target_modules=ALL_PROJ, seed=2),
                       dict(r=8, lora_alpha=12, target_modules=ALL_PROJ, seed=3)],
@@ -337,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick:
             big = _big_base(cache)
             results.append(bench_model(
-                "tinyllama-1.1b-shape", big, max_rank=64, cache=cache, reps=args.reps, reload_reps=3,
-                profile=args.profile,
+                "tinyllama-1.1b-shape", big, max_rank=64, cache=cache, reps=args.reps,
+                reload_reps=args.reload_reps or 3, profile=args.profile, compile_mode=args.compile_mode,
                 compile_model=torch.cuda.is_available(),  # compiling 1.1B on 2 CPU cores takes too long to repeat
                 adapters=[dict(r=16, lora_alpha=32, target_modules=ALL_PROJ, seed=1),
                           dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, seed=2),
@@ -347,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     # "cpus" is the threads torch uses, as in the swap results recorded so far
     write_result("swap", args.json, argv, {"results": results},
                  machine_info={"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                               "torch": torch.__version__, "cuda": torch.cuda.is_available()})
+                               "torch": torch.__version__, "cuda": torch.cuda.is_available(), **gpu()})
     _print_table(results)
     print(f"\nwrote {args.json}")
     return 0

@@ -10,22 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+from tests.gpu.conftest import cudagraph_skips, needs_device
 
-
-@pytest.fixture(scope="module")
-def gpu_engine(base_settings, tiny_base):
-    from hotswap.engine import SwapEngine
-
-    settings = base_settings.model_copy(update={"device": "cuda", "dtype": "bfloat16",
-                                                "compile_mode": "reduce-overhead"})
-    return SwapEngine.build(settings)
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, needs_device]
 
 
 def test_cuda_graph_swaps_keep_addresses_and_never_recompile(gpu_engine, make_adapter, tiny_base):
     from peft import PeftModel
-    from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     from hotswap.adapters import model_spec_for, prepare_adapter
@@ -39,16 +30,16 @@ def test_cuda_graph_swaps_keep_addresses_and_never_recompile(gpu_engine, make_ad
                 make_adapter("gpu-b", r=16, lora_alpha=4, target_modules=("o_proj", "down_proj"), seed=62)]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for folder in adapters * 2:
-            staged = prepare_adapter(str(folder), settings=engine.settings, spec=spec, dtype=torch.bfloat16)
+            staged = prepare_adapter(str(folder), settings=engine.settings, spec=spec, dtype=engine.dtype)
             engine.apply(staged)
             got = engine.last_logits(["Hello GPU", "a longer prompt that spans two prefill chunks"])
             ref = PeftModel.from_pretrained(
-                AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16), str(folder)
-            ).cuda().eval()
+                AutoModelForCausalLM.from_pretrained(tiny_base, dtype=engine.dtype), str(folder)
+            ).to(engine.device).eval()
             tok = engine.tokenizer
-            want = torch.stack([ref(**tok(p, return_tensors="pt").to("cuda")).logits[0, -1].float().cpu()
+            want = torch.stack([ref(**tok(p, return_tensors="pt").to(engine.device)).logits[0, -1].float().cpu()
                                 for p in ["Hello GPU", "a longer prompt that spans two prefill chunks"]])
             assert (got - want).abs().max().item() < 0.1  # bf16
     assert [p.data_ptr() for p in lora] == ptrs
     assert engine.compiled_graphs == graphs
-    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert cudagraph_skips() == engine.skips_before_build
