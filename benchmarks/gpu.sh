@@ -40,9 +40,9 @@ step() {  # step NAME SECONDS_AT_MOST COMMAND...: runs COMMAND under what is lef
 } 2>&1 | tee "$out/env.log"
 
 all=(q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)
-step gpu-tests 200 python -m pytest tests/gpu -v -p no:cacheprovider --junitxml "$out/gpu-tests.xml"
-step swap-gpu 300 python -m benchmarks.swap --json "$out/swap-gpu.json" --cache-dir "$cache" \
-    --compile-mode reduce-overhead --reload-reps 2
+step gpu-tests 140 python -m pytest tests/gpu -v -p no:cacheprovider --junitxml "$out/gpu-tests.xml"
+step swap-gpu 200 python -m benchmarks.swap --json "$out/swap-gpu.json" --cache-dir "$cache" \
+    --compile-mode reduce-overhead --reload-reps 1
 step serving-gpu 300 python -m benchmarks.serving --engine-only --json "$out/serving-gpu.json" \
     --device cuda --compile-mode reduce-overhead --no-eager --engine-rounds 2 --engine-seconds 4 --max-tokens 64 \
     --base-model "$cache/models/tinyllama-1.1b-shape-v1-bf16" --initial-adapter "$cache/bench-store/tinyllama-1.1b-shape-0" \

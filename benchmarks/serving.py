@@ -55,6 +55,8 @@ def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2)
         out["target_modules"] = args.target_modules
     if args.max_rank:
         out["max_rank"] = args.max_rank
+    if Path(args.initial_adapter).is_dir():  # a local folder: the engine reads adapters under its store root only
+        out["local_store_root"] = str(Path(args.initial_adapter).resolve().parent)
     return out
 
 

@@ -319,6 +319,8 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
+            if torch.device(self.device).type == "cuda":
+                _cuda_graph_thread_state()
             self._loop()
         except BaseException as e:  # a bug in the loop itself: fail everything, refuse new work, say why
             logger.exception("the scheduler loop stopped")
@@ -565,3 +567,25 @@ class Scheduler:
         events.append((row.ticket, Finished(Completion(row.text.text, list(tokens), reason, row.prompt_len,
                                                        row.version))))
         return reason
+
+
+def _cuda_graph_thread_state() -> None:
+    """Give this thread the CUDA-graph-trees state that torch < 2.13 sets up only in the thread that imported it.
+
+    With ``compile_mode: reduce-overhead`` every step runs in the scheduler's thread; torch 2.11 and 2.12 keep
+    the graph trees in thread-local state created at import, and assert in any other Python thread
+    (pytorch/pytorch#123177: a second engine in one process, or the first one when inductor was imported
+    elsewhere). torch 2.13 creates that state on first use (``_initialize_tls``): nothing to do there.
+    """
+    try:
+        from torch._inductor import cudagraph_trees as trees
+    except ImportError:
+        return
+    if hasattr(trees, "_initialize_tls") or not hasattr(trees, "local"):
+        return
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    from collections import defaultdict
+
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
