@@ -231,7 +231,7 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
     engine.last_logits(["still serving"])
 
     reload_ms, reload_recompiles = [], None
-    if compile_model:
+    if compile_model and reload_reps:
         # every reload is a new version with its own alpha: reloading an (r, alpha) seen before would hit a graph
         # dynamo already cached, which is not what shipping a new fine-tune looks like
         fresh = []
@@ -331,42 +331,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", default=None,
                         help="the engines' compile_mode (default: the setting's default); reduce-overhead on a GPU")
     parser.add_argument("--reload-reps", type=int, default=None,
-                        help="timed reloads (each a recompile) per model (default: 20 tiny, 3 1.1B; 5 tiny --quick)")
+                        help="timed reloads (each a recompile) per model (default: 20 tiny, 3 1.1B; 5 tiny --quick); "
+                             "0 skips them (a 1.1B recompile takes minutes)")
     args = parser.parse_args(argv)
     if args.reps < 20:
         parser.error("--reps must be at least 20")
-    if args.reload_reps is not None and args.reload_reps < 1:
-        parser.error("--reload-reps must be at least 1")
+    if args.reload_reps is not None and args.reload_reps < 0:
+        parser.error("--reload-reps must be 0 (skip the reloads) or more")
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp)
         from hotswap.builtin import materialize_builtin_model
 
+        results: list[dict] = []
+        machine_info = {"platform": platform.platform(), "cpus": torch.get_num_threads(),  # threads torch uses
+                        "torch": torch.__version__, "cuda": torch.cuda.is_available(), **gpu()}
+
+        def done(result: dict) -> None:
+            """Keep a model's figures as soon as it is measured: a run stopped later still leaves them."""
+            results.append(result)
+            write_result("swap", args.json, argv, {"results": results}, machine_info=machine_info)
+            _print_table([result])
+            print(f"\nwrote {args.json} ({len(results)} model{'s' if len(results) > 1 else ''})")
+
         tiny = materialize_builtin_model("tiny-llama", cache_dir=cache)
-        results = [bench_model(
+        done(bench_model(
             "builtin:tiny-llama", tiny, max_rank=16, cache=cache, compile_model=True, reps=args.reps,
             profile=args.profile, compile_mode=args.compile_mode,
-            reload_reps=args.reload_reps or (5 if args.quick else 20),
+            reload_reps=(5 if args.quick else 20) if args.reload_reps is None else args.reload_reps,
             adapters=[dict(r=8, lora_alpha=16, target_modules=ALL_PROJ, seed=1),
                       dict(r=8, lora_alpha=8, target_modules=ALL_PROJ, seed=2),
                       dict(r=8, lora_alpha=12, target_modules=ALL_PROJ, seed=3)],
-        )]
+        ))
         if not args.quick:
             big = _big_base(cache)
-            results.append(bench_model(
+            done(bench_model(
                 "tinyllama-1.1b-shape", big, max_rank=64, cache=cache, reps=args.reps,
-                reload_reps=args.reload_reps or 3, profile=args.profile, compile_mode=args.compile_mode,
+                reload_reps=3 if args.reload_reps is None else args.reload_reps, profile=args.profile,
+                compile_mode=args.compile_mode,
                 compile_model=torch.cuda.is_available(),  # compiling 1.1B on 2 CPU cores takes too long to repeat
                 adapters=[dict(r=16, lora_alpha=32, target_modules=ALL_PROJ, seed=1),
                           dict(r=16, lora_alpha=16, target_modules=ALL_PROJ, seed=2),
                           dict(r=16, lora_alpha=24, target_modules=ALL_PROJ, seed=3)],
             ))
-    # "cpus" is the threads torch uses, as in the swap results recorded so far
-    write_result("swap", args.json, argv, {"results": results},
-                 machine_info={"platform": platform.platform(), "cpus": torch.get_num_threads(),
-                               "torch": torch.__version__, "cuda": torch.cuda.is_available(), **gpu()})
-    _print_table(results)
-    print(f"\nwrote {args.json}")
     return 0
 
 

@@ -97,3 +97,18 @@ def test_streaming_load_clients_reuse_their_connection_only_when_they_read_to_th
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_serving_benchmark_engine_only_measures_the_engine_without_ray(tmp_path):
+    """``--engine-only`` (for a GPU machine without Ray): the in-process levels, no service, no service target."""
+    out = tmp_path / "serving.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--engine-only", "--no-eager", "--no-1slot",
+                             "--engine-seconds", "0.5", "--engine-rounds", "1", "--max-tokens", "4",
+                             "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "service: not run (--engine-only)" in result.stdout
+    payload = json.loads(out.read_text())
+    compiled = payload["results"]["compiled"]
+    assert set(compiled) == {"engine"}
+    assert compiled["engine"]["batch_8"]["tokens_per_s"] > 0 and compiled["engine"]["batch_1"]["tokens_per_s"] > 0
+    assert payload["targets"] == []

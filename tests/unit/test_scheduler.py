@@ -711,3 +711,28 @@ def test_a_float16_service_rejects_such_an_adapter_at_validation(overflowing, ba
     with pytest.raises(AdapterValidationError, match="beyond float16's largest finite 65504") as rejected:
         prepare_adapter(str(overflowing), settings=settings, spec=model_spec_for(settings), dtype=torch.float16)
     assert len(rejected.value.problems) == 8  # every tensor, named
+
+
+def test_the_scheduler_thread_gets_cuda_graph_state_where_torch_sets_it_up_for_one_thread_only(monkeypatch):
+    """torch 2.11/2.12 create CUDA graph trees' thread-local state in the importing thread only
+    (pytorch#123177): the scheduler's thread sets up its own. Here torch 2.13's lazy set-up is taken away to
+    show both sides: a fresh thread has no state (what asserted on the H200 run), and has it after the call."""
+    from torch._inductor import cudagraph_trees
+
+    from hotswap.scheduler import _cuda_graph_thread_state
+
+    monkeypatch.delattr(cudagraph_trees, "_initialize_tls", raising=False)
+    seen = {}
+
+    def fresh_thread():
+        seen["before"] = (hasattr(cudagraph_trees.local, "tree_manager_containers")
+                          or torch._C._is_key_in_tls("tree_manager_containers"))
+        _cuda_graph_thread_state()
+        seen["containers"] = cudagraph_trees.get_obj(cudagraph_trees.local, "tree_manager_containers")
+        seen["locks"] = cudagraph_trees.get_obj(cudagraph_trees.local, "tree_manager_locks")
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert seen["before"] is False
+    assert seen["containers"] == {} and seen["locks"][0] is not None
