@@ -488,6 +488,9 @@ class SwapEngine:
                 raise SwapError(f"smoke check failed on {state.version.uri}: {e}; still serving "
                                 f"{self.identity.uri}") from e
             state.checked, state.check_failed = True, False
+        elif check is None:  # made active on the caller's word (apply): it serves every request, pinned ones too
+            with self.scheduler.cond:
+                state.check_failed = False
         smoke_ms = (time.perf_counter() - started) * 1e3
         self._activate(slot)
         self.last_swap_ms = 0.0

@@ -223,6 +223,9 @@ class Scheduler:
         if slot is not None and version is not None:
             raise ValueError("pin a request to a slot or to a version, not both")
         self.checker.check(len(token_ids), params)
+        if version is not None and not isinstance(version, AdapterVersion):
+            raise RequestError(f"version must be an AdapterVersion (a slot's identity, e.g. StagedAdapter.identity), "
+                               f"not {type(version).__name__} {version!r}")
         ticket = Ticket(list(token_ids), params, on_event, slot=slot, want_logits=want_logits, held=held,
                         probe=probe, _wake=self.wake)
         with self.cond:

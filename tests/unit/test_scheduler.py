@@ -433,6 +433,40 @@ def test_a_pin_queued_before_its_slot_failed_a_check_is_refused_not_run_there(ea
     engine.load(idle, a)  # leave no failed slot behind for the next test
 
 
+def test_a_slot_that_failed_a_check_then_made_active_by_apply_takes_pinned_requests(eager, adapters, stage):
+    """From stop 22's note: ``apply()`` makes the idle slot active on the caller's word, without a check; a
+    ``check_failed`` left from an earlier failed check made ``slot_for`` refuse pins to the very slot that then
+    served every unpinned request."""
+    engine = eager
+    a, b = stage(adapters["a"]), stage(adapters["b"])
+    engine.apply(a)
+    idle = engine.idle_slot()
+    engine.load(idle, b)
+
+    def failing_check(slot: int, timeout_s: float | None = None) -> None:
+        raise RuntimeError("injected check failure")
+
+    with pytest.raises(Exception, match="smoke check failed"):
+        engine.swap_checked(b, check=failing_check)
+    assert engine.slot_for(b.identity) is None  # refused while it is the failed idle slot
+    engine.apply(b)  # a flip without a check: b serves
+    assert engine.active_slot == idle
+    assert engine.slot_for(b.identity) == idle
+    pinned = engine.generate([PROMPTS[0]], [greedy(3)])[0][0]
+    recorder = Recorder()
+    engine.submit(engine.encode(PROMPTS[0]), greedy(3), on_event=recorder, version=b.identity)
+    assert recorder.wait().token_ids == pinned.token_ids and recorder.version == b.identity
+
+
+@pytest.mark.parametrize("version", ["s3://bucket/adapter", {"uri": "x"}, 3])
+def test_a_version_pin_that_is_not_a_version_is_refused_naming_the_type(eager, version):
+    from hotswap.errors import RequestError
+
+    with pytest.raises(RequestError, match=f"version must be an AdapterVersion.*not {type(version).__name__}"):
+        eager.submit(eager.encode(PROMPTS[0]), greedy(2), on_event=Recorder(), version=version)
+    assert eager.scheduler.queued() == 0
+
+
 @pytest.fixture(scope="module")
 def overflowing(adapters, store_root):
     """Adapter "a" with every weight x 1e30: finite (it passes validation), but its LoRA overflows to inf."""
