@@ -304,14 +304,27 @@ class RolloutMachine:
             return self._upkeep(cand, now)
         reg = self.registry
         token = f"{op.id}:{op.phase.value}"
-        # back after all (a stall, not a death): forward, it takes its turn again; in a revert, it is sent back too
-        # (its assignment is its previous version)
+        # back after all (a stall, not a death): forward, it takes its turn again, unless it runs the version already
+        # or is still swapping to it (then it is counted, or waited for, as the replicas moving now are: sent the
+        # old version while it waited for its turn, it would swap back and then forward again); in a revert, it is
+        # sent back too (its assignment is its previous version)
         for r in list(op.dropped):
             report = reg.report(r)
             if reg.is_live(r, now) and report is not None and report.phase != ReplicaPhase.FAILED:
                 op.dropped.remove(r)
-                where = op.kind.value if op.phase == Phase.FORWARD else "revert"
-                _event(op, f"{r}: reported in again; back in the {where}")
+                if r in op.died:  # a stall, not a death: it no longer counts towards _DEATHS_TO_REVERT
+                    op.died.remove(r)
+                    op.deaths -= 1
+                if op.phase == Phase.FORWARD and report.phase == ReplicaPhase.IDLE and report.running == op.version:
+                    op.done.append(r)
+                    _event(op, f"{r}: reported in again, running {op.version.short()}: counted as moved")
+                elif (op.phase == Phase.FORWARD and report.phase == ReplicaPhase.SWAPPING
+                      and _handed(reg, r) == op.version):
+                    op.moving.append(r)
+                    _event(op, f"{r}: reported in again, still swapping to {op.version.short()}: waited for")
+                else:
+                    where = op.kind.value if op.phase == Phase.FORWARD else "revert"
+                    _event(op, f"{r}: reported in again; back in the {where}")
         if op.phase == Phase.FORWARD:
             for r in list(op.moving):
                 report = reg.report(r)
@@ -327,6 +340,7 @@ class RolloutMachine:
                     op.dropped.append(r)
                     if report is not None and report.phase == ReplicaPhase.SWAPPING:
                         op.deaths += 1  # it went away while applying the version
+                        op.died.append(r)
                     _event(op, f"{r}: gone (replica stopped); not counted as moved")
                     if op.deaths >= _DEATHS_TO_REVERT:
                         return self._revert(cand, now, f"{op.deaths} replicas went away while swapping to "
@@ -501,6 +515,12 @@ def _back(report: ReplicaReport | None, previous: AdapterVersion) -> bool:
     """A reverted replica is back: idle on its previous version. One that names it while swapping may be about to
     flip to the new one (with two slots the old version stays active until the new one passed its check)."""
     return report is not None and report.running == previous and report.phase == ReplicaPhase.IDLE
+
+
+def _handed(reg, replica_id: str) -> AdapterVersion | None:
+    """The version last handed to the replica by this controller (None before its first answer to it)."""
+    seen = reg.seen(replica_id)
+    return seen.handed[0] if seen is not None and seen.handed is not None else None
 
 
 def _token(report: ReplicaReport) -> str:

@@ -58,14 +58,15 @@ class Operation:
     started: float = 0.0
     deadline: float = 0.0  # the current step (or the revert) fails after this time
     percent: float | None = None  # for a canary
-    deaths: int = 0  # targets that went away while swapping to ``version``
+    deaths: int = 0  # targets that went away while swapping to ``version`` (and have not reported since)
+    died: list[str] = field(default_factory=list)  # which ones: one that reports again was a stall, not a death
     events: list[str] = field(default_factory=list)
 
     def copy(self) -> Operation:
         """A full copy: every field is immutable except the lists and the dict, which are copied."""
         return replace(self, targets=list(self.targets), previous=dict(self.previous), moving=list(self.moving),
                        done=list(self.done), dropped=list(self.dropped), reverted=list(self.reverted),
-                       events=list(self.events))
+                       died=list(self.died), events=list(self.events))
 
     def touched(self) -> list[str]:
         return [r for r in self.targets if r in self.moving or r in self.done]
@@ -76,7 +77,7 @@ class Operation:
             "previous": {k: v.to_dict() for k, v in self.previous.items()}, "everyone": self.everyone,
             "phase": self.phase.value, "moving": self.moving, "done": self.done, "dropped": self.dropped,
             "reverted": self.reverted, "reason": self.reason, "started": self.started, "deadline": self.deadline,
-            "percent": self.percent, "deaths": self.deaths, "events": self.events[-100:],
+            "percent": self.percent, "deaths": self.deaths, "died": self.died, "events": self.events[-100:],
         }
 
     @classmethod
@@ -88,7 +89,7 @@ class Operation:
             previous={k: AdapterVersion.of(v) for k, v in d["previous"].items()}, everyone=d["everyone"],
             phase=Phase(d["phase"]), moving=list(d["moving"]), done=list(d["done"]), dropped=list(d["dropped"]),
             reverted=list(d.get("reverted", [])), reason=d.get("reason"), started=d["started"],
-            deadline=d["deadline"], percent=d.get("percent"), deaths=d.get("deaths", 0),
+            deadline=d["deadline"], percent=d.get("percent"), deaths=d.get("deaths", 0), died=list(d.get("died", [])),
             events=list(d.get("events", [])),
         )
 

@@ -771,3 +771,48 @@ def test_a_replica_whose_restore_failed_is_out_of_rotation_and_replaced():
     world.quiesce()
     assert not world.replicas["r0"].alive and len(world.live()) == 3
     assert set(_running(world).values()) == {V1.uri}
+
+
+# --- a replica that stalls mid-swap and comes back (found while fixing op.deaths, stop 23) --------------------
+
+def _stalled_mid_swap_and_back() -> tuple[World, str]:
+    """r0 stalls while it swaps to v2: it is dropped as gone (counted as a death, its last report said SWAPPING)
+    while r1 takes its turn; then r0 reports again, still swapping."""
+    world = World(replicas=3)
+    for replica in world.replicas.values():
+        replica.slowness = 4
+    op_id = world.request(OpKind.ROLL, "v2")
+    world.advance(2)
+    op = world.controller.sm.state.operation
+    assert op.moving == ["r0"]
+    world.stall("r0", True)
+    world.advance(int(LIVENESS_S) + 1)
+    op = world.controller.sm.state.operation
+    assert op.dropped == ["r0"] and op.deaths == 1 and op.moving == ["r1"]
+    world.stall("r0", False)
+    world.advance(1)
+    return world, op_id
+
+
+def test_a_replica_back_from_a_stall_mid_swap_is_waited_for_not_swapped_back_and_forth():
+    """It was sent the old version while it waited for its turn again, so it swapped v2 -> v1 -> v2 (the
+    simulator's 'swapped twice for one operation'); now it is waited for as a replica moving now."""
+    world, op_id = _stalled_mid_swap_and_back()
+    op = world.controller.sm.state.operation
+    assert "r0" in op.moving and op.deaths == 0  # a stall, not a death
+    world.quiesce()
+    reply = next(r for r in world.completed if r.op_id == op_id)
+    assert reply.outcome == Outcome.OK and world.controller.sm.state.stable == V2
+    assert [v for token, v in world.replicas["r0"].swaps if token.startswith(f"{op_id}:")] == [V2]
+    assert world.replicas["r0"].swaps[-1] == (f"{op_id}:forward", V2)  # and nothing after it (no swap back)
+
+
+def test_a_stall_and_one_death_do_not_revert_as_two_deaths():
+    """A replica counted as a death that reports again was a stall: with one real death after it, the version is
+    not reverted as one that kills its replicas (``_DEATHS_TO_REVERT`` is 2)."""
+    world, op_id = _stalled_mid_swap_and_back()
+    world.kill("r1")  # swapping to v2 when it dies
+    world.quiesce()
+    reply = next(r for r in world.completed if r.op_id == op_id)
+    assert reply.outcome == Outcome.OK, reply.error
+    assert "r1" in reply.result["dropped"] and world.controller.sm.state.stable == V2
