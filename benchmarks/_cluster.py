@@ -128,8 +128,13 @@ def serve_cluster(cache: Path, *, num_cpus: int = 8):
 
 
 def write_json(path: str, payload: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2))
+    """Write ``payload`` whole or not at all (a benchmark rewrites its JSON as it goes; a kill mid-write must not
+    truncate what an earlier write kept)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, target)
 
 
 def write_result(benchmark: str, path: str, argv: list[str] | None, fields: dict, *,

@@ -17,6 +17,7 @@ cache=${HOTSWAP_GPU_CACHE:-/tmp/hotswap-gpu-cache}
 mkdir -p "$out" "$cache"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
+worst=0  # the exit status: the first step's that failed (124: stopped or skipped for the budget), else 0
 left() { echo $(( budget - ($(date +%s) - start) )); }
 
 step() {  # step NAME SECONDS_AT_MOST COMMAND...: runs COMMAND under what is left, at most SECONDS_AT_MOST
@@ -24,19 +25,21 @@ step() {  # step NAME SECONDS_AT_MOST COMMAND...: runs COMMAND under what is lef
     local t; t=$(left); (( t > most )) && t=$most
     if (( t < 20 )); then
         echo "== $name: skipped, $(left) s of the budget left" | tee -a "$out/steps.log"
+        (( worst == 0 )) && worst=124
         return
     fi
     echo "== $name: up to $t s: $*" | tee -a "$out/steps.log"
     local s; s=$(date +%s)
     timeout -k 5 "$t" "$@" > "$out/$name.log" 2>&1
     local rc=$?
+    (( rc != 0 && worst == 0 )) && worst=$rc
     echo "== $name: exit $rc after $(( $(date +%s) - s )) s" | tee -a "$out/steps.log"
     tail -n 40 "$out/$name.log"
 }
 
 {
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    python -c "import sys, torch, transformers, peft; print(sys.version.split()[0], 'torch', torch.__version__,
+    timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    timeout 60 python -c "import sys, torch, transformers, peft; print(sys.version.split()[0], 'torch', torch.__version__,
         'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__)"
     nproc
 } 2>&1 | tee "$out/env.log"
@@ -50,3 +53,4 @@ step serving-gpu 300 python -m benchmarks.serving --engine-only --json "$out/ser
     --base-model "$cache/models/tinyllama-1.1b-shape-v1-bf16" --initial-adapter "$cache/bench-store/tinyllama-1.1b-shape-0" \
     --target-modules "${all[@]}" --max-rank 64
 echo "== done after $(( $(date +%s) - start )) s" | tee -a "$out/steps.log"
+exit "$worst"

@@ -42,7 +42,10 @@ from benchmarks.load import ClosedLoop, Sample, latency_summary, percentile
 
 
 def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2) -> dict:
-    out = {"base_model": args.base_model, "initial_adapter": args.initial_adapter, "cache_dir": str(cache),
+    adapter = Path(args.initial_adapter)
+    local = adapter.is_dir()  # a local folder: the engine reads adapters under its store root only
+    out = {"base_model": args.base_model, "initial_adapter": str(adapter.resolve()) if local else args.initial_adapter,
+           "cache_dir": str(cache),
            "compile": compiled, "device": args.device, "max_batch_size": args.max_batch_size,
            "max_seq_len": args.max_seq_len, "adapter_slots": adapter_slots}
     if args.dtype:
@@ -55,8 +58,8 @@ def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2)
         out["target_modules"] = args.target_modules
     if args.max_rank:
         out["max_rank"] = args.max_rank
-    if Path(args.initial_adapter).is_dir():  # a local folder: the engine reads adapters under its store root only
-        out["local_store_root"] = str(Path(args.initial_adapter).resolve().parent)
+    if local:
+        out["local_store_root"] = str(adapter.resolve().parent)
     return out
 
 

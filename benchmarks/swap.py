@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -61,16 +62,20 @@ def _big_base(cache: Path) -> Path:
     out = cache / "models" / ("tinyllama-1.1b-shape-v1-bf16" if cuda else "tinyllama-1.1b-shape-v1")
     if (out / "config.json").exists():
         return out
+    # built beside, then renamed: a run stopped mid-save (a GPU budget's timeout) leaves no half model that looks whole
+    build = out.with_name(out.name + ".partial")
+    shutil.rmtree(build, ignore_errors=True)
     progress(f"building the 1.1B-shaped model (random init on the {'GPU' if cuda else 'CPU'}, once)")
     config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
     torch.manual_seed(0)
     with torch.device("cuda" if cuda else "cpu"):
         model = LlamaForCausalLM(config)
-    (model.to(torch.bfloat16) if cuda else model).save_pretrained(str(out))
+    (model.to(torch.bfloat16) if cuda else model).save_pretrained(str(build))
     del model
     tiny = materialize_builtin_model("tiny-llama", cache_dir=cache)
-    AutoTokenizer.from_pretrained(tiny).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(str(build))
+    build.rename(out)
     return out
 
 
@@ -283,6 +288,7 @@ def bench_model(name: str, base: Path, *, max_rank: int, adapters: list[dict], r
         "peft_from_state_dict_ms": _stats(peft_sd),
         "peft_hotswap_adapter_ms": _stats(peft_from_disk),
         "reload_recompile_ms": _stats(reload_ms) if reload_ms else None,
+        "reload_compile_mode": "default" if reload_ms else None,  # the naive path compiles without CUDA graphs
         "engine_recompiles": engine_recompiles,
         "reload_recompiles": reload_recompiles,
     }

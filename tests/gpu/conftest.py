@@ -12,6 +12,8 @@ import pytest
 import torch
 
 DEVICE = os.environ.get("HOTSWAP_TEST_DEVICE", "cuda")
+if DEVICE not in ("cuda", "cpu"):
+    raise pytest.UsageError(f"HOTSWAP_TEST_DEVICE={DEVICE!r}: use cuda (the default) or cpu")
 ON_GPU = DEVICE == "cuda"
 needs_device = pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -30,15 +32,24 @@ def cudagraph_skips() -> int:
     return counters["inductor"]["cudagraph_skips"]
 
 
+def cudagraph_partitions() -> int:
+    """Pieces of graphs that inductor's graph partition split up (counted only for a graph split in two or more,
+    e.g. around a CPU op, which then runs outside the CUDA graph), so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_partitions"]
+
+
 @pytest.fixture(scope="session")
 def gpu_engine(gpu_settings, tiny_base):
     """The engine, built and warmed up; ``engine.skips_before_build`` is :func:`cudagraph_skips` before that, so
-    that a test can check that neither the warm-up nor anything since ran a graph without CUDA graphs."""
+    that a test can check that neither the warm-up nor anything since ran a graph without CUDA graphs, and
+    ``engine.partitions_before_build`` likewise :func:`cudagraph_partitions` (part of a step outside its graph)."""
     from hotswap.engine import SwapEngine
 
-    before = cudagraph_skips()
+    before, partitions = cudagraph_skips(), cudagraph_partitions()
     engine = SwapEngine.build(gpu_settings)
-    engine.skips_before_build = before
+    engine.skips_before_build, engine.partitions_before_build = before, partitions
     yield engine
     engine.close()
 

@@ -18,7 +18,7 @@ import torch
 
 from hotswap.generation import SamplingParams, TokenEvent
 from hotswap.scheduler import Failed, Finished, Started
-from tests.gpu.conftest import ON_GPU, cudagraph_skips, needs_device
+from tests.gpu.conftest import ON_GPU, cudagraph_partitions, cudagraph_skips, needs_device
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, needs_device]
 
@@ -155,6 +155,7 @@ def test_a_swap_under_rows_in_flight_waits_for_nothing_and_tears_no_answer(gpu_e
     assert [p.data_ptr() for p in lora] == ptrs
     assert engine.compiled_graphs == graphs
     assert cudagraph_skips() == engine.skips_before_build  # none since the engine was built, warm-up included
+    assert cudagraph_partitions() == engine.partitions_before_build  # no step split around an op outside the graph
 
 
 def test_sampled_rows_are_reproducible_by_seed_beside_greedy_ones(gpu_engine, versions):
@@ -181,10 +182,12 @@ def test_control_another_batch_shape_recompiles(gpu_engine):
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs only")
 def test_control_the_skip_counter_counts_a_graph_that_cannot_be_captured():
-    """The ``cudagraph_skips`` checks above can fail on this torch: a reduce-overhead function with a CPU tensor
-    among its inputs cannot be captured, runs without its CUDA graph, and is counted. Inductor's graph partition
-    (on by default since torch 2.11) would split the CPU part out and capture the rest instead, so it is off
-    here. Its own skip is taken off the counter afterwards, so that the other tests count the engine's alone."""
+    """The ``cudagraph_skips`` and ``cudagraph_partitions`` checks above can fail on this torch: a reduce-overhead
+    function with a CPU tensor among its inputs is split into pieces by inductor's graph partition (on by default
+    since torch 2.11: the CPU part runs outside the CUDA graph), and with the partition off it cannot be captured
+    at all and runs without its CUDA graph. Both are counted. Its own counts are taken off afterwards, so that the
+    other tests count the engine's alone. (The H200 run of 2026-12-04 showed the partition at work: the first
+    form of this control, partition on and only skips checked, saw no skip.)"""
     from torch._dynamo.utils import counters
 
     from hotswap.scheduler import _cuda_graph_thread_state
@@ -194,13 +197,22 @@ def test_control_the_skip_counter_counts_a_graph_that_cannot_be_captured():
     def mixed(x, y):
         return x * 2, y + 1
 
-    before = cudagraph_skips()
-    fn = torch.compile(mixed, mode="reduce-overhead")
+    def mixed_again(x, y):  # another code object: compiled afresh (a dynamo reset would drop the engine's graphs)
+        return x * 2, y + 1
+
+    before, partitions = cudagraph_skips(), cudagraph_partitions()
     x, y = torch.zeros(8, device="cuda"), torch.zeros(8)
     try:
+        split = torch.compile(mixed, mode="reduce-overhead")
+        with torch._inductor.config.patch(graph_partition=True):
+            for _ in range(3):
+                split(x, y)
+        assert cudagraph_partitions() > partitions
+        skipped = torch.compile(mixed_again, mode="reduce-overhead")
         with torch._inductor.config.patch(graph_partition=False):
             for _ in range(3):
-                fn(x, y)
+                skipped(x, y)
         assert cudagraph_skips() > before
     finally:
         counters["inductor"]["cudagraph_skips"] = before
+        counters["inductor"]["cudagraph_partitions"] = partitions

@@ -748,25 +748,48 @@ def test_a_float16_service_rejects_such_an_adapter_at_validation(overflowing, ba
 
 
 def test_the_scheduler_thread_gets_cuda_graph_state_where_torch_sets_it_up_for_one_thread_only(monkeypatch):
-    """torch 2.11/2.12 create CUDA graph trees' thread-local state in the importing thread only
-    (pytorch#123177): the scheduler's thread sets up its own. Here torch 2.13's lazy set-up is taken away to
-    show both sides: a fresh thread has no state (what asserted on the H200 run), and has it after the call."""
+    """torch 2.11/2.12 create CUDA graph trees' thread-local state in the importing thread only and assert in any
+    other (pytorch#123177; the H200 run of 2026-12-04 hit it with a second engine in one process). torch 2.11's
+    ``get_obj`` is put back here, without 2.13's lazy set-up: a fresh thread asserts as it did there, and after
+    ``_cuda_graph_thread_state`` it has state of its own."""
     from torch._inductor import cudagraph_trees
 
     from hotswap.scheduler import _cuda_graph_thread_state
 
+    def get_obj_2_11(local, attr_name):  # torch 2.11's, verbatim in effect
+        if hasattr(local, attr_name):
+            return getattr(local, attr_name)
+        assert torch._C._is_key_in_tls(attr_name)
+        return torch._C._get_obj_in_tls(attr_name)
+
     monkeypatch.delattr(cudagraph_trees, "_initialize_tls", raising=False)
+    monkeypatch.setattr(cudagraph_trees, "get_obj", get_obj_2_11)
     seen = {}
 
-    def fresh_thread():
-        seen["before"] = (hasattr(cudagraph_trees.local, "tree_manager_containers")
-                          or torch._C._is_key_in_tls("tree_manager_containers"))
-        _cuda_graph_thread_state()
-        seen["containers"] = cudagraph_trees.get_obj(cudagraph_trees.local, "tree_manager_containers")
-        seen["locks"] = cudagraph_trees.get_obj(cudagraph_trees.local, "tree_manager_locks")
+    def in_a_fresh_thread(shim: bool):
+        try:
+            if shim:
+                _cuda_graph_thread_state()
+            seen[shim] = cudagraph_trees.get_container(0)
+        except AssertionError as e:
+            seen[shim] = e
 
-    thread = threading.Thread(target=fresh_thread)
-    thread.start()
-    thread.join()
-    assert seen["before"] is False
-    assert seen["containers"] == {} and seen["locks"][0] is not None
+    for shim in (False, True):
+        thread = threading.Thread(target=in_a_fresh_thread, args=(shim,))
+        thread.start()
+        thread.join()
+    assert isinstance(seen[False], AssertionError)  # what the second engine's scheduler thread met on torch 2.11
+    assert isinstance(seen[True], cudagraph_trees.TreeManagerContainer)
+
+
+@pytest.mark.parametrize(("device", "called"), [("cuda", True), ("cpu", False)])
+def test_the_scheduler_thread_sets_up_cuda_graph_state_on_cuda_only(monkeypatch, device, called):
+    import hotswap.scheduler as scheduler_module
+
+    calls = []
+    monkeypatch.setattr(scheduler_module, "_cuda_graph_thread_state", lambda: calls.append(True))
+    bare = object.__new__(scheduler_module.Scheduler)  # no model: only the thread's entry point runs
+    bare.device = torch.device(device)
+    bare._loop = lambda: calls.append("loop")
+    bare._run()
+    assert calls == ([True] if called else []) + ["loop"]
