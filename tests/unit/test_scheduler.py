@@ -793,3 +793,83 @@ def test_the_scheduler_thread_sets_up_cuda_graph_state_on_cuda_only(monkeypatch,
     bare._loop = lambda: calls.append("loop")
     bare._run()
     assert calls == ([True] if called else []) + ["loop"]
+
+
+def _pin_storm(engine, staged: list, pin, *, swaps: int, min_ran: int = 0, clients: int = 3,
+               stop_on_mismatch: bool = False):
+    """``clients`` threads pin short requests to the versions in ``staged`` (``pin(version) -> Recorder``, or
+    raises RequestError) while the main thread moves the versions through the two slots: at least ``swaps``
+    swaps, and on until ``min_ran`` pinned requests ran (at most 20 x ``swaps``). Returns (requests that ran,
+    [(version named, version run)] for those that ran on another)."""
+    from hotswap.errors import OverloadedError, RequestError
+
+    done = threading.Event()
+    ran, mismatched, lock = [0], [], threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        while not done.is_set():
+            version = rng.choice(staged).identity
+            try:
+                recorder = pin(version)
+            except (RequestError, OverloadedError):
+                continue
+            completion = recorder.wait()
+            with lock:
+                ran[0] += 1
+                if completion.version != version:
+                    mismatched.append((version.uri, completion.version.uri))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(20 * swaps):
+            if i >= swaps and ran[0] >= min_ran:
+                break
+            engine.apply(staged[i % len(staged)])
+            time.sleep(0.001)  # the clients get the lock between swaps
+            if stop_on_mismatch and mismatched:
+                break
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+    return ran[0], mismatched
+
+
+def test_pinned_requests_under_swaps_run_on_the_version_they_named(eager, adapters, stage):
+    """Threads pin requests to versions while three versions move through the two slots: each pinned request runs on
+    the version it named or is refused, never on another (the look-up and the queueing are one step under the
+    scheduler's lock). The control below is caught doing them apart."""
+    engine = eager
+    staged = [stage(adapters[name]) for name in "abc"]
+
+    def pin(version):
+        recorder = Recorder()
+        engine.submit(engine.encode(PROMPTS[1]), greedy(2), on_event=recorder, version=version)
+        return recorder
+
+    ran, mismatched = _pin_storm(engine, staged, pin, swaps=60, min_ran=60)
+    assert ran >= 60 and mismatched == []
+
+
+def test_control_a_pin_looked_up_apart_from_its_queueing_runs_on_another_version(eager, adapters, stage):
+    """``slot_for`` then ``submit(slot=)``, with a moment between them: a swap claims and rewrites the slot in that
+    moment, and the request runs on the version the swap put there."""
+    engine = eager
+    staged = [stage(adapters[name]) for name in "abc"]
+
+    def pin_apart(version):
+        from hotswap.errors import RequestError
+
+        slot = engine.slot_for(version)
+        if slot is None:
+            raise RequestError("no slot")
+        time.sleep(0.005)  # the moment between the look-up and the queueing
+        recorder = Recorder()
+        engine.submit(engine.encode(PROMPTS[1]), greedy(2), on_event=recorder, slot=slot)
+        return recorder
+
+    ran, mismatched = _pin_storm(engine, staged, pin_apart, swaps=400, stop_on_mismatch=True)
+    assert mismatched, f"{ran} requests ran, none on another version: the race was not hit"
