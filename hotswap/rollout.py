@@ -315,11 +315,15 @@ class RolloutMachine:
                 if r in op.died:  # a stall, not a death: it no longer counts towards _DEATHS_TO_REVERT
                     op.died.remove(r)
                     op.deaths -= 1
+                    _event(op, f"{r}: a stall, not a death (deaths now {op.deaths})")
                 if op.phase == Phase.FORWARD and report.phase == ReplicaPhase.IDLE and report.running == op.version:
                     op.done.append(r)
                     _event(op, f"{r}: reported in again, running {op.version.short()}: counted as moved")
                 elif (op.phase == Phase.FORWARD and report.phase == ReplicaPhase.SWAPPING
-                      and _handed(reg, r) == op.version):
+                      and _handed(reg, r) in (op.version, None)):
+                    # None: this controller has not answered it yet (it restarted since; a replica that swaps does
+                    # not watch): taken to be swapping to the version; if it was not, its turn merely came early.
+                    # ``moving`` may then hold one more than ``batch_size``: it was swapping already
                     op.moving.append(r)
                     _event(op, f"{r}: reported in again, still swapping to {op.version.short()}: waited for")
                 else:
@@ -341,7 +345,8 @@ class RolloutMachine:
                     if report is not None and report.phase == ReplicaPhase.SWAPPING:
                         op.deaths += 1  # it went away while applying the version
                         op.died.append(r)
-                    _event(op, f"{r}: gone (replica stopped); not counted as moved")
+                    _event(op, f"{r}: gone (no report for liveness_s; stopped or stalled); not counted as moved"
+                               + (f" (death {op.deaths} while swapping)" if r in op.died else ""))
                     if op.deaths >= _DEATHS_TO_REVERT:
                         return self._revert(cand, now, f"{op.deaths} replicas went away while swapping to "
                                                        f"{op.version.short()} (last: {r}); the version may kill them")

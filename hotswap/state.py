@@ -89,9 +89,18 @@ class Operation:
             previous={k: AdapterVersion.of(v) for k, v in d["previous"].items()}, everyone=d["everyone"],
             phase=Phase(d["phase"]), moving=list(d["moving"]), done=list(d["done"]), dropped=list(d["dropped"]),
             reverted=list(d.get("reverted", [])), reason=d.get("reason"), started=d["started"],
-            deadline=d["deadline"], percent=d.get("percent"), deaths=d.get("deaths", 0), died=list(d.get("died", [])),
+            deadline=d["deadline"], percent=d.get("percent"), deaths=d.get("deaths", 0), died=_died(d),
             events=list(d.get("events", [])),
         )
+
+
+def _died(d: dict) -> list[str]:
+    """``Operation.died``; a state saved before it existed names no one, unless every dropped target was a death
+    (then it is exactly them); otherwise the deaths stay counted (a stall among them then cannot be taken back)."""
+    if "died" in d:
+        return list(d["died"])
+    deaths, dropped = d.get("deaths", 0), list(d.get("dropped", []))
+    return dropped if deaths and deaths == len(dropped) else []
 
 
 @dataclass

@@ -816,3 +816,36 @@ def test_a_stall_and_one_death_do_not_revert_as_two_deaths():
     reply = next(r for r in world.completed if r.op_id == op_id)
     assert reply.outcome == Outcome.OK, reply.error
     assert "r1" in reply.result["dropped"] and world.controller.sm.state.stable == V2
+
+
+def test_a_state_saved_before_died_was_kept_still_takes_a_stall_back():
+    """An operation saved by a controller that did not record who died (an upgrade mid-roll): when every dropped
+    target was a death they are exactly the ones, so the stall that comes back is still taken off the count."""
+    import json
+
+    world, op_id = _stalled_mid_swap_and_back_unheard()
+    saved = json.loads(world.backend.raw)
+    del saved["operation"]["died"]
+    world.backend.raw = json.dumps(saved)
+    world.crash_controller()  # the new release's controller starts on that state
+    world.advance(1)
+    world.stall("r0", False)
+    world.advance(1)
+    world.kill("r1")
+    world.quiesce()
+    reply = next(r for r in world.completed if r.op_id == op_id)
+    assert reply.outcome == Outcome.OK, reply.error
+
+
+def _stalled_mid_swap_and_back_unheard() -> tuple[World, str]:
+    """As ``_stalled_mid_swap_and_back``, but r0 is still stalled (dropped, counted as a death)."""
+    world = World(replicas=3)
+    for replica in world.replicas.values():
+        replica.slowness = 4
+    op_id = world.request(OpKind.ROLL, "v2")
+    world.advance(2)
+    world.stall("r0", True)
+    world.advance(int(LIVENESS_S) + 1)
+    op = world.controller.sm.state.operation
+    assert op.dropped == ["r0"] and op.died == ["r0"] and op.deaths == 1
+    return world, op_id

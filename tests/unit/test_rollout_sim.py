@@ -124,6 +124,10 @@ def play(world: World, actions) -> None:
 @example(replicas=3, batch=1, two_slots=False, actions=[("slow", 0, 4), ("slow", 1, 4), ("slow", 2, 4), ("roll", "v2"),
                                                         ("tick", 2), ("stall", 0, True), ("tick", 9),
                                                         ("stall", 0, False), ("tick", 1)])
+# the same after a controller restart: the new controller had handed it nothing yet (an outside review, stop 23)
+@example(replicas=3, batch=1, two_slots=False, actions=[("slow", 0, 6), ("slow", 1, 15), ("slow", 2, 4), ("roll", "v2"),
+                                                        ("tick", 2), ("stall", 0, True), ("tick", 2), ("crash",),
+                                                        ("tick", 9), ("stall", 0, False), ("tick", 1)])
 @given(replicas=st.integers(1, 5), batch=st.integers(1, 3), two_slots=st.booleans(),
        actions=st.lists(_action, max_size=40))
 def test_drawn_schedules_keep_every_invariant(replicas, batch, two_slots, actions):
