@@ -3,8 +3,9 @@
 Side by side in one run, the built-in tiny model on CPU by default, every configuration with the
 same ``max_batch_size`` (default 8, so that the mixed workload below has rows to spare):
 
-- **engine**: the replica's scheduler called in-process (no HTTP, no Serve): a closed loop keeps 1
-  and then ``max_batch_size`` requests in flight through ``engine.submit`` (each finished request
+- **engine**: the replica's scheduler called in-process (no HTTP, no Serve), with as many torch threads as
+  the replica has (``--engine-threads``, default 1: Ray gives an actor of 1 CPU ``OMP_NUM_THREADS=1``): a
+  closed loop keeps 1 and then ``max_batch_size`` requests in flight through ``engine.submit`` (each finished request
   is replaced at once by the next), and the tokens generated inside the measured window are
   counted. The same prompts and sampling as the service's clients. For ``compile: true`` with 2
   adapter slots (the service's configuration), with 1 slot (what the second slot costs per step)
@@ -423,7 +424,8 @@ def _x(v: float | None) -> str:
 def _print_table(payload: dict) -> None:
     results = payload["results"]
     print(f"\nengine in-process (scheduler, closed loop), max_tokens {payload['max_tokens']}, "
-          f"{payload['engine_seconds']:.0f} s per level and round; median (best) of the rounds")
+          f"{payload['engine_seconds']:.0f} s per level and round, {payload['engine_threads']} torch thread(s); "
+          "median (best) of the rounds")
     print(f"  {'config':16} {'in flight':>9} {'tokens/s':>9} {'(best)':>8} {'ms/step':>8} {'tok/decode step':>16}")
     for mode, label in (("compiled", "compiled 2 slots"), ("compiled_1slot", "compiled 1 slot"),
                         ("eager", "eager 2 slots")):
@@ -504,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-modules", nargs="+", default=None,
                         help="the engines' target_modules (default: the setting's default)")
     parser.add_argument("--max-rank", type=int, default=None, help="the engines' max_rank (default: the setting's)")
+    parser.add_argument("--engine-threads", type=int, default=1,
+                        help="torch threads of the in-process engine (default 1, what Ray gives the 1-CPU replica; "
+                             "on a 2-vCPU VM 2 threads ran the tiny model 7x slower)")
     parser.add_argument("--engine-only", action="store_true",
                         help="the in-process engine only: no Ray, no service (e.g. on a GPU machine without Ray)")
     args = parser.parse_args(argv)
@@ -513,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--long-streams + --short-clients must fit in --max-batch-size (else the short requests "
                      "wait for a stream to end, which measures the queue, not the batching)")
 
+    if args.engine_threads < 1:
+        parser.error("--engine-threads must be at least 1")
+    import torch
+
+    torch.set_num_threads(args.engine_threads)  # the in-process engines only: the replicas are Ray's processes
     configs = [("compiled", True, 2)]
     if not args.no_1slot:
         configs.append(("compiled_1slot", True, 1))
@@ -556,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = write_result("serving", args.json, argv, {
         "base_model": args.base_model, "device": args.device, "max_tokens": args.max_tokens, "seconds": args.seconds,
         "engine_seconds": args.engine_seconds, "engine_rounds": args.engine_rounds,
+        "engine_threads": args.engine_threads,
         "max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
         "results": results, "ratios": ratios, "targets": targets})
     _print_table(payload)
