@@ -4,7 +4,7 @@ Side by side in one run, the built-in tiny model on CPU by default, every config
 same ``max_batch_size`` (default 8, so that the mixed workload below has rows to spare):
 
 - **engine**: the replica's scheduler called in-process (no HTTP, no Serve), with as many torch threads as
-  the replica has (``--engine-threads``, default 1: Ray gives an actor of 1 CPU ``OMP_NUM_THREADS=1``): a
+  the replica has (``--engine-threads``; Ray gives an actor of 1 CPU ``OMP_NUM_THREADS=1`` unless set): a
   closed loop keeps 1 and then ``max_batch_size`` requests in flight through ``engine.submit`` (each finished request
   is replaced at once by the next), and the tokens generated inside the measured window are
   counted. The same prompts and sampling as the service's clients. For ``compile: true`` with 2
@@ -31,6 +31,7 @@ tokens) and a streamed answer with the same text counts that many tokens.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -62,6 +63,15 @@ def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2)
     if local:
         out["local_store_root"] = str(adapter.resolve().parent)
     return out
+
+
+def _replica_threads() -> int:
+    """The torch threads of the service's 1-CPU replica: ``OMP_NUM_THREADS`` where the environment Ray starts from
+    sets it, else the 1 Ray sets for it."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
 
 
 def _prompt(i: int, k: int) -> str:
@@ -506,9 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-modules", nargs="+", default=None,
                         help="the engines' target_modules (default: the setting's default)")
     parser.add_argument("--max-rank", type=int, default=None, help="the engines' max_rank (default: the setting's)")
-    parser.add_argument("--engine-threads", type=int, default=1,
-                        help="torch threads of the in-process engine (default 1, what Ray gives the 1-CPU replica; "
-                             "on a 2-vCPU VM 2 threads ran the tiny model 7x slower)")
+    parser.add_argument("--engine-threads", type=int, default=_replica_threads(),
+                        help="torch threads of the in-process engine (default: what the 1-CPU replica gets, "
+                             "OMP_NUM_THREADS if set, else 1 by Ray's rule; on a 2-vCPU VM 2 threads ran the tiny "
+                             "model 7.5x slower)")
     parser.add_argument("--engine-only", action="store_true",
                         help="the in-process engine only: no Ray, no service (e.g. on a GPU machine without Ray)")
     args = parser.parse_args(argv)
