@@ -488,9 +488,6 @@ class SwapEngine:
                 raise SwapError(f"smoke check failed on {state.version.uri}: {e}; still serving "
                                 f"{self.identity.uri}") from e
             state.checked, state.check_failed = True, False
-        elif check is None:  # made active on the caller's word (apply): it serves every request, pinned ones too
-            with self.scheduler.cond:
-                state.check_failed = False
         smoke_ms = (time.perf_counter() - started) * 1e3
         self._activate(slot)
         self.last_swap_ms = 0.0
@@ -669,9 +666,11 @@ class SwapEngine:
         return SwapError(f"{why}; still serving {serving.uri} (sha256 {serving.sha256[:12]})")
 
     def _activate(self, slot: int) -> None:
-        """Make ``slot`` the one new rows join; a change of the version served counts as a swap."""
+        """Make ``slot`` the one new rows join; a change of the version served counts as a swap. A failed check of it
+        is forgotten: made active (after a check, or on the caller's word: ``apply``, ``activate``), it serves every
+        request, pinned ones too, and one lock makes both true at once."""
         with self.scheduler.cond:
-            self.slots[slot].checking = False
+            self.slots[slot].checking = self.slots[slot].check_failed = False
             previous, self.scheduler.active = self.scheduler.active, slot
             if slot != previous and self.slots[previous].version != self.slots[slot].version:
                 self.swaps += 1
