@@ -323,7 +323,10 @@ class Scheduler:
     def _run(self) -> None:
         try:
             if torch.device(self.device).type == "cuda":
-                _cuda_graph_thread_state()
+                try:
+                    _cuda_graph_thread_state()
+                except Exception:  # a torch whose internals moved: the workaround is skipped, the engine still serves
+                    logger.warning("could not set up CUDA graph state for the scheduler thread", exc_info=True)
             self._loop()
         except BaseException as e:  # a bug in the loop itself: fail everything, refuse new work, say why
             logger.exception("the scheduler loop stopped")

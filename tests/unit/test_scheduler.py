@@ -892,3 +892,20 @@ def test_control_a_pin_looked_up_apart_from_its_queueing_runs_on_another_version
 
     ran, mismatched = _pin_storm(engine, staged, pin_apart, swaps=400, stop_on_mismatch=True)
     assert mismatched, f"{ran} requests ran, none on another version: the race was not hit"
+
+
+def test_a_failing_cuda_graph_workaround_does_not_stop_the_scheduler(monkeypatch):
+    """From an outside review: the workaround ran inside the loop's catch-all, so an error in it (torch internals
+    that moved) failed every request instead of skipping the workaround."""
+    import hotswap.scheduler as scheduler_module
+
+    def broken():
+        raise AttributeError("torch._C has no attribute '_is_key_in_tls'")
+
+    monkeypatch.setattr(scheduler_module, "_cuda_graph_thread_state", broken)
+    ran = []
+    bare = object.__new__(scheduler_module.Scheduler)
+    bare.device = torch.device("cuda")
+    bare._loop = lambda: ran.append("loop")
+    bare._run()
+    assert ran == ["loop"]
