@@ -1,5 +1,5 @@
-"""The service benchmarks (rollout, serving) run from the install in a small configuration and write the JSON
-they document. Each starts its own Ray and Serve in a subprocess, as from a fresh shell; figures are not
+"""The service benchmarks (rollout, serving, serve_floor) run from the install in a small configuration and write
+the JSON they document. Each starts its own Ray and Serve in a subprocess, as from a fresh shell; figures are not
 asserted."""
 
 from __future__ import annotations
@@ -77,3 +77,19 @@ def test_serving_benchmark_small_run_writes_its_json(tmp_path):
             "engine_batch_4_1slot_over_2slots", "compiled_over_eager", "stream_read_to_end_c2_over_service_c2"
             } <= set(payload["ratios"])
     assert len(payload["targets"]) == 3
+
+
+def test_serve_floor_benchmark_small_run_writes_its_json(tmp_path):
+    out = tmp_path / "floor.json"
+    result = _run(["benchmarks.serve_floor", "--clients", "2", "--seconds", "1", "--rounds", "1",
+                   "--engine-seconds", "0.5", "--max-batch-size", "4", "--json", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "chain" in result.stdout and "service / engine" in result.stdout
+    payload = json.loads(out.read_text())
+    for name in ("direct", "chain", "hotswap"):
+        (row,) = payload["rounds"][name]
+        assert row["requests_per_s"] > 0 and row["failed"] == 0
+    # the fixed answer has the tokens asked for; the service's are counted from its usage
+    assert payload["rounds"]["direct"][0]["mean_completion_tokens"] == 16
+    assert payload["engine"]["batch_4"]["tokens_per_s"] > 0 and payload["serve_env"] == {}
+    assert {"service_over_engine", "chain_ceiling_over_engine", "direct_ceiling_over_engine"} <= set(payload["figures"])
