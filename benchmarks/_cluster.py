@@ -104,14 +104,16 @@ def local_s3():
 
 
 @contextmanager
-def serve_cluster(cache: Path, *, num_cpus: int = 8):
+def serve_cluster(cache: Path, *, num_cpus: int = 8, env: dict[str, str] | None = None):
     """Ray (``num_cpus`` logical CPUs, so replicas with fractional CPUs and a rolling redeploy fit) and Serve on a
-    free loopback port; yields the HTTP base URL. Workers get the AWS_* variables and ``HOTSWAP_CACHE_DIR``."""
+    free loopback port; yields the HTTP base URL. Workers get the AWS_* variables and ``HOTSWAP_CACHE_DIR``; ``env``
+    (``--serve-env``) goes into this process's environment before Ray starts, so that every Ray process has it."""
     import ray
     from ray import serve
 
     from deployments.app import SERVE_CONTROLLER_OPTIONS
 
+    os.environ.update(env or {})
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     env.update(HOTSWAP_CACHE_DIR=str(cache), TOKENIZERS_PARALLELISM="false")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
@@ -125,6 +127,20 @@ def serve_cluster(cache: Path, *, num_cpus: int = 8):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def add_serve_env_argument(parser) -> None:
+    parser.add_argument("--serve-env", metavar="KEY=VALUE", nargs="+", default=[],
+                        help="environment for the whole Ray cluster, set before it starts (e.g. "
+                             "RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of Serve's Python HTTP proxy)")
+
+
+def serve_env(parser, args) -> dict[str, str]:
+    """``--serve-env`` as a dict (a malformed pair is a usage error)."""
+    pairs = [item.partition("=") for item in args.serve_env]
+    if any(not key or not sep for key, sep, _ in pairs):
+        parser.error("--serve-env takes KEY=VALUE pairs, e.g. RAY_SERVE_ENABLE_HA_PROXY=1")
+    return {key: value for key, _, value in pairs}
 
 
 def write_json(path: str, payload: dict) -> None:

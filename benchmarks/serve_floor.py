@@ -21,14 +21,20 @@ requests/s times the service's tokens per request, over the engine's tokens/s. T
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._cluster import progress, serve_cluster, wait_until, write_result
+from benchmarks._cluster import (
+    add_serve_env_argument,
+    progress,
+    serve_cluster,
+    serve_env,
+    wait_until,
+    write_result,
+)
 from benchmarks.load import ClosedLoop, latency_summary
 from benchmarks.serving import (
     _finished_in,
@@ -121,14 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-threads", type=int, default=_replica_threads(),
                         help="torch threads of the in-process engine (default: OMP_NUM_THREADS, else 1: the "
                              "replica's under Ray)")
-    parser.add_argument("--serve-env", metavar="KEY=VALUE", nargs="+", default=[],
-                        help="environment for the whole Ray cluster, set before it starts (e.g. "
-                             "RAY_SERVE_ENABLE_HA_PROXY=1 to put HAProxy in place of Serve's Python proxy)")
+    add_serve_env_argument(parser)
     args = parser.parse_args(argv)
-    pairs = [item.partition("=") for item in args.serve_env]
-    if any(not key or not sep for key, sep, _ in pairs):
-        parser.error("--serve-env takes KEY=VALUE pairs, e.g. RAY_SERVE_ENABLE_HA_PROXY=1")
-    serve_env = {key: value for key, _, value in pairs}
+    env = serve_env(parser, args)
     if args.clients < 1 or args.rounds < 1 or args.seconds <= 0 or args.engine_seconds <= 0 or args.engine_threads < 1:
         parser.error("--clients, --rounds and --engine-threads must be >= 1, --seconds and --engine-seconds > 0")
     # what benchmarks.serving's settings builder reads
@@ -151,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             engine_result = engine.result()
         finally:
             engine.close()
-        os.environ.update(serve_env)  # Ray's processes inherit this process's environment
-        with serve_cluster(cache) as base_url:
+        with serve_cluster(cache, env=env) as base_url:
             apps = {}
             for name in names:
                 progress(f"{name}: starting")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "hotswap_over_chain_requests": best["hotswap"]["requests_per_s"] / best["chain"]["requests_per_s"],
     }
     write_result("serve_floor", args.json, argv, {
-        "serve_env": serve_env, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,
+        "serve_env": env, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,
         "max_batch_size": args.max_batch_size, "engine_threads": args.engine_threads,
         "engine": engine_result, "rounds": rounds, "figures": figures})
     print(f"\n{args.clients} clients, whole answers of {args.max_tokens} tokens, best of {args.rounds} rounds "

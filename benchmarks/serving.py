@@ -39,7 +39,15 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._cluster import PROMPTS, progress, serve_cluster, wait_until, write_result
+from benchmarks._cluster import (
+    PROMPTS,
+    add_serve_env_argument,
+    progress,
+    serve_cluster,
+    serve_env,
+    wait_until,
+    write_result,
+)
 from benchmarks.load import ClosedLoop, Sample, latency_summary, percentile
 
 
@@ -522,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
                              "model 7.5x slower)")
     parser.add_argument("--engine-only", action="store_true",
                         help="the in-process engine only: no Ray, no service (e.g. on a GPU machine without Ray)")
+    add_serve_env_argument(parser)
     args = parser.parse_args(argv)
+    env = serve_env(parser, args)
     if min(args.concurrency) < 1 or args.seconds <= 0 or args.engine_seconds <= 0 or args.engine_rounds < 1:
         parser.error("--concurrency and --engine-rounds must be >= 1 and --seconds, --engine-seconds > 0")
     if not args.no_stream and args.long_streams + args.short_clients > args.max_batch_size:
@@ -558,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
                 "short_tokens": args.short_tokens, "short_clients": args.short_clients,
                 "long_tokens": args.long_tokens, "long_streams": args.long_streams}
             if not args.engine_only:
-                with serve_cluster(cache) as base_url:
+                with serve_cluster(cache, env=env) as base_url:
                     services = [("compiled", True)] + ([] if args.no_eager else [("eager", False)])
                     for mode, compiled in services:
                         progress(f"{mode}: starting the service")
@@ -577,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = write_result("serving", args.json, argv, {
         "base_model": args.base_model, "device": args.device, "max_tokens": args.max_tokens, "seconds": args.seconds,
         "engine_seconds": args.engine_seconds, "engine_rounds": args.engine_rounds,
-        "engine_threads": args.engine_threads,
+        "engine_threads": args.engine_threads, "serve_env": env,
         "max_batch_size": args.max_batch_size, "max_seq_len": args.max_seq_len,
         "results": results, "ratios": ratios, "targets": targets})
     _print_table(payload)
