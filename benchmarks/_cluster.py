@@ -113,24 +113,32 @@ def serve_cluster(cache: Path, *, num_cpus: int = 8, env: dict[str, str] | None 
 
     from deployments.app import SERVE_CONTROLLER_OPTIONS
 
-    os.environ.update(env or {})
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    env.update(HOTSWAP_CACHE_DIR=str(cache), TOKENIZERS_PARALLELISM="false")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": env},
-             logging_level=logging.WARNING,
-             log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                controller_options=SERVE_CONTROLLER_OPTIONS)
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})  # Ray's processes inherit it (this driver's own Ray constants are not re-read)
     try:
-        yield f"http://127.0.0.1:{port}"
+        worker_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        worker_env.update(HOTSWAP_CACHE_DIR=str(cache), TOKENIZERS_PARALLELISM="false")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env},
+                 logging_level=logging.WARNING,
+                 log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    controller_options=SERVE_CONTROLLER_OPTIONS)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+            ray.shutdown()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        for key, value in saved.items():  # what runs after the cluster (an in-process engine) runs without it
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def add_serve_env_argument(parser) -> None:
-    parser.add_argument("--serve-env", metavar="KEY=VALUE", nargs="+", default=[],
+    parser.add_argument("--serve-env", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                         help="environment for the whole Ray cluster, set before it starts (e.g. "
                              "RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of Serve's Python HTTP proxy)")
 
@@ -138,8 +146,12 @@ def add_serve_env_argument(parser) -> None:
 def serve_env(parser, args) -> dict[str, str]:
     """``--serve-env`` as a dict (a malformed pair is a usage error)."""
     pairs = [item.partition("=") for item in args.serve_env]
-    if any(not key or not sep for key, sep, _ in pairs):
-        parser.error("--serve-env takes KEY=VALUE pairs, e.g. RAY_SERVE_ENABLE_HA_PROXY=1")
+    if any(not key or not sep or not value for key, sep, value in pairs):
+        parser.error("--serve-env takes KEY=VALUE pairs with a value, e.g. RAY_SERVE_ENABLE_HA_PROXY=1")
+    keys = [key for key, _, _ in pairs]
+    if len(set(keys)) != len(keys):
+        parser.error(f"--serve-env names {sorted({k for k in keys if keys.count(k) > 1})} more than once; give "
+                     "each variable once")
     return {key: value for key, _, value in pairs}
 
 

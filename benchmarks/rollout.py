@@ -30,7 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._cluster import PROMPTS, local_s3, progress, serve_cluster, wait_until, write_result
+from benchmarks._cluster import (
+    PROMPTS,
+    add_serve_env_argument,
+    local_s3,
+    progress,
+    serve_cluster,
+    serve_env,
+    wait_until,
+    write_result,
+)
 from benchmarks.load import ClosedLoop, Sample, latency_summary
 
 BUCKET = "bench-rollout"
@@ -327,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens per request (default 8)")
     parser.add_argument("--adapter-slots", type=int, choices=(1, 2), default=2,
                         help="the replicas' adapter_slots (default 2; 1 drains on every swap)")
+    add_serve_env_argument(parser)
     args = parser.parse_args(argv)
+    env = serve_env(parser, args)
     if args.rolls < 1 or args.clients < 1 or min(args.replicas) < 1:
         parser.error("--rolls, --clients and --replicas must be at least 1")
 
@@ -336,12 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         with local_s3():
             progress("writing adapter versions to S3")
             versions = _versions(cache, args.rolls + 3)
-            with serve_cluster(cache) as base_url:
+            with serve_cluster(cache, env=env) as base_url:
                 results = [bench_replicas(n, base_url=base_url, cache=cache, versions=versions, rolls=args.rolls,
                                           clients=args.clients, steady_s=args.steady_s, max_tokens=args.max_tokens,
                                           adapter_slots=args.adapter_slots)
                            for n in args.replicas]
-    write_result("rollout", args.json, argv, {"results": results})
+    write_result("rollout", args.json, argv, {"serve_env": env, "results": results})
     _print_table(results)
     print(f"\nwrote {args.json}")
     return 0

@@ -62,7 +62,9 @@ def _deployments():
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    @serve.deployment(name="FloorAnswer")
+    # as many requests in flight as the service's deployments allow (Serve's default of 5 would queue 11 of 16
+    # clients in the router: a floor held down by a cap the service does not have)
+    @serve.deployment(name="FloorAnswer", max_ongoing_requests=256)
     class Answer:
         async def __call__(self, request: Request) -> JSONResponse:
             return JSONResponse(_answer(await request.json()), headers={"x-adapter-uri": "floor"})
@@ -70,7 +72,7 @@ def _deployments():
         async def complete(self, body: dict) -> dict:
             return _answer(body)
 
-    @serve.deployment(name="FloorFront")
+    @serve.deployment(name="FloorFront", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
     class Front:
         def __init__(self, answer) -> None:
             self.answer = answer

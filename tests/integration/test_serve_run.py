@@ -25,15 +25,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _check_fast_path(root_pid: int) -> None:
+def _check_fast_path(root_pid: int, *, proxy: bool = True) -> None:
     """Serve's HTTP proxy runs with SERVE_PROXY_ENV (the config's controller_options: gRPC to the ingress) and the
-    ingress and the model replicas with SERVE_FAST_PATH_ENV (the application's runtime_env)."""
+    ingress and the model replicas with SERVE_FAST_PATH_ENV (the application's runtime_env); ``proxy=False``: the
+    deployments only (in HAProxy mode the proxy is a backup that serves nothing once the ingress is up)."""
     import psutil
 
     from deployments.app import SERVE_FAST_PATH_ENV, SERVE_PROXY_ENV
 
-    wanted = {"ray::ProxyActor": SERVE_PROXY_ENV, "ray::ServeReplica:hotswap:Ingress": SERVE_FAST_PATH_ENV,
+    wanted = {"ray::ServeReplica:hotswap:Ingress": SERVE_FAST_PATH_ENV,
               "ray::ServeReplica:hotswap:ModelReplica": SERVE_FAST_PATH_ENV}
+    if proxy:
+        wanted["ray::ProxyActor"] = SERVE_PROXY_ENV
     seen = {}
     for child in psutil.Process(root_pid).children(recursive=True):
         try:
@@ -61,24 +64,48 @@ def _with_haproxy(config: dict) -> None:
         app["runtime_env"]["env_vars"].update(SERVE_HAPROXY_ENV)
 
 
-def _check_haproxy(root_pid: int) -> None:
-    """HAProxy runs, and the ingress answers HTTP itself: it listens on a port of Serve's direct-ingress range
-    (30000-31000). Serve's Python proxy still runs beside them (HAProxy's fallback), idle."""
+def _haproxy_direct(root_pid: int, port: int) -> int:
+    """HAProxy takes the config's HTTP port and the ingress answers HTTP itself on a port of Serve's direct-ingress
+    range (30000-31000) on the config's host; returns the requests HAProxy sent that port so far. (Serve's Python
+    proxy still runs beside them as HAProxy's backup server: requests sent before the ingress passed its health
+    checks go there.)"""
+    import socket
+
     import psutil
 
-    haproxy, ingress_ports = False, set()
+    haproxy_ports, ingress, configs = set(), set(), set()
     for child in psutil.Process(root_pid).children(recursive=True):
         try:
             argv = child.cmdline()
             title = argv[0] if argv else ""
-            haproxy = haproxy or title.endswith("/haproxy")
-            if title.startswith("ray::ServeReplica:hotswap:Ingress"):
-                ingress_ports |= {c.laddr.port for c in child.net_connections(kind="tcp")
-                                  if c.status == psutil.CONN_LISTEN}
+            listening = {(c.laddr.ip, c.laddr.port) for c in child.net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN}
         except psutil.Error:
             continue
-    assert haproxy, "no haproxy process"
-    assert any(30000 <= port <= 31000 for port in ingress_ports), sorted(ingress_ports)
+        if title.endswith("/haproxy"):
+            haproxy_ports |= {p for _, p in listening}
+            configs |= {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-f"}
+        elif title.startswith("ray::ServeReplica:hotswap:Ingress"):
+            ingress |= {(ip, p) for ip, p in listening if 30000 <= p <= 31000}
+    assert port in haproxy_ports, (port, sorted(haproxy_ports))
+    assert ingress and all(ip == "127.0.0.1" for ip, _ in ingress), ingress  # the config's host, not all interfaces
+    # its admin socket, as its config names it (Serve keeps one folder per node)
+    (config,) = configs
+    (admin_path,) = {line.split()[2] for line in Path(config).read_text().splitlines()
+                     if line.strip().startswith("stats socket")}
+    with socket.socket(socket.AF_UNIX) as admin:
+        admin.connect(admin_path)
+        admin.sendall(b"show stat\n")
+        raw = b""
+        while chunk := admin.recv(65536):
+            raw += chunk
+    lines = raw.decode().splitlines()
+    header = lines[0].lstrip("# ").split(",")
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+    served = {row["addr"]: int(row["stot"] or 0) for row in rows if row.get("svname") not in ("FRONTEND", "BACKEND")}
+    direct = [n for addr, n in served.items() if addr in {f"{ip}:{p}" for ip, p in ingress}]
+    assert direct, served
+    return sum(direct)
 
 
 @pytest.mark.parametrize("proxy", ["serve", "haproxy"])
@@ -105,6 +132,7 @@ def test_serve_run_serve_config_answers_a_completion(tmp_path, proxy):
             return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
         wait_for_condition(healthy, timeout_s=300, interval_s=1, message="serve run to answer /healthz")
+        direct_before = _haproxy_direct(proc.pid, port) if proxy == "haproxy" else 0
         response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                               json={"prompt": "Hello, hotswap", "max_tokens": 8, "temperature": 0})
         assert response.status_code == 200, response.text
@@ -116,10 +144,9 @@ def test_serve_run_serve_config_answers_a_completion(tmp_path, proxy):
             assert r.status_code == 200 and r.headers["x-adapter-uri"] == "demo/v1"
             text = "".join(r.iter_text())
         assert text.rstrip().endswith("data: [DONE]"), text
-        if proxy == "serve":
-            _check_fast_path(proc.pid)
-        else:
-            _check_haproxy(proc.pid)
+        _check_fast_path(proc.pid, proxy=proxy == "serve")
+        if proxy == "haproxy":  # the completion and the stream went from HAProxy straight to the ingress
+            assert _haproxy_direct(proc.pid, port) - direct_before >= 2
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
