@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "chain_ceiling_over_engine": best["chain"]["requests_per_s"] * tokens_per_request / engine_best,
         "hotswap_over_chain_requests": best["hotswap"]["requests_per_s"] / best["chain"]["requests_per_s"],
     }
+    failed = {n: sum(r["failed"] for r in rounds[n]) for n in names}
+    figures["failed_requests"] = failed  # a round with failures measured something else: say so, loudly
     write_result("serve_floor", args.json, argv, {
         "serve_env": env, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,
         "max_batch_size": args.max_batch_size, "engine_threads": args.engine_threads,
@@ -199,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"service / engine: {figures['service_over_engine']:.2f}x; with no model at all, the chain's requests "
           f"at {tokens_per_request:.1f} tokens each would be {figures['chain_ceiling_over_engine']:.2f}x "
           f"(direct: {figures['direct_ceiling_over_engine']:.2f}x)")
+    if any(failed.values()):
+        print(f"\nWARNING: failed requests {failed}: the figures above count only the answered ones and are not a "
+              "floor; see the JSON's rounds")
     print(f"\nwrote {args.json}")
-    return 0
+    return 1 if any(failed.values()) else 0
 
 
 if __name__ == "__main__":
