@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                     rounds[name].append(_measure(apps[name][1], clients=args.clients, seconds=args.seconds,
                                                  max_tokens=args.max_tokens))
             _stop_app(apps["hotswap"][0])
+    failed = {n: sum(r["failed"] for r in rounds[n]) for n in names}
+    if any(max(r["requests_per_s"] for r in rounds[n]) == 0 for n in names):  # nothing to take a ratio of
+        write_result("serve_floor", args.json, argv, {"serve_env": env, "rounds": rounds, "failed_requests": failed})
+        print(f"every request of a configuration failed ({failed}); see {args.json}", file=sys.stderr)
+        return 1
     batch = f"batch_{args.max_batch_size}"
     engine_best = engine_result[batch]["max_tokens_per_s"]
     best = {n: max(rounds[n], key=lambda r: r["requests_per_s"]) for n in names}
@@ -182,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
         "chain_ceiling_over_engine": best["chain"]["requests_per_s"] * tokens_per_request / engine_best,
         "hotswap_over_chain_requests": best["hotswap"]["requests_per_s"] / best["chain"]["requests_per_s"],
     }
-    failed = {n: sum(r["failed"] for r in rounds[n]) for n in names}
     figures["failed_requests"] = failed  # a round with failures measured something else: say so, loudly
     write_result("serve_floor", args.json, argv, {
         "serve_env": env, "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens,

@@ -102,10 +102,10 @@ def _haproxy_direct(root_pid: int, port: int) -> int:
     lines = raw.decode().splitlines()
     header = lines[0].lstrip("# ").split(",")
     rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
-    served = {row["addr"]: int(row["stot"] or 0) for row in rows if row.get("svname") not in ("FRONTEND", "BACKEND")}
-    direct = [n for addr, n in served.items() if addr in {f"{ip}:{p}" for ip, p in ingress}]
-    assert direct, served
-    return sum(direct)
+    servers = [row for row in rows if row.get("svname") not in ("FRONTEND", "BACKEND")]
+    direct = [int(row["stot"] or 0) for row in servers if row.get("addr") in {f"{ip}:{p}" for ip, p in ingress}]
+    assert direct, [(row.get("pxname"), row.get("addr")) for row in servers]
+    return sum(direct)  # over every backend that names the ingress
 
 
 @pytest.mark.parametrize("proxy", ["serve", "haproxy"])
