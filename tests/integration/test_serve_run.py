@@ -103,9 +103,11 @@ def _haproxy_direct(root_pid: int, port: int) -> int:
     header = lines[0].lstrip("# ").split(",")
     rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
     servers = [row for row in rows if row.get("svname") not in ("FRONTEND", "BACKEND")]
-    direct = [int(row["stot"] or 0) for row in servers if row.get("addr") in {f"{ip}:{p}" for ip, p in ingress}]
+    direct = [row for row in servers if row.get("addr") in {f"{ip}:{p}" for ip, p in ingress}]
     assert direct, [(row.get("pxname"), row.get("addr")) for row in servers]
-    return sum(direct)  # over every backend that names the ingress
+    # HAProxy sends requests there once its health checks pass (before, they go to the backup)
+    assert all(row.get("status", "").startswith("UP") for row in direct), [row.get("status") for row in direct]
+    return sum(int(row["stot"] or 0) for row in direct)  # over every backend that names the ingress
 
 
 @pytest.mark.parametrize("proxy", ["serve", "haproxy"])
@@ -132,7 +134,17 @@ def test_serve_run_serve_config_answers_a_completion(tmp_path, proxy):
             return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
         wait_for_condition(healthy, timeout_s=300, interval_s=1, message="serve run to answer /healthz")
-        direct_before = _haproxy_direct(proc.pid, port) if proxy == "haproxy" else 0
+        direct_before = 0
+        if proxy == "haproxy":  # HAProxy may still be taking the ingress into rotation when /healthz answers
+            def direct_up() -> bool:
+                nonlocal direct_before
+                try:
+                    direct_before = _haproxy_direct(proc.pid, port)
+                except (AssertionError, OSError, ValueError):
+                    return False
+                return True
+
+            wait_for_condition(direct_up, timeout_s=60, interval_s=0.5, message="HAProxy to route to the ingress")
         response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                               json={"prompt": "Hello, hotswap", "max_tokens": 8, "temperature": 0})
         assert response.status_code == 200, response.text
