@@ -35,15 +35,15 @@ from benchmarks._cluster import (
     wait_until,
     write_result,
 )
-from benchmarks.load import ClosedLoop, latency_summary
 from benchmarks.serving import (
-    _finished_in,
     _InProcess,
     _prompt,
     _replica_threads,
     _settings_args,
     _start_app,
     _stop_app,
+    _summary,
+    _window,
 )
 
 _TEXT = " floor"  # one "token" of the fixed answer
@@ -105,16 +105,8 @@ def _measure(url: str, *, clients: int, seconds: float, max_tokens: int) -> dict
     def body(i: int, k: int) -> dict:
         return {"prompt": _prompt(i, k), "max_tokens": max_tokens, "temperature": 0}
 
-    with ClosedLoop(url, clients=clients, body=body) as load:
-        load.wait_for(2 * clients, timeout_s=300)
-        t0 = time.monotonic()
-        time.sleep(seconds)
-        t1 = time.monotonic()
-    window = _finished_in(load.samples, t0, t1)
-    ok = [s for s in window if s.ok]
-    tokens = sum(s.completion_tokens for s in ok)
-    return {**latency_summary(window), "requests_per_s": len(ok) / (t1 - t0), "tokens_per_s": tokens / (t1 - t0),
-            "mean_completion_tokens": tokens / max(1, len(ok))}
+    window, t0, t1 = _window(url, clients=clients, body=body, seconds=seconds)
+    return _summary(window, t1 - t0, stream=False, tokens=None, max_tokens=max_tokens)  # whole answers: no _Tokens
 
 
 def main(argv: list[str] | None = None) -> int:
