@@ -114,8 +114,8 @@ def serve_cluster(cache: Path, *, num_cpus: int = 8, env: dict[str, str] | None 
     from deployments.app import SERVE_CONTROLLER_OPTIONS
 
     saved = {key: os.environ.get(key) for key in env or {}}
-    os.environ.update(env or {})  # Ray's processes inherit it (this driver's own Ray constants are not re-read)
     try:
+        os.environ.update(env or {})  # Ray's processes inherit it (this driver's own Ray constants are not re-read)
         worker_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
         worker_env.update(HOTSWAP_CACHE_DIR=str(cache), TOKENIZERS_PARALLELISM="false")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env},

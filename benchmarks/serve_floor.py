@@ -118,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per request (default 16)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="the replica's and the engine's rows (8)")
     parser.add_argument("--engine-seconds", type=float, default=4.0, help="seconds per engine round (default 4)")
-    parser.add_argument("--engine-threads", type=int, default=_replica_threads(),
-                        help="torch threads of the in-process engine (default: OMP_NUM_THREADS, else 1: the "
-                             "replica's under Ray)")
+    parser.add_argument("--engine-threads", type=int, default=None,
+                        help="torch threads of the in-process engine (default: OMP_NUM_THREADS, --serve-env's first, "
+                             "else 1: the replica's under Ray)")
     add_serve_env_argument(parser)
     args = parser.parse_args(argv)
     env = serve_env(parser, args)
-    if args.clients < 1 or args.rounds < 1 or args.seconds <= 0 or args.engine_seconds <= 0 or args.engine_threads < 1:
-        parser.error("--clients, --rounds and --engine-threads must be >= 1, --seconds and --engine-seconds > 0")
+    if args.engine_threads is None:  # the replica's, with --serve-env's OMP_NUM_THREADS if it sets one
+        args.engine_threads = _replica_threads(env)
+    if min(args.clients, args.rounds, args.engine_threads, args.max_tokens, args.max_batch_size) < 1 or min(
+            args.seconds, args.engine_seconds) <= 0:
+        parser.error("--clients, --rounds, --engine-threads, --max-tokens and --max-batch-size must be >= 1, "
+                     "--seconds and --engine-seconds > 0")
     # what benchmarks.serving's settings builder reads
     settings = argparse.Namespace(initial_adapter="builtin:demo", base_model="builtin:tiny-llama", device="cpu",
                                   max_batch_size=args.max_batch_size, max_seq_len=256, dtype=None,

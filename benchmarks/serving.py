@@ -73,11 +73,11 @@ def _settings_args(args, cache: Path, compiled: bool, *, adapter_slots: int = 2)
     return out
 
 
-def _replica_threads() -> int:
+def _replica_threads(env: dict[str, str] | None = None) -> int:
     """The torch threads of the service's 1-CPU replica: ``OMP_NUM_THREADS`` where the environment Ray starts from
-    sets it, else the 1 Ray sets for it."""
+    sets it (this process's, with ``--serve-env``'s ``env`` over it), else the 1 Ray sets for it."""
     try:
-        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+        return max(1, int({**os.environ, **(env or {})}.get("OMP_NUM_THREADS", "1")))
     except ValueError:
         return 1
 
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-modules", nargs="+", default=None,
                         help="the engines' target_modules (default: the setting's default)")
     parser.add_argument("--max-rank", type=int, default=None, help="the engines' max_rank (default: the setting's)")
-    parser.add_argument("--engine-threads", type=int, default=_replica_threads(),
+    parser.add_argument("--engine-threads", type=int, default=None,
                         help="torch threads of the in-process engine (default: what the 1-CPU replica gets, "
                              "OMP_NUM_THREADS if set, else 1 by Ray's rule; on a 2-vCPU VM 2 threads ran the tiny "
                              "model 7.5x slower)")
@@ -533,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_env_argument(parser)
     args = parser.parse_args(argv)
     env = serve_env(parser, args)
+    if args.engine_threads is None:
+        args.engine_threads = _replica_threads(env)
     if min(args.concurrency) < 1 or args.seconds <= 0 or args.engine_seconds <= 0 or args.engine_rounds < 1:
         parser.error("--concurrency and --engine-rounds must be >= 1 and --seconds, --engine-seconds > 0")
     if not args.no_stream and args.long_streams + args.short_clients > args.max_batch_size:

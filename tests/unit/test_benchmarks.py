@@ -112,3 +112,17 @@ def test_serving_benchmark_engine_only_measures_the_engine_without_ray(tmp_path)
     assert set(compiled) == {"engine"}
     assert compiled["engine"]["batch_8"]["tokens_per_s"] > 0 and compiled["engine"]["batch_1"]["tokens_per_s"] > 0
     assert payload["targets"] == []
+
+
+def test_the_engine_threads_default_follows_the_replicas_environment_serve_env_included(monkeypatch):
+    """--serve-env OMP_NUM_THREADS=2 gives the replicas two threads (Ray keeps a value already set): the in-process
+    engine it is compared with must get them too (an outside review: it kept 1)."""
+    from benchmarks import serve_floor
+    from benchmarks.serving import _replica_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert _replica_threads() == 1 and _replica_threads({"OMP_NUM_THREADS": "2"}) == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert _replica_threads() == 3 and _replica_threads({"OMP_NUM_THREADS": "2"}) == 2
+    with pytest.raises(SystemExit):  # a usage error before anything is built
+        serve_floor.main(["--json", "/dev/null", "--max-tokens", "0"])
