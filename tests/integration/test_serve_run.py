@@ -64,16 +64,17 @@ def _with_haproxy(config: dict) -> None:
         app["runtime_env"]["env_vars"].update(SERVE_HAPROXY_ENV)
 
 
-def _haproxy_direct(root_pid: int, port: int) -> int:
+def _haproxy_direct(root_pid: int, port: int) -> tuple[int, frozenset[int]]:
     """HAProxy takes the config's HTTP port and the ingress answers HTTP itself on a port of Serve's direct-ingress
     range (30000-31000) on the config's host; returns the requests HAProxy sent that port so far. (Serve's Python
     proxy still runs beside them as HAProxy's backup server: requests sent before the ingress passed its health
-    checks go there.)"""
+    checks go there.) Also the HAProxy processes' ids: Serve reloads HAProxy on a routing change, and the new
+    process counts from 0."""
     import socket
 
     import psutil
 
-    haproxy_ports, ingress, configs = set(), set(), set()
+    haproxy_ports, ingress, configs, pids = set(), set(), set(), set()
     for child in psutil.Process(root_pid).children(recursive=True):
         try:
             argv = child.cmdline()
@@ -84,6 +85,7 @@ def _haproxy_direct(root_pid: int, port: int) -> int:
             continue
         if title.endswith("/haproxy"):
             haproxy_ports |= {p for _, p in listening}
+            pids.add(child.pid)
             configs |= {argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-f"}
         elif title.startswith("ray::ServeReplica:hotswap:Ingress"):
             ingress |= {(ip, p) for ip, p in listening if 30000 <= p <= 31000}
@@ -107,7 +109,7 @@ def _haproxy_direct(root_pid: int, port: int) -> int:
     assert direct, [(row.get("pxname"), row.get("addr")) for row in servers]
     # HAProxy sends requests there once its health checks pass (before, they go to the backup)
     assert all(row.get("status", "").startswith("UP") for row in direct), [row.get("status") for row in direct]
-    return sum(int(row["stot"] or 0) for row in direct)  # over every backend that names the ingress
+    return sum(int(row["stot"] or 0) for row in direct), frozenset(pids)  # over every backend naming the ingress
 
 
 @pytest.mark.parametrize("proxy", ["serve", "haproxy"])
@@ -134,12 +136,12 @@ def test_serve_run_serve_config_answers_a_completion(tmp_path, proxy):
             return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
 
         wait_for_condition(healthy, timeout_s=300, interval_s=1, message="serve run to answer /healthz")
-        direct_before = 0
+        direct_before, haproxy_pids = 0, frozenset()
         if proxy == "haproxy":  # HAProxy may still be taking the ingress into rotation when /healthz answers
             def direct_up() -> bool:
-                nonlocal direct_before
+                nonlocal direct_before, haproxy_pids
                 try:
-                    direct_before = _haproxy_direct(proc.pid, port)
+                    direct_before, haproxy_pids = _haproxy_direct(proc.pid, port)
                 except (AssertionError, OSError, ValueError):
                     return False
                 return True
@@ -158,7 +160,15 @@ def test_serve_run_serve_config_answers_a_completion(tmp_path, proxy):
         assert text.rstrip().endswith("data: [DONE]"), text
         _check_fast_path(proc.pid, proxy=proxy == "serve")
         if proxy == "haproxy":  # the completion and the stream went from HAProxy straight to the ingress
-            assert _haproxy_direct(proc.pid, port) - direct_before >= 2
+            direct_after, pids_after = _haproxy_direct(proc.pid, port)
+            if pids_after == haproxy_pids:  # else HAProxy was reloaded in between: its counters started again
+                assert direct_after - direct_before >= 2
+            else:  # once more on the new process: one completion, counted
+                direct_before, haproxy_pids = direct_after, pids_after
+                assert httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                                  json={"prompt": "again", "max_tokens": 2}).status_code == 200
+                direct_after, pids_after = _haproxy_direct(proc.pid, port)
+                assert pids_after == haproxy_pids and direct_after - direct_before >= 1
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
