@@ -65,11 +65,18 @@ def resolve_device_dtype(settings: HotswapSettings) -> tuple[torch.device, torch
 
 
 class _CountingBackend:
-    """Inductor, counting every graph it compiles (per engine, unlike dynamo's global counters)."""
+    """Inductor, counting every graph it compiles (per engine, unlike dynamo's global counters).
 
-    def __init__(self, mode: str) -> None:
+    ``cpp_wrapper``: inductor writes the code that calls the kernels in C++ instead of Python. A step then costs
+    one call from Python, and that call releases the GIL (inductor's JIT entry point), so the replica's event loop
+    (Serve's request handling, tokenizing) runs while the model steps instead of taking turns with it.
+    """
+
+    def __init__(self, mode: str, *, cpp_wrapper: bool = False) -> None:
         self.graphs = 0
-        self._inductor = torch._TorchCompileInductorWrapper(None if mode == "default" else mode, None, False)
+        self.cpp_wrapper = cpp_wrapper
+        options = {"cpp_wrapper": True} if cpp_wrapper else None
+        self._inductor = torch._TorchCompileInductorWrapper(None if mode == "default" else mode, options, False)
 
     def __call__(self, gm, example_inputs):
         self.graphs += 1
@@ -185,7 +192,10 @@ class SwapEngine:
         self._backend = None
         forward = lm
         if settings.compile:
-            self._backend = _CountingBackend(settings.compile_mode)
+            wrapper = settings.compile_wrapper
+            if wrapper == "auto":
+                wrapper = "cpp" if torch.device(device).type == "cpu" else "python"
+            self._backend = _CountingBackend(settings.compile_mode, cpp_wrapper=wrapper == "cpp")
             # compile the causal LM, not the PeftModel wrapper: its forward reads peft_config, which
             # a swap updates, and dynamo would guard on it
             forward = torch.compile(lm, backend=self._backend, dynamic=False)

@@ -61,6 +61,25 @@ def test_swaps_match_eager_peft_and_never_recompile(compiled_engine, adapters, s
     assert engine.swaps >= len(order)
 
 
+def test_python_wrapper_swaps_match_eager_peft_too(base_settings, compiled_engine, adapters, stage, eager_reference):
+    """``compile_wrapper`` 'auto' is inductor's C++ wrapper on a CPU (the shared engine, checked above); 'python' (the
+    CUDA default) serves the same outputs and never recompiles either."""
+    assert compiled_engine._backend.cpp_wrapper  # auto, on this CPU
+    engine = SwapEngine.build(base_settings.model_copy(update={"compile_wrapper": "python"}))
+    try:
+        assert not engine._backend.cpp_wrapper
+        graphs = engine.compiled_graphs
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("r16-all", "r2-o"):
+                engine.apply(stage(adapters[name]))
+                want = _reference_logits(eager_reference(adapters[name]), engine.tokenizer, PROMPTS)
+                diff = (engine.last_logits(PROMPTS) - want).abs().max().item()
+                assert diff < 1e-4, f"{name}: max abs diff {diff}"
+        assert engine.compiled_graphs == graphs
+    finally:
+        engine.close()
+
+
 def test_swap_changes_outputs_and_keeps_every_data_ptr(compiled_engine, adapters, stage):
     engine = compiled_engine
     lora = [p for n, p in engine.peft_model.named_parameters() if "lora_" in n]

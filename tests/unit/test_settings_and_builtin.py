@@ -28,6 +28,7 @@ def test_defaults_are_valid():
         ({"prefill_chunk_tokens": 512, "max_seq_len": 64}, "must not exceed max_seq_len"),
         ({"compile_mode": "reduce-overhead", "device": "cpu"}, "CUDA graphs"),
         ({"dtype": "float8"}, "'dtype'"),
+        ({"compile_wrapper": "c++"}, "compile_wrapper"),
     ],
 )
 def test_bad_settings_name_the_key(args, message):
