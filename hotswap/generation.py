@@ -1,8 +1,9 @@
 """The per-row pieces of generation: request checks, the per-row KV cache, sampling and incremental text.
 
 The scheduler (:mod:`hotswap.scheduler`) runs every forward call in one of two shapes, a
-prefill chunk ``(max_batch_size, prefill_chunk_tokens)`` or a decode step ``(max_batch_size,
-1)``, so a compiled model never compiles again after warm-up. Rows join and leave between
+prefill chunk ``(max_batch_size, prefill_chunk_tokens)`` (which also carries the generating rows'
+tokens, one each in its last column) or a decode step ``(max_batch_size, 1)``, so a compiled model
+never compiles again after warm-up. Rows join and leave between
 steps, so each row keeps its own positions: in :class:`RowCache` a token at position ``p`` of
 a row is stored in cache slot ``p`` of that row, and every write of a step goes to a per-row
 slot index (padding and rows that sit a step out write to a scratch region at the end that no

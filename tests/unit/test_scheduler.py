@@ -209,6 +209,33 @@ def test_a_short_request_finishes_before_the_long_ones_running(compiled_engine):
     assert order[0] == "short"
 
 
+def test_a_prefill_step_also_decodes_the_rows_that_are_generating(compiled_engine):
+    """While a row reads a 3-chunk prompt, a row that is generating gets a token from every step, the 3 prefill
+    steps included (they used to alternate with decode steps, so it got one every other step meanwhile)."""
+    engine = compiled_engine
+    steps = engine.scheduler.steps
+    at_token: list[dict] = []  # the step counts when each of the long request's tokens arrives
+    joiner = Recorder()
+    long = Recorder(after_tokens={2: lambda: engine.submit(engine.encode(PROMPTS[4]), greedy(4), on_event=joiner)})
+
+    def on_long(event) -> None:
+        if isinstance(event, TokenEvent):
+            at_token.append(dict(steps))  # from the scheduler thread, right after the step that made the token
+        long(event)
+
+    engine.submit(engine.encode(PROMPTS[0]), greedy(12), on_event=on_long)
+    long.wait()
+    joiner.wait()
+    kinds = []
+    for before, after in zip(at_token, at_token[1:], strict=False):
+        made = {kind: after[kind] - before[kind] for kind in ("prefill", "decode")}
+        assert sum(made.values()) == 1, f"a token of the generating row took {made} steps"
+        kinds.append("prefill" if made["prefill"] else "decode")
+    chunks = -(-len(engine.encode(PROMPTS[4])) // engine.settings.prefill_chunk_tokens)
+    assert chunks == 3  # what the test is about: a prompt of several chunks
+    assert kinds.count("prefill") == chunks
+
+
 def test_a_cancelled_request_frees_its_row_for_a_queued_one(compiled_engine):
     engine = compiled_engine
     batch = engine.settings.max_batch_size
