@@ -131,6 +131,7 @@ class ModelReplica:
         self.last_drain_ms: float | None = None  # the last swap's wait for the batch in flight
         self.last_smoke_ms: float | None = None  # ... and its smoke check
         self.phase = ReplicaPhase.IDLE
+        self._mailbox = None  # scheduler events to this replica's event loop (built on it, at the first request)
         self._reports = (time.time_ns(), itertools.count(1))  # numbers this replica's reports (ReplicaReport.seq)
         self._failed: tuple[AdapterVersion, str, str, float] | None = None  # version, token, why, when
         context = serve.get_replica_context()
@@ -248,10 +249,12 @@ class ModelReplica:
         self.engine.check(len(ids), params)
         return _Job(ids, params, time.perf_counter())
 
-    async def _submit(self, request: dict, queue: asyncio.Queue):
-        """Tokenize off the event loop and queue the request; events arrive on ``queue``. Returns the ticket, or
-        the error dict to answer with."""
+    async def _submit(self, request: dict, queue: asyncio.Queue, *, tokens: bool = True):
+        """Tokenize off the event loop and queue the request; events arrive on ``queue`` (without the token events
+        if not ``tokens``). Returns the ticket, or the error dict to answer with."""
         from hotswap.errors import OverloadedError
+        from hotswap.generation import TokenEvent
+        from hotswap.streaming import LoopMailbox
 
         try:
             job = await asyncio.to_thread(self._prepare, request)  # a 1 MB prompt tokenizes for ~1 s: not here
@@ -259,9 +262,11 @@ class ModelReplica:
             self.metrics.error(self.engine.identity, "invalid")
             return None, _error(str(e))
         loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = LoopMailbox(loop)
+        on_event = self._mailbox.sender(queue, keep=None if tokens else lambda e: not isinstance(e, TokenEvent))
         try:
-            ticket = self.engine.submit(job.token_ids, job.params,
-                                        on_event=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+            ticket = self.engine.submit(job.token_ids, job.params, on_event=on_event)
         except OverloadedError as e:
             self.metrics.error(self.engine.identity, "overloaded")
             return None, {**_error(str(e), 429), "retry_after_s": e.retry_after_s}
@@ -289,7 +294,7 @@ class ModelReplica:
         from hotswap.scheduler import Failed, Finished, Started
 
         queue: asyncio.Queue = asyncio.Queue()
-        submitted, refusal = await self._submit(request, queue)
+        submitted, refusal = await self._submit(request, queue, tokens=False)
         if refusal is not None:
             return refusal
         ticket, job = submitted

@@ -15,12 +15,57 @@ goes out alone, so a client that waits long for its first token still gets its h
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from hotswap.generation import TokenEvent
 
-__all__ = ["WithText", "coalesced"]
+__all__ = ["LoopMailbox", "WithText", "coalesced"]
+
+
+class LoopMailbox:
+    """Hands events from the scheduler's thread to one event loop's queues, one wake-up of the loop per burst.
+
+    The scheduler delivers a step's events one callback at a time (a token for each of up to ``max_batch_size``
+    rows). ``loop.call_soon_threadsafe`` for each one wakes the loop each time (a write to its self-pipe, then a
+    turn of the loop, taking the GIL from the scheduler's thread); here the first event of a burst schedules one
+    :meth:`_drain` and the others join it. Order is kept: per queue, events arrive in the order they were posted.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: deque[tuple[asyncio.Queue, object]] = deque()
+        self._scheduled = False
+
+    def sender(self, queue: asyncio.Queue, *, keep: Callable[[object], bool] | None = None) -> Callable[[object], None]:
+        """An ``on_event`` callback that posts to ``queue`` the events for which ``keep`` (if given) is true."""
+        if keep is None:
+            return lambda event: self.post(queue, event)
+        return lambda event: self.post(queue, event) if keep(event) else None
+
+    def post(self, queue: asyncio.Queue, event: object) -> None:
+        """From any thread: ``queue.put_nowait(event)`` on the loop."""
+        with self._lock:
+            self._items.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed (the replica is shutting down): nobody waits for the event
+            with self._lock:
+                self._items.clear()
+                self._scheduled = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,12 @@ what is held back for how long (by event order, not by wall-clock thresholds).""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from hotswap.generation import TokenEvent
-from hotswap.streaming import WithText, coalesced
+from hotswap.streaming import LoopMailbox, WithText, coalesced
 
 
 def T(delta: str, finish=None) -> TokenEvent:
@@ -236,3 +237,63 @@ def test_a_cancel_in_the_turn_a_token_arrives_reaches_the_stream(opening):
         assert released == ["ticket.cancel()"]
 
     run(go())
+
+
+class _CountingLoop:
+    """Wraps a loop and counts the calls the scheduler's thread makes to wake it."""
+
+    def __init__(self, loop) -> None:
+        self.loop, self.wakes = loop, 0
+
+    def call_soon_threadsafe(self, callback, *args):
+        self.wakes += 1
+        return self.loop.call_soon_threadsafe(callback, *args)
+
+
+def test_a_burst_of_events_from_another_thread_wakes_the_loop_once_and_keeps_each_queues_order():
+    async def main():
+        loop = _CountingLoop(asyncio.get_running_loop())
+        mailbox = LoopMailbox(loop)
+        queues = [asyncio.Queue() for _ in range(3)]
+        senders = [mailbox.sender(q) for q in queues]
+
+        def burst():  # one step's events for three rows, from a thread while the loop cannot run
+            for n in range(5):
+                for i, send in enumerate(senders):
+                    send((i, n))
+
+        thread = threading.Thread(target=burst)
+        thread.start()
+        thread.join()  # the loop has not run meanwhile (this coroutine did not yield)
+        assert loop.wakes == 1
+        for i, q in enumerate(queues):
+            assert [await asyncio.wait_for(q.get(), 5) for _ in range(5)] == [(i, n) for n in range(5)]
+        senders[0]("later")  # after a drain, the next event wakes the loop again
+        assert await asyncio.wait_for(queues[0].get(), 5) == "later"
+        assert loop.wakes == 2
+
+    run(main())
+
+
+def test_a_sender_with_keep_posts_only_what_it_keeps():
+    async def main():
+        mailbox = LoopMailbox(asyncio.get_running_loop())
+        q: asyncio.Queue = asyncio.Queue()
+        send = mailbox.sender(q, keep=lambda e: not isinstance(e, TokenEvent))
+        for event in (T("a"), "started", T("b"), "finished"):
+            send(event)
+        assert [await asyncio.wait_for(q.get(), 5) for _ in range(2)] == ["started", "finished"]
+        assert q.empty()
+
+    run(main())
+
+
+def test_events_posted_after_the_loop_closed_are_dropped_without_an_error():
+    loop = asyncio.new_event_loop()
+    mailbox = LoopMailbox(loop)
+    loop.close()
+    q: asyncio.Queue = asyncio.Queue()
+    mailbox.post(q, "late")  # the replica is shutting down: nobody waits, the scheduler's thread must not fail
+    mailbox.post(q, "later")
+    assert q.empty()
+    assert not mailbox._scheduled  # not stuck: a post after a loop's restart would be scheduled again
