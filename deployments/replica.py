@@ -262,9 +262,10 @@ class ModelReplica:
             self.metrics.error(self.engine.identity, "invalid")
             return None, _error(str(e))
         loop = asyncio.get_running_loop()
-        if self._mailbox is None or self._mailbox.loop is not loop:
-            self._mailbox = LoopMailbox(loop)
-        on_event = self._mailbox.sender(queue, keep=None if tokens else lambda e: not isinstance(e, TokenEvent))
+        mailbox = self._mailbox
+        if mailbox is None or mailbox.loop is not loop:
+            self._mailbox = mailbox = LoopMailbox(loop)
+        on_event = mailbox.sender(queue, keep=None if tokens else lambda e: not isinstance(e, TokenEvent))
         try:
             ticket = self.engine.submit(job.token_ids, job.params, on_event=on_event)
         except OverloadedError as e:

@@ -69,14 +69,16 @@ class _CountingBackend:
 
     ``cpp_wrapper``: inductor writes the code that calls the kernels in C++ instead of Python. A step then costs
     one call from Python, and that call releases the GIL (inductor's JIT entry point), so the replica's event loop
-    (Serve's request handling, tokenizing) runs while the model steps instead of taking turns with it.
+    (Serve's request handling, tokenizing) runs while the compiled graph runs instead of taking turns with it
+    (dynamo's guards and the scheduler's own Python around the call still hold it).
     """
 
     def __init__(self, mode: str, *, cpp_wrapper: bool = False) -> None:
         self.graphs = 0
         self.cpp_wrapper = cpp_wrapper
-        options = {"cpp_wrapper": True} if cpp_wrapper else None
-        self._inductor = torch._TorchCompileInductorWrapper(None if mode == "default" else mode, options, False)
+        # given either way: False overrides a TORCHINDUCTOR_CPP_WRAPPER=1 in the environment
+        self._inductor = torch._TorchCompileInductorWrapper(None if mode == "default" else mode,
+                                                            {"cpp_wrapper": cpp_wrapper}, False)
 
     def __call__(self, gm, example_inputs):
         self.graphs += 1

@@ -15,6 +15,7 @@ goes out alone, so a client that waits long for its first token still gets its h
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -24,14 +25,17 @@ from hotswap.generation import TokenEvent
 
 __all__ = ["LoopMailbox", "WithText", "coalesced"]
 
+logger = logging.getLogger(__name__)
+
 
 class LoopMailbox:
     """Hands events from the scheduler's thread to one event loop's queues, one wake-up of the loop per burst.
 
     The scheduler delivers a step's events one callback at a time (a token for each of up to ``max_batch_size``
     rows). ``loop.call_soon_threadsafe`` for each one wakes the loop each time (a write to its self-pipe, then a
-    turn of the loop, taking the GIL from the scheduler's thread); here the first event of a burst schedules one
-    :meth:`_drain` and the others join it. Order is kept: per queue, events arrive in the order they were posted.
+    turn of the loop, taking the GIL from the scheduler's thread); here the first event posted while no drain is
+    pending schedules one :meth:`_drain` and the events posted until it runs join it (usually a step's, though
+    the loop may drain partway through). Per queue, events arrive in the order they were posted.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -49,13 +53,17 @@ class LoopMailbox:
     def post(self, queue: asyncio.Queue, event: object) -> None:
         """From any thread: ``queue.put_nowait(event)`` on the loop."""
         with self._lock:
+            if self.loop.is_closed():  # closed with a drain pending (which then never runs): nobody waits now
+                self._items.clear()
+                self._scheduled = False
+                return
             self._items.append((queue, event))
             if self._scheduled:
                 return
             self._scheduled = True
         try:
             self.loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # the loop is closed (the replica is shutting down): nobody waits for the event
+        except RuntimeError:  # the loop closed meanwhile (the replica is shutting down): nobody waits for the event
             with self._lock:
                 self._items.clear()
                 self._scheduled = False
@@ -65,7 +73,10 @@ class LoopMailbox:
             items, self._items = self._items, deque()
             self._scheduled = False
         for queue, event in items:
-            queue.put_nowait(event)
+            try:  # one queue that refuses an event must not cost the other requests of the burst theirs
+                queue.put_nowait(event)
+            except Exception:
+                logger.exception("an event could not be handed to its request")
 
 
 @dataclass(frozen=True)

@@ -64,10 +64,10 @@ def test_swaps_match_eager_peft_and_never_recompile(compiled_engine, adapters, s
 def test_python_wrapper_swaps_match_eager_peft_too(base_settings, compiled_engine, adapters, stage, eager_reference):
     """``compile_wrapper`` 'auto' is inductor's C++ wrapper on a CPU (the shared engine, checked above); 'python' (the
     CUDA default) serves the same outputs and never recompiles either."""
-    assert compiled_engine._backend.cpp_wrapper  # auto, on this CPU
+    assert compiled_engine._backend._inductor.config["cpp_wrapper"] is True  # auto, on this CPU: what inductor gets
     engine = SwapEngine.build(base_settings.model_copy(update={"compile_wrapper": "python"}))
     try:
-        assert not engine._backend.cpp_wrapper
+        assert engine._backend._inductor.config["cpp_wrapper"] is False
         graphs = engine.compiled_graphs
         with torch._dynamo.config.patch(error_on_recompile=True):
             for name in ("r16-all", "r2-o"):

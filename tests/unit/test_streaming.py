@@ -249,6 +249,9 @@ class _CountingLoop:
         self.wakes += 1
         return self.loop.call_soon_threadsafe(callback, *args)
 
+    def is_closed(self) -> bool:
+        return self.loop.is_closed()
+
 
 def test_a_burst_of_events_from_another_thread_wakes_the_loop_once_and_keeps_each_queues_order():
     async def main():
@@ -297,3 +300,27 @@ def test_events_posted_after_the_loop_closed_are_dropped_without_an_error():
     mailbox.post(q, "later")
     assert q.empty()
     assert not mailbox._scheduled  # not stuck: a post after a loop's restart would be scheduled again
+
+
+def test_a_loop_closed_with_a_hand_over_pending_keeps_nothing_back():
+    loop = asyncio.new_event_loop()
+    mailbox = LoopMailbox(loop)
+    q: asyncio.Queue = asyncio.Queue()
+    mailbox.post(q, "first")  # schedules a drain on the loop, which closes before running it
+    loop.close()
+    for n in range(3):
+        mailbox.post(q, n)
+    assert not mailbox._items and not mailbox._scheduled  # events are dropped, not piled up behind a dead drain
+
+
+def test_a_queue_that_refuses_an_event_does_not_cost_the_other_requests_theirs():
+    async def main():
+        mailbox = LoopMailbox(asyncio.get_running_loop())
+        full: asyncio.Queue = asyncio.Queue(maxsize=1)
+        full.put_nowait("taken")
+        other: asyncio.Queue = asyncio.Queue()
+        mailbox.post(full, "refused")  # QueueFull in the drain
+        mailbox.post(other, "finished")
+        assert await asyncio.wait_for(other.get(), 5) == "finished"
+
+    run(main())
