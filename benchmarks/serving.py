@@ -160,7 +160,8 @@ class _EngineLoop:
         return {"rows_in_flight": self.rows, "tokens_per_s": tokens / (t1 - t0), "tokens": tokens,
                 "seconds": t1 - t0, "decode_steps": decode, "prefill_steps": prefill,
                 "ms_per_step": (t1 - t0) * 1e3 / max(1, decode + prefill),
-                "tokens_per_decode_step": tokens / decode if decode else None}
+                # every step makes tokens: a prefill step carries the generating rows' too
+                "tokens_per_step": tokens / (decode + prefill) if decode + prefill else None}
 
 
 class _InProcess:
@@ -190,12 +191,12 @@ class _InProcess:
         """Per level the median over the rounds (and the best round, and every round under ``rounds``)."""
         out = {"adapter_slots": self.settings.adapter_slots, "compile": self.settings.compile, "build_s": self.build_s}
         for key, rounds in self.rounds.items():
-            per_step = [r["tokens_per_decode_step"] for r in rounds if r["tokens_per_decode_step"] is not None]
+            per_step = [r["tokens_per_step"] for r in rounds if r["tokens_per_step"] is not None]
             out[key] = {"rows_in_flight": rounds[0]["rows_in_flight"],
                         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
                         "max_tokens_per_s": max(r["tokens_per_s"] for r in rounds),
                         "ms_per_step": statistics.median(r["ms_per_step"] for r in rounds),
-                        "tokens_per_decode_step": statistics.median(per_step) if per_step else None,
+                        "tokens_per_step": statistics.median(per_step) if per_step else None,
                         "rounds": rounds}
         out["compiled_graphs"] = self.engine.compiled_graphs
         return out
@@ -444,17 +445,17 @@ def _print_table(payload: dict) -> None:
     print(f"\nengine in-process (scheduler, closed loop), max_tokens {payload['max_tokens']}, "
           f"{payload['engine_seconds']:.0f} s per level and round, {payload['engine_threads']} torch thread(s); "
           "median (best) of the rounds")
-    print(f"  {'config':16} {'in flight':>9} {'tokens/s':>9} {'(best)':>8} {'ms/step':>8} {'tok/decode step':>16}")
+    print(f"  {'config':16} {'in flight':>9} {'tokens/s':>9} {'(best)':>8} {'ms/step':>8} {'tokens/step':>12}")
     for mode, label in (("compiled", "compiled 2 slots"), ("compiled_1slot", "compiled 1 slot"),
                         ("eager", "eager 2 slots")):
         if mode not in results:
             continue
         for key, row in results[mode]["engine"].items():
             if key.startswith("batch_"):
-                per = row["tokens_per_decode_step"]
+                per = row["tokens_per_step"]
                 print(f"  {label:16} {row['rows_in_flight']:9d} {row['tokens_per_s']:9.1f} "
                       f"{row['max_tokens_per_s']:8.1f} {row['ms_per_step']:8.2f} "
-                      f"{per if per is None else round(per, 2)!s:>16}")
+                      f"{per if per is None else round(per, 2)!s:>12}")
     if "service" not in results["compiled"]:
         print("\nservice: not run (--engine-only)")
     else:
