@@ -106,8 +106,8 @@ def local_s3():
 @contextmanager
 def serve_cluster(cache: Path, *, num_cpus: int = 8, env: dict[str, str] | None = None):
     """Ray (``num_cpus`` logical CPUs, so replicas with fractional CPUs and a rolling redeploy fit) and Serve on a
-    free loopback port; yields the HTTP base URL. Workers get the AWS_* variables and ``HOTSWAP_CACHE_DIR``; ``env``
-    (``--serve-env``) goes into this process's environment before Ray starts, so that every Ray process has it."""
+    free loopback port; yields the HTTP base URL. Workers get :func:`worker_environment`; ``env`` (``--serve-env``)
+    also goes into this process's environment before Ray starts, so that every Ray process has it."""
     import ray
     from ray import serve
 
@@ -116,8 +116,7 @@ def serve_cluster(cache: Path, *, num_cpus: int = 8, env: dict[str, str] | None 
     saved = {key: os.environ.get(key) for key in env or {}}
     try:
         os.environ.update(env or {})  # Ray's processes inherit it (this driver's own Ray constants are not re-read)
-        worker_env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        worker_env.update(HOTSWAP_CACHE_DIR=str(cache), TOKENIZERS_PARALLELISM="false")
+        worker_env = worker_environment(cache, env)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": worker_env},
                  logging_level=logging.WARNING,
                  log_to_driver=False)
@@ -135,6 +134,16 @@ def serve_cluster(cache: Path, *, num_cpus: int = 8, env: dict[str, str] | None 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def worker_environment(cache: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The runtime_env variables of a benchmark's Ray workers: the AWS_* ones, the cache, no tokenizer threads, and
+    ``--serve-env``'s on top (a runtime_env variable overrides the inherited environment, so without them there the
+    defaults here would silently win over what ``--serve-env`` gave)."""
+    out = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    out.update(HOTSWAP_CACHE_DIR=str(cache), TOKENIZERS_PARALLELISM="false")
+    out.update(env or {})
+    return out
 
 
 def add_serve_env_argument(parser) -> None:

@@ -126,3 +126,15 @@ def test_the_engine_threads_default_follows_the_replicas_environment_serve_env_i
     assert _replica_threads() == 3 and _replica_threads({"OMP_NUM_THREADS": "2"}) == 2
     with pytest.raises(SystemExit):  # a usage error before anything is built
         serve_floor.main(["--json", "/dev/null", "--max-tokens", "0"])
+
+
+def test_serve_env_wins_over_the_benchmark_workers_defaults(monkeypatch, tmp_path):
+    """A runtime_env variable overrides what a worker inherits: --serve-env's value for a key the benchmark's workers
+    also set (the cache, tokenizer threads) must be the one they get (an outside review: the defaults won)."""
+    from benchmarks._cluster import worker_environment
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    env = worker_environment(tmp_path, {"TOKENIZERS_PARALLELISM": "true", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    assert env["TOKENIZERS_PARALLELISM"] == "true" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["HOTSWAP_CACHE_DIR"] == str(tmp_path) and env["AWS_ACCESS_KEY_ID"] == "test"
+    assert worker_environment(tmp_path)["TOKENIZERS_PARALLELISM"] == "false"
