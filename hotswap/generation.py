@@ -8,9 +8,11 @@ steps, so each row keeps its own positions: in :class:`RowCache` a token at posi
 a row is stored in cache slot ``p`` of that row, and every write of a step goes to a per-row
 slot index (padding and rows that sit a step out write to a scratch region at the end that no
 query reads). A query at position ``p`` attends to slots ``0..p`` of its own row, which are
-exactly that row's tokens, so a row that joins late needs no reset and its result does not
-depend on the other rows. (``torch.compile(model).generate`` would run the uncompiled forward;
-the scheduler calls the compiled module directly.)
+exactly that row's tokens, so a row that joins late needs no reset and its positions and cache
+do not depend on the other rows (its numerics can: a generating row's token comes from whichever
+shape the step has, which depends on whether another row is reading its prompt).
+(``torch.compile(model).generate`` would run the uncompiled forward; the scheduler calls the
+compiled module directly.)
 """
 
 from __future__ import annotations

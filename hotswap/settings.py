@@ -65,10 +65,10 @@ class HotswapSettings(BaseModel):
         "default", description="Inductor mode; 'reduce-overhead' (CUDA graphs) is for GPUs."
     )
     compile_wrapper: Literal["auto", "cpp", "python"] = Field(
-        "auto", description="Inductor's wrapper around the compiled kernels. 'cpp' runs the whole step in C++ "
-        "without holding Python's GIL, so the replica's request handling runs beside it (BENCHMARKS.md measures "
-        "it); 'python' is inductor's default. 'auto' is 'cpp' on CPU and "
-        "'python' on CUDA (where 'reduce-overhead' replays CUDA graphs)."
+        "auto", description="Inductor's wrapper around the compiled kernels. 'cpp' calls them from C++ and "
+        "releases Python's GIL while the compiled graph runs, so the replica's request handling runs beside it "
+        "(BENCHMARKS.md measures it); 'python' is inductor's default. 'auto' is 'cpp' on CPU and 'python' on CUDA "
+        "(where 'reduce-overhead' replays CUDA graphs)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Model dtype; 'auto' is bfloat16 on CUDA and float32 on CPU."

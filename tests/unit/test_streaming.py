@@ -230,7 +230,7 @@ def test_a_cancel_in_the_turn_a_token_arrives_reaches_the_stream(opening):
             q.put_nowait(T("b"))  # ... then this one is held for the interval
         for _ in range(5):
             await asyncio.sleep(0)
-        q.put_nowait(T("c"))  # a token arrives (call_soon_threadsafe from the scheduler) ...
+        q.put_nowait(T("c"))  # a token arrives (the scheduler's LoopMailbox hands it over) ...
         task.cancel()  # ... in the same turn as the disconnect
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 5)
