@@ -128,9 +128,21 @@ def _load(base: str) -> ClosedLoop:
                       body=lambda i, k: {"prompt": f"load {i} {k}", "max_tokens": 4, "temperature": 0})
 
 
+def _replica_pid(replica_id: str) -> int:
+    return ray.get(_replica_actor(replica_id).__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
 def _kill_process(replica_id: str) -> None:
-    pid = ray.get(_replica_actor(replica_id).__ray_call__.remote(lambda self: os.getpid()), timeout=30)
-    os.kill(pid, signal.SIGKILL)
+    os.kill(_replica_pid(replica_id), signal.SIGKILL)
+
+
+def _process_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.mark.parametrize("how", ["actor", "process"])
@@ -160,10 +172,15 @@ def test_replica_killed_mid_rollout_under_load(service, versions, how, reliabili
             # the replicas before the victim move; the victim's swap waits (its mark), holding a request
             _wait_done(client, order.index(victim))
             wait_for_condition(lambda: client.status()["rollout"] is not None, timeout_s=30, message="rollout")
+            pid = _replica_pid(victim)
             if how == "actor":
                 ray.kill(_replica_actor(victim), no_restart=True)
             else:
-                _kill_process(victim)
+                os.kill(pid, signal.SIGKILL)
+            # the request stays held until the process is gone: ray.kill returns before it ends, and a release in
+            # between let the victim answer the request itself (stop 25's clean-clone CI, once)
+            wait_for_condition(lambda: not _process_alive(pid), timeout_s=30,
+                               message=f"replica {victim}'s process to end")
             killed_at = time.monotonic()
         finally:
             (marks / "hold-request").unlink()
