@@ -209,7 +209,6 @@ class SwapEngine:
             slots=self.slots,
             batch_size=settings.max_batch_size,
             chunk=settings.prefill_chunk_tokens,
-            prefill_wait=settings.prefill_wait_steps,
             max_seq_len=settings.max_seq_len,
             max_queued=settings.max_queued_requests,
             device=device,

@@ -11,8 +11,7 @@ short request never waits for a long one. Each step is one of the two compiled s
   decode step for them (on this machine it cost 2.4x a decode step: alternating the two kinds, as
   this scheduler did before, paid for a decode step more per join and gave generating rows a token
   every other step while anyone joined);
-- a **decode** step ``(max_batch_size, 1)`` when every row is generating, or while a prompt that
-  would be read alone waits (``prefill_wait`` steps at most) for another to be read with it.
+- a **decode** step ``(max_batch_size, 1)`` when every row is generating.
 
 Columns (and rows) that carry no token compute padding that writes to the cache's scratch slots
 (:class:`~hotswap.generation.RowCache`), so no row's state is touched.
@@ -152,7 +151,6 @@ class _Row:
     generator: torch.Generator | None
     padded: int  # prompt length rounded up to the chunk
     prefilled: int = 0  # prompt columns (of ``padded``) written so far
-    waited: int = 0  # decode steps it sat out waiting for another prompt to read with (prefill_wait)
     last_token: int | None = None
 
     @property
@@ -177,8 +175,7 @@ class Scheduler:
     """
 
     def __init__(self, forward: Callable, *, config, tokenizer, selector: SlotSelector, slots: list[SlotState],
-                 batch_size: int, chunk: int, max_seq_len: int, max_queued: int, device, dtype,
-                 prefill_wait: int = 0) -> None:
+                 batch_size: int, chunk: int, max_seq_len: int, max_queued: int, device, dtype) -> None:
         self.forward = forward
         self.tokenizer = tokenizer
         self.checker = RequestChecker(tokenizer, max_seq_len=max_seq_len,
@@ -188,7 +185,6 @@ class Scheduler:
         self.active = 0
         self.batch_size = batch_size
         self.chunk = chunk
-        self.prefill_wait = prefill_wait
         self.max_queued = max_queued
         self.device = device
         self.dtype = dtype
@@ -462,21 +458,8 @@ class Scheduler:
         self._deliver(events)
 
     def _pick_step(self) -> bool:
-        """A prefill step while any row reads its prompt (the generating rows ride along), else a decode step.
-
-        A prompt that would be read alone while other rows generate first sits out up to ``prefill_wait`` decode
-        steps: requests arrive one by one, and one prefill-shaped step (2.4x a decode step here) can read the prompts
-        of every row that joined meanwhile. A prompt already being read (a later chunk) never waits.
-        """
-        rows = [r for r in self.rows if r is not None and not r.ticket.held]
-        joining = [r for r in rows if r.prefilling]
-        if not joining:
-            return False
-        lone = joining[0]
-        if len(joining) > 1 or len(joining) == len(rows) or lone.prefilled or lone.waited >= self.prefill_wait:
-            return True
-        lone.waited += 1
-        return False
+        """A prefill step while any row reads its prompt (the generating rows ride along), else a decode step."""
+        return any(r is not None and not r.ticket.held and r.prefilling for r in self.rows)
 
     def _selector_args(self) -> tuple[list[int | None], list[float]]:
         return [r.slot if r is not None else None for r in self.rows], [s.scale for s in self.slots]

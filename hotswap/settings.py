@@ -75,11 +75,6 @@ class HotswapSettings(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
     max_batch_size: int = Field(4, ge=1, le=256, description="Sequences decoded together in one step.")
-    prefill_wait_steps: int = Field(
-        1, ge=0, le=16, description="A prompt that would be read alone while other rows generate waits up to this "
-        "many steps for another to join it, so that one prefill-shaped step (which costs a few decode steps) reads "
-        "both; each wait is one decode step for the others. 0 reads every prompt at once."
-    )
     prefill_chunk_tokens: int = Field(
         16, ge=1, le=8192, description="Prompts are prefilled in chunks of this many tokens (one compiled shape)."
     )

@@ -236,55 +236,6 @@ def test_a_prefill_step_also_decodes_the_rows_that_are_generating(compiled_engin
     assert kinds.count("prefill") == chunks
 
 
-@pytest.mark.parametrize("wait", [0, 1, 2])
-def test_a_lone_prompt_waits_prefill_wait_steps_and_prompts_that_join_together_share_a_step(compiled_engine,
-                                                                                           wait):
-    """A prompt that joins alone while another row generates is read after ``prefill_wait`` decode steps (the
-    setting's default is 1); two prompts that join together are read by one prefill step at once."""
-    engine = compiled_engine
-    scheduler, steps = engine.scheduler, engine.scheduler.steps
-    at_token: list[dict] = []  # the step counts after each of the long request's tokens
-    first: dict[int, dict] = {}  # joiner -> the step counts after its first token
-    joiners = [Recorder() for _ in range(3)]
-
-    def submit(i: int) -> None:
-        def on_event(event) -> None:
-            if isinstance(event, TokenEvent) and i not in first:
-                first[i] = dict(steps)
-            joiners[i](event)
-
-        engine.submit(engine.encode(PROMPTS[0]), greedy(3), on_event=on_event)
-
-    long = Recorder(after_tokens={2: lambda: submit(0), 10: lambda: (submit(1), submit(2))})
-
-    def on_long(event) -> None:
-        if isinstance(event, TokenEvent):
-            at_token.append(dict(steps))
-        long(event)
-
-    saved = scheduler.prefill_wait
-    scheduler.prefill_wait = wait  # read by the scheduler thread at each step; nothing else runs meanwhile
-    try:
-        engine.submit(engine.encode(PROMPTS[0]), greedy(16), on_event=on_long)
-        long.wait()
-        for joiner in joiners:
-            joiner.wait()
-    finally:
-        scheduler.prefill_wait = saved
-    assert len(engine.encode(PROMPTS[0])) <= engine.settings.prefill_chunk_tokens  # one chunk each
-
-    def kind(token: int) -> str:  # the step that made the long request's token number ``token`` (from 1)
-        before, after = at_token[token - 2], at_token[token - 1]
-        assert sum(after[k] - before[k] for k in ("prefill", "decode")) == 1
-        return "prefill" if after["prefill"] > before["prefill"] else "decode"
-
-    # joiner 0 was queued after token 2: ``wait`` decode steps, then the prefill step that gives its first token
-    assert [kind(3 + k) for k in range(wait + 1)] == ["decode"] * wait + ["prefill"]
-    assert first[0] == at_token[2 + wait]
-    # joiners 1 and 2 were queued together after token 10: read at once, in one step
-    assert kind(11) == "prefill" and first[1] == first[2] == at_token[10]
-
-
 def test_a_cancelled_request_frees_its_row_for_a_queued_one(compiled_engine):
     engine = compiled_engine
     batch = engine.settings.max_batch_size
