@@ -75,7 +75,6 @@ class _CountingBackend:
 
     def __init__(self, mode: str, *, cpp_wrapper: bool = False) -> None:
         self.graphs = 0
-        self.cpp_wrapper = cpp_wrapper
         # given either way: False overrides a TORCHINDUCTOR_CPP_WRAPPER=1 in the environment
         self._inductor = torch._TorchCompileInductorWrapper(None if mode == "default" else mode,
                                                             {"cpp_wrapper": cpp_wrapper}, False)
