@@ -138,17 +138,18 @@ class _EngineLoop:
 
     def run(self, seconds: float) -> dict:
         steps = self.engine.scheduler.steps
+        scheduler = self.engine.scheduler
         with self._lock:
             self._in_flight = self.rows
         for i in range(self.rows):
             self._submit(i)
         with self._lock:  # warm: every row has finished a request
             self._lock.wait_for(lambda: self.finished >= 2 * self.rows or self.failed, timeout=120)
-        before = dict(steps)
+        before, stats_before = dict(steps), scheduler.step_stats()
         t0 = time.perf_counter()
         time.sleep(seconds)
         t1 = time.perf_counter()
-        after = dict(steps)
+        after, stats_after = dict(steps), scheduler.step_stats()
         with self._lock:
             self._stop = True
             self._lock.wait_for(lambda: self._in_flight == 0, timeout=120)
@@ -161,7 +162,8 @@ class _EngineLoop:
                 "seconds": t1 - t0, "decode_steps": decode, "prefill_steps": prefill,
                 "ms_per_step": (t1 - t0) * 1e3 / max(1, decode + prefill),
                 # every step makes tokens: a prefill step carries the generating rows' too
-                "tokens_per_step": tokens / (decode + prefill) if decode + prefill else None}
+                "tokens_per_step": tokens / (decode + prefill) if decode + prefill else None,
+                "step": (stats_after - stats_before).per_step()}
 
 
 class _InProcess:
@@ -249,25 +251,40 @@ class _Tokens:
 
 
 def _window(url: str, *, clients: int, body, seconds: float, stream: bool = False, warm: int = 2,
-            read_to_end: bool = False) -> tuple[list[Sample], float, float]:
+            read_to_end: bool = False, mark=None) -> tuple[list[Sample], float, float]:
     """Closed-loop clients, warmed up (``warm`` answers per client), then ``seconds`` measured: the requests that
-    finished in the window, and its start and end."""
+    finished in the window, and its start and end. ``mark`` (if given) is called at the start and at the end."""
     with ClosedLoop(url, clients=clients, body=body, stream=stream, read_to_end=read_to_end) as load:
         load.wait_for(warm * clients, timeout_s=300)
+        if mark is not None:
+            mark()
         t0 = time.monotonic()
         time.sleep(seconds)
         t1 = time.monotonic()
+        if mark is not None:
+            mark()
     return _finished_in(load.samples, t0, t1), t0, t1
 
 
 def _level(url: str, *, clients: int, seconds: float, body, stream: bool, tokens: _Tokens, max_tokens: int,
-           what: str, read_to_end: bool = False) -> dict:
+           what: str, read_to_end: bool = False, replica=None) -> dict:
+    """One level; with ``replica`` (a handle) also where the replica's scheduler spent the window (``step``)."""
     how = " that read each response to its end (one connection each)" if read_to_end else ""
     progress(f"{what}: {clients} {'streaming ' if stream else ''}clients{how} for {seconds:.0f} s")
+    readings: list = []
+    mark = None if replica is None else lambda: readings.append(_replica_step_stats(replica))
     window, t0, t1 = _window(url, clients=clients, body=body, seconds=seconds, stream=stream,
-                             read_to_end=read_to_end)
-    return _summary(window, t1 - t0, stream=stream, tokens=tokens, max_tokens=max_tokens,
-                    extra={"concurrency": clients, "stream": stream, "read_to_end": read_to_end})
+                             read_to_end=read_to_end, mark=mark)
+    extra = {"concurrency": clients, "stream": stream, "read_to_end": read_to_end}
+    if readings:
+        extra["step"] = (readings[1] - readings[0]).per_step()
+    return _summary(window, t1 - t0, stream=stream, tokens=tokens, max_tokens=max_tokens, extra=extra)
+
+
+def _replica_step_stats(replica):
+    from hotswap.scheduler import StepStats
+
+    return StepStats(**replica.stats.remote().result()["step_stats"])
 
 
 def _summary(window: list[Sample], seconds: float, *, stream: bool, tokens: _Tokens, max_tokens: int,
@@ -314,7 +331,10 @@ def _stop_app(app: str) -> None:
 
 def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency: list[int], seconds: float,
                   max_tokens: int, streams: bool, mixed: dict | None) -> dict:
+    from ray import serve
+
     app, url = _start_app(settings_args, name, base_url)
+    replica = serve.get_deployment_handle("ModelReplica", app_name=app)  # the app's only replica
     tokens = _Tokens(url)
 
     def body(i: int, k: int) -> dict:
@@ -327,10 +347,10 @@ def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency:
             tokens.learn(p, max_tokens)
     for c in concurrency:  # at each level, whole answers and then streams, back to back
         out["service"][f"c{c}"] = _level(url, clients=c, seconds=seconds, body=body, stream=False, tokens=tokens,
-                                         max_tokens=max_tokens, what=name)
+                                         max_tokens=max_tokens, what=name, replica=replica)
         if streams:
             out["stream"][f"c{c}"] = _level(url, clients=c, seconds=seconds, body=body, stream=True, tokens=tokens,
-                                            max_tokens=max_tokens, what=name)
+                                            max_tokens=max_tokens, what=name, replica=replica)
     if streams:  # the top level once more with clients that keep their connection (the others stop at [DONE], as
         top = max(concurrency)  # openai-python's sync client does, and so open a new one for every stream)
         out["stream_read_to_end"] = {f"c{top}": _level(
@@ -440,6 +460,29 @@ def _x(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
 
+def _print_steps(compiled: dict, *, batch: int) -> None:
+    """Where the scheduler thread's time went per step: the in-process engine's rounds at ``batch`` in flight
+    against the replica's at each service level (compiled, 2 slots)."""
+    lines = [(f"engine {batch} in flight, round {k + 1}", r.get("step") or {})
+             for k, r in enumerate(compiled.get("engine", {}).get(f"batch_{batch}", {}).get("rounds", ()))]
+    for kind in ("service", "stream"):
+        for row in compiled.get(kind, {}).values():
+            lines.append((f"service {'stream' if row['stream'] else 'whole'} {row['concurrency']} clients",
+                          row.get("step") or {}))
+    if not any(step for _, step in lines):
+        return
+    print("\nthe scheduler thread per step (ms; cpu: its CPU time; runq: runnable but waiting for a core; rows, "
+          "tokens, queued: per step)")
+    print(f"  {'where':34} {'steps':>6} {'prefill':>7} {'wall':>6} {'cpu':>6} {'fwd':>6} {'fwd cpu':>7} {'runq':>6} "
+          f"{'rows':>5} {'tokens':>6} {'queued':>6}")
+    for label, step in lines:
+        if step:
+            print(f"  {label:34} {step['steps']:6d} {step['prefill_share']:7.2f} {step['step_ms']:6.2f} "
+                  f"{step['step_cpu_ms']:6.2f} {step['forward_ms']:6.2f} {step['forward_cpu_ms']:7.2f} "
+                  f"{'-' if step['thread_runqueue_ms'] is None else format(step['thread_runqueue_ms'], '.2f'):>6} "
+                  f"{step['rows']:5.2f} {step['tokens']:6.2f} {step['queued']:6.2f}")
+
+
 def _print_table(payload: dict) -> None:
     results = payload["results"]
     print(f"\nengine in-process (scheduler, closed loop), max_tokens {payload['max_tokens']}, "
@@ -472,6 +515,7 @@ def _print_table(payload: dict) -> None:
                 print(f"  {mode:9} {label:9} {row['concurrency']:7d} "
                       f"{row['tokens_per_s']:9.1f} {row['requests_per_s']:7.1f} {_ms(row['p50_ms']):>8} "
                       f"{_ms(row['p99_ms']):>8} {_ms(row.get('first_text_p50_ms')):>12} {row['failed']:7d}")
+    _print_steps(results["compiled"], batch=payload["max_batch_size"])
     m = results["compiled"].get("mixed")
     if m:
         print(f"\nmixed: {m['short_clients']} clients of {m['short_tokens']}-token requests, alone and under "

@@ -389,6 +389,7 @@ class ModelReplica:
             "slots": list(s.slots),
             "rows_in_flight": self.engine.scheduler.in_flight(),
             "queued": self.engine.scheduler.queued(),
+            "step_stats": self.engine.scheduler.step_stats().as_dict(),  # cumulative; a window is two readings apart
             "pid": os.getpid(),
         }
 

@@ -554,6 +554,7 @@ class HotswapController:
                 "slots": stats.get("slots"),
                 "rows_in_flight": stats.get("rows_in_flight"),
                 "queued": stats.get("queued"),
+                "step_stats": stats.get("step_stats"),  # the scheduler's, since the replica started (--json only)
                 "pid": stats.get("pid"),
                 "assigned_uri": assigned.uri,
                 "assigned_sha256": assigned.sha256,

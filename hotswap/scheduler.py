@@ -58,7 +58,7 @@ from hotswap.generation import (
 )
 from hotswap.versions import BASE, AdapterVersion
 
-__all__ = ["Failed", "Finished", "Logits", "Scheduler", "SlotSelector", "SlotState", "Started", "Ticket"]
+__all__ = ["Failed", "Finished", "Logits", "Scheduler", "SlotSelector", "SlotState", "Started", "StepStats", "Ticket"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,65 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     error: BaseException
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Where the scheduler thread's time went since it started; two snapshots' difference (``b - a``) covers a window.
+
+    ``step_s`` is the wall time inside steps, ``step_cpu_s`` this thread's CPU time in them (the rest it was
+    runnable but not running, or waiting), ``forward_s`` / ``forward_cpu_s`` the same for the model's forward
+    alone. ``runqueue_s`` is the whole thread's time runnable but waiting for a CPU (Linux
+    ``/proc/<pid>/task/<tid>/schedstat``; None elsewhere): the share of ``step_s - step_cpu_s`` that other
+    threads and processes on the same cores took, as against waits for the GIL or a lock.
+    ``rows`` and ``queued`` add up, over the steps, the rows in the batch and the requests waiting for one.
+    """
+
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    tokens: int = 0  # tokens decided (rows that took a token in a step)
+    rows: int = 0
+    queued: int = 0
+    step_s: float = 0.0
+    step_cpu_s: float = 0.0
+    forward_s: float = 0.0
+    forward_cpu_s: float = 0.0
+    runqueue_s: float | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.prefill_steps + self.decode_steps
+
+    def __sub__(self, other: StepStats) -> StepStats:
+        def minus(a, b):
+            return None if a is None or b is None else a - b
+        return StepStats(**{f: minus(getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__})
+
+    def per_step(self) -> dict:
+        """Averages per step (ms, or counts), for a report; empty without steps."""
+        n = self.steps
+        if not n:
+            return {}
+        ms = {f"{name}_ms": value * 1e3 / n for name, value in (
+            ("step", self.step_s), ("step_cpu", self.step_cpu_s), ("forward", self.forward_s),
+            ("forward_cpu", self.forward_cpu_s))}
+        return {"steps": n, "prefill_share": self.prefill_steps / n, **ms,
+                "thread_runqueue_ms": None if self.runqueue_s is None else self.runqueue_s * 1e3 / n,
+                "tokens": self.tokens / n, "rows": self.rows / n, "queued": self.queued / n}
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+def _runqueue_s(tid: int | None) -> float | None:
+    """A thread's total time runnable but not running, from Linux's schedstat; None where that is not available."""
+    if tid is None:
+        return None
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass
@@ -200,6 +259,8 @@ class Scheduler:
         self.hold_unpinned = False  # a one-slot swap: unpinned requests wait (the drain)
         self.cond = threading.Condition()
         self.steps = {"prefill": 0, "decode": 0}
+        self._stats = StepStats()  # replaced (not mutated) by the scheduler thread: a reader gets a consistent one
+        self._tid: int | None = None
         self._selector_dirty = True
         self._paused = 0
         self._dirty_rows: set[int] = set()
@@ -273,6 +334,10 @@ class Scheduler:
         with self.cond:
             return len(self.queue)
 
+    def step_stats(self) -> StepStats:
+        """Where the scheduler thread's time went since it started (see :class:`StepStats`)."""
+        return StepStats(**{**self._stats.as_dict(), "runqueue_s": _runqueue_s(self._tid)})
+
     def in_flight(self) -> int:
         with self.cond:
             return sum(r is not None for r in self.rows)
@@ -337,6 +402,7 @@ class Scheduler:
                 self._fail_all(SwapError(f"the replica's scheduler stopped ({e!r}); the replica must be restarted"))
 
     def _loop(self) -> None:
+        self._tid = threading.get_native_id()
         while True:
             with self.cond:
                 while True:
@@ -364,7 +430,7 @@ class Scheduler:
                     self._scrub(self._dirty_rows)
                 if selector is not None:
                     self.selector.write(*selector)
-                self._step(prefill)
+                self._step(prefill, rows=sum(r is not None for r in self.rows), queued=len(self.queue))
             except Exception as e:  # the step failed as a whole: every row in it fails, the loop goes on
                 logger.exception("a %s step failed; failing its rows", "prefill" if prefill else "decode")
                 with self.cond:
@@ -473,7 +539,8 @@ class Scheduler:
                 logger.exception("an event callback failed")
 
     @torch.no_grad()
-    def _step(self, prefill: bool) -> None:
+    def _step(self, prefill: bool, *, rows: int, queued: int) -> None:
+        started, started_cpu = time.perf_counter(), time.thread_time()
         b, q = self.batch_size, (self.chunk if prefill else 1)
         # built as Python lists and converted once: per-element tensor writes cost more than the tiny model's step
         scratch = list(range(self.kv.scratch, self.kv.scratch + q))  # sitting out: scratch slots
@@ -511,6 +578,7 @@ class Scheduler:
         slots = self._slot_ids[None, None, :]
         allowed = ((slots <= positions[:, :, None]) & real[:, :, None]) | (slots == write[:, :, None])
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, self._min)
+        forward, forward_cpu = time.perf_counter(), time.thread_time()
         out = self.forward(
             input_ids=ids,
             attention_mask=mask[:, None, :, :],
@@ -519,9 +587,15 @@ class Scheduler:
             use_cache=True,
             logits_to_keep=1,
         )
+        forward, forward_cpu = time.perf_counter() - forward, time.thread_time() - forward_cpu
         self.steps["prefill" if prefill else "decode"] += 1
         if taking:
             self._take(out.logits[:, -1, :].float(), taking)
+        s = self._stats
+        self._stats = StepStats(
+            s.prefill_steps + prefill, s.decode_steps + (not prefill), s.tokens + len(taking), s.rows + rows,
+            s.queued + queued, s.step_s + time.perf_counter() - started,
+            s.step_cpu_s + time.thread_time() - started_cpu, s.forward_s + forward, s.forward_cpu_s + forward_cpu)
 
     def _take(self, logits: torch.Tensor, taking: list[int]) -> None:
         rows = self.rows

@@ -237,8 +237,11 @@ def test_status_reports_every_field_per_replica(service):
     assert {"stable", "canary", "rollout", "history", "replicas"} <= set(status)
     for r in status["replicas"]:
         assert {"id", "adapter_uri", "adapter_sha256", "swaps", "last_swap_ms", "last_drain_ms", "last_smoke_ms",
-                "compiled_graphs", "pid", "slots", "rows_in_flight", "queued"} <= set(r)
+                "compiled_graphs", "pid", "slots", "rows_in_flight", "queued", "step_stats"} <= set(r)
         assert r["compiled_graphs"] >= 2 and r["swaps"] >= 1
+        steps = r["step_stats"]  # the scheduler's accounting since the replica started: it has served requests
+        assert steps["prefill_steps"] > 0 and steps["decode_steps"] > 0 and steps["tokens"] > 0
+        assert 0 < steps["forward_s"] < steps["step_s"]
         assert r["last_drain_ms"] >= 0 and r["last_smoke_ms"] > 0 and r["pid"] > 0
         active = [slot for slot in r["slots"] if slot["active"]]
         assert len(r["slots"]) == 2 and len(active) == 1  # two resident slots, one serving

@@ -936,3 +936,35 @@ def test_a_failing_cuda_graph_workaround_does_not_stop_the_scheduler(monkeypatch
     bare._loop = lambda: ran.append("loop")
     bare._run()
     assert ran == ["loop"]
+
+
+def test_step_stats_account_for_every_step_token_and_row(compiled_engine):
+    """The scheduler's step accounting (which ``benchmarks.serving`` and ``hotswap status --json`` report): over a
+    window, steps by kind match the step counter, every token decided is counted, the rows per step are what ran
+    together, and the forward's time lies inside the step's."""
+    engine = compiled_engine
+    scheduler = engine.scheduler
+    before, steps_before = scheduler.step_stats(), dict(scheduler.steps)
+    recorders = [Recorder() for _ in range(3)]
+    # one row of 6 tokens, joined by three more once it has its first token: 6 + 6 + 5 + 1 tokens (ignore_eos)
+    hold = threading.Event()
+    first = Recorder(after_tokens={1: hold.set})
+    engine.submit(engine.encode(PROMPTS[1]), greedy(6), on_event=first)
+    assert hold.wait(60)
+    for recorder, (prompt, n) in zip(recorders, ((PROMPTS[2], 6), (PROMPTS[0], 5), (PROMPTS[3], 1)), strict=True):
+        engine.submit(engine.encode(prompt), greedy(n), on_event=recorder)
+    for r in (first, *recorders):
+        r.wait()
+    window = scheduler.step_stats() - before
+    assert window.prefill_steps == scheduler.steps["prefill"] - steps_before["prefill"] > 0
+    assert window.decode_steps == scheduler.steps["decode"] - steps_before["decode"] > 0
+    assert window.tokens == 6 + 6 + 5 + 1
+    assert window.steps <= window.rows <= engine.scheduler.batch_size * window.steps
+    assert window.rows > window.steps  # some steps ran more than one row
+    assert 0 < window.forward_s < window.step_s
+    assert 0 < window.forward_cpu_s <= window.step_cpu_s
+    per = window.per_step()
+    assert per["steps"] == window.steps and per["tokens"] == window.tokens / window.steps
+    if window.runqueue_s is not None:  # Linux: the thread's own schedstat
+        assert window.runqueue_s >= 0
+    assert (scheduler.step_stats() - scheduler.step_stats()).steps == 0
