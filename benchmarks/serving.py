@@ -471,16 +471,22 @@ def _print_steps(compiled: dict, *, batch: int) -> None:
                           row.get("step") or {}))
     if not any(step for _, step in lines):
         return
-    print("\nthe scheduler thread per step (ms; cpu: its CPU time; runq: runnable but waiting for a core; rows, "
-          "tokens, queued: per step)")
-    print(f"  {'where':34} {'steps':>6} {'prefill':>7} {'wall':>6} {'cpu':>6} {'fwd':>6} {'fwd cpu':>7} {'runq':>6} "
-          f"{'rows':>5} {'tokens':>6} {'queued':>6}")
+
+    def cell(value, width: int, digits: int = 2) -> str:
+        return f"{'-' if value is None else format(value, f'.{digits}f'):>{width}}"
+
+    print("\nthe scheduler thread, per step: ms of the window (loop) = its CPU + waiting for a core (runq) + blocked "
+          "(GIL, locks, no work);\nof which in steps (wall, CPU) and in the forward (wall, CPU); rows, tokens and "
+          "queued requests per step")
+    print(f"  {'where':34} {'steps':>6} {'prefill':>7} {'loop':>6} {'cpu':>6} {'runq':>6} {'blocked':>7} {'step':>6} "
+          f"{'cpu':>6} {'fwd':>6} {'fwd cpu':>7} {'rows':>5} {'tokens':>6} {'queued':>6}")
     for label, step in lines:
         if step:
-            print(f"  {label:34} {step['steps']:6d} {step['prefill_share']:7.2f} {step['step_ms']:6.2f} "
-                  f"{step['step_cpu_ms']:6.2f} {step['forward_ms']:6.2f} {step['forward_cpu_ms']:7.2f} "
-                  f"{'-' if step['thread_runqueue_ms'] is None else format(step['thread_runqueue_ms'], '.2f'):>6} "
-                  f"{step['rows']:5.2f} {step['tokens']:6.2f} {step['queued']:6.2f}")
+            print(f"  {label:34} {step['steps']:6d} {step['prefill_share']:7.2f} {cell(step.get('loop_ms'), 6)} "
+                  f"{cell(step.get('thread_cpu_ms'), 6)} {cell(step.get('runqueue_ms'), 6)} "
+                  f"{cell(step.get('blocked_ms'), 7)} {cell(step['step_ms'], 6)} {cell(step['step_cpu_ms'], 6)} "
+                  f"{cell(step['forward_ms'], 6)} {cell(step['forward_cpu_ms'], 7)} {step['rows']:5.2f} "
+                  f"{step['tokens']:6.2f} {step['queued']:6.2f}")
 
 
 def _print_table(payload: dict) -> None:

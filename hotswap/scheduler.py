@@ -88,24 +88,31 @@ class Failed:
 class StepStats:
     """Where the scheduler thread's time went since it started; two snapshots' difference (``b - a``) covers a window.
 
-    ``step_s`` is the wall time inside steps, ``step_cpu_s`` this thread's CPU time in them (the rest it was
-    runnable but not running, or waiting), ``forward_s`` / ``forward_cpu_s`` the same for the model's forward
-    alone. ``runqueue_s`` is the whole thread's time runnable but waiting for a CPU (Linux
-    ``/proc/<pid>/task/<tid>/schedstat``; None elsewhere): the share of ``step_s - step_cpu_s`` that other
-    threads and processes on the same cores took, as against waits for the GIL or a lock.
-    ``rows`` and ``queued`` add up, over the steps, the rows in the batch and the requests waiting for one.
+    Per step: ``step_s`` is the wall time inside steps and ``step_cpu_s`` the thread's CPU time in them;
+    ``forward_s`` / ``forward_cpu_s`` the same for the model's forward alone (on CUDA the forward returns once
+    its kernels are queued: the wait for the GPU falls in the rest of the step). Failed steps count in
+    ``failed_steps`` and their time too. ``tokens`` are the tokens the steps decided, ``rows`` and ``queued`` the
+    rows in the batch and the requests waiting for one, summed over the steps.
+
+    For the whole thread, steps or not (Linux ``/proc/<pid>/task/<tid>/schedstat``; None elsewhere):
+    ``thread_cpu_s`` its time on a CPU and ``runqueue_s`` its time runnable but waiting for one. Over a window
+    of ``at_s`` (a monotonic clock), what is neither was the thread blocked: on the GIL, a lock, or waiting
+    for work (:meth:`per_step` says ``blocked_ms``).
     """
 
     prefill_steps: int = 0
     decode_steps: int = 0
-    tokens: int = 0  # tokens decided (rows that took a token in a step)
+    failed_steps: int = 0
+    tokens: int = 0
     rows: int = 0
     queued: int = 0
     step_s: float = 0.0
     step_cpu_s: float = 0.0
     forward_s: float = 0.0
     forward_cpu_s: float = 0.0
+    thread_cpu_s: float | None = None
     runqueue_s: float | None = None
+    at_s: float = 0.0  # time.monotonic() of the snapshot
 
     @property
     def steps(self) -> int:
@@ -117,30 +124,39 @@ class StepStats:
         return StepStats(**{f: minus(getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__})
 
     def per_step(self) -> dict:
-        """Averages per step (ms, or counts), for a report; empty without steps."""
+        """A window's averages per step (ms, or counts), for a report; empty without steps. ``loop_ms`` is the
+        window's wall time per step, which ``thread_cpu_ms + runqueue_ms + blocked_ms`` add up to."""
         n = self.steps
         if not n:
             return {}
-        ms = {f"{name}_ms": value * 1e3 / n for name, value in (
-            ("step", self.step_s), ("step_cpu", self.step_cpu_s), ("forward", self.forward_s),
-            ("forward_cpu", self.forward_cpu_s))}
-        return {"steps": n, "prefill_share": self.prefill_steps / n, **ms,
-                "thread_runqueue_ms": None if self.runqueue_s is None else self.runqueue_s * 1e3 / n,
-                "tokens": self.tokens / n, "rows": self.rows / n, "queued": self.queued / n}
+
+        def ms(value: float | None) -> float | None:
+            return None if value is None else value * 1e3 / n
+
+        out = {"steps": n, "failed_steps": self.failed_steps, "prefill_share": self.prefill_steps / n,
+               "loop_ms": ms(self.at_s), "step_ms": ms(self.step_s), "step_cpu_ms": ms(self.step_cpu_s),
+               "forward_ms": ms(self.forward_s), "forward_cpu_ms": ms(self.forward_cpu_s),
+               "thread_cpu_ms": ms(self.thread_cpu_s), "runqueue_ms": ms(self.runqueue_s), "blocked_ms": None,
+               "tokens": self.tokens / n, "rows": self.rows / n, "queued": self.queued / n}
+        if self.thread_cpu_s is not None and self.runqueue_s is not None:
+            out["blocked_ms"] = ms(self.at_s - self.thread_cpu_s - self.runqueue_s)
+        return out
 
     def as_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
-def _runqueue_s(tid: int | None) -> float | None:
-    """A thread's total time runnable but not running, from Linux's schedstat; None where that is not available."""
+def _schedstat(tid: int | None, *, root: str = "/proc/self/task") -> tuple[float, float] | tuple[None, None]:
+    """A thread's seconds on a CPU and runnable but waiting for one, from Linux's ``schedstat`` (nanoseconds: time
+    on the CPU, time on a run queue, time slices); ``(None, None)`` where that is not available."""
     if tid is None:
-        return None
+        return None, None
     try:
-        with open(f"/proc/self/task/{tid}/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return None
+        with open(f"{root}/{tid}/schedstat") as f:
+            on_cpu, waiting = f.read().split()[:2]
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
+    except (OSError, ValueError):
+        return None, None
 
 
 @dataclass
@@ -336,7 +352,9 @@ class Scheduler:
 
     def step_stats(self) -> StepStats:
         """Where the scheduler thread's time went since it started (see :class:`StepStats`)."""
-        return StepStats(**{**self._stats.as_dict(), "runqueue_s": _runqueue_s(self._tid)})
+        at = time.monotonic()
+        on_cpu, waiting = _schedstat(self._tid)
+        return StepStats(**{**self._stats.as_dict(), "thread_cpu_s": on_cpu, "runqueue_s": waiting, "at_s": at})
 
     def in_flight(self) -> int:
         with self.cond:
@@ -538,9 +556,29 @@ class Scheduler:
             except Exception:  # a broken callback must not stop the loop
                 logger.exception("an event callback failed")
 
-    @torch.no_grad()
     def _step(self, prefill: bool, *, rows: int, queued: int) -> None:
+        """One step, accounted in :class:`StepStats` whether or not it fails; its events go out after that."""
         started, started_cpu = time.perf_counter(), time.thread_time()
+        timing = [0.0, 0.0]  # the forward's wall and CPU seconds
+        events: list = []
+        tokens = None
+        try:
+            tokens = self._run_step(prefill, timing, events)
+        finally:
+            s, ran = self._stats, tokens is not None
+            self._stats = StepStats(
+                s.prefill_steps + (ran and prefill), s.decode_steps + (ran and not prefill), s.failed_steps + (not ran),
+                s.tokens + (tokens or 0), s.rows + rows, s.queued + queued,
+                s.step_s + time.perf_counter() - started, s.step_cpu_s + time.thread_time() - started_cpu,
+                s.forward_s + timing[0], s.forward_cpu_s + timing[1])
+            if tokens is not None:
+                self.steps["prefill" if prefill else "decode"] += 1
+        self._deliver(events)
+
+    @torch.no_grad()
+    def _run_step(self, prefill: bool, timing: list[float], events: list) -> int:
+        """Build the step's inputs, run the forward, choose the tokens; returns how many rows took one (their
+        events are added to ``events``)."""
         b, q = self.batch_size, (self.chunk if prefill else 1)
         # built as Python lists and converted once: per-element tensor writes cost more than the tiny model's step
         scratch = list(range(self.kv.scratch, self.kv.scratch + q))  # sitting out: scratch slots
@@ -587,19 +625,14 @@ class Scheduler:
             use_cache=True,
             logits_to_keep=1,
         )
-        forward, forward_cpu = time.perf_counter() - forward, time.thread_time() - forward_cpu
-        self.steps["prefill" if prefill else "decode"] += 1
-        if taking:
-            self._take(out.logits[:, -1, :].float(), taking)
-        s = self._stats
-        self._stats = StepStats(
-            s.prefill_steps + prefill, s.decode_steps + (not prefill), s.tokens + len(taking), s.rows + rows,
-            s.queued + queued, s.step_s + time.perf_counter() - started,
-            s.step_cpu_s + time.thread_time() - started_cpu, s.forward_s + forward, s.forward_cpu_s + forward_cpu)
+        timing[0], timing[1] = time.perf_counter() - forward, time.thread_time() - forward_cpu
+        return self._take(out.logits[:, -1, :].float(), taking, events) if taking else 0
 
-    def _take(self, logits: torch.Tensor, taking: list[int]) -> None:
+    def _take(self, logits: torch.Tensor, taking: list[int], events: list) -> int:
+        """Choose the next token of each row in ``taking``; returns how many took one (a row whose logits are not
+        finite fails instead). Its events are added to ``events``, for the caller to deliver."""
         rows = self.rows
-        events, done = [], []
+        done = []
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         for i in [i for i in taking if not finite[i]]:  # this request's version overflowed: fail it alone
             row = rows[i]
@@ -623,7 +656,7 @@ class Scheduler:
         with self.cond:
             for i in done:
                 self._free(i)
-        self._deliver(events)
+        return len(taking)
 
     def _advance(self, i: int, row: _Row, token: int, events: list) -> str | None:
         p = row.ticket.params

@@ -941,30 +941,73 @@ def test_a_failing_cuda_graph_workaround_does_not_stop_the_scheduler(monkeypatch
 def test_step_stats_account_for_every_step_token_and_row(compiled_engine):
     """The scheduler's step accounting (which ``benchmarks.serving`` and ``hotswap status --json`` report): over a
     window, steps by kind match the step counter, every token decided is counted, the rows per step are what ran
-    together, and the forward's time lies inside the step's."""
+    together and the queue what waited, the forward's time lies inside the step's, and the thread's own times
+    add up to the window."""
     engine = compiled_engine
     scheduler = engine.scheduler
     before, steps_before = scheduler.step_stats(), dict(scheduler.steps)
-    recorders = [Recorder() for _ in range(3)]
-    # one row of 6 tokens, joined by three more once it has its first token: 6 + 6 + 5 + 1 tokens (ignore_eos)
+    # one row of 6 tokens; once it has its first token, batch_size more requests: one waits in the queue
     hold = threading.Event()
     first = Recorder(after_tokens={1: hold.set})
     engine.submit(engine.encode(PROMPTS[1]), greedy(6), on_event=first)
     assert hold.wait(60)
-    for recorder, (prompt, n) in zip(recorders, ((PROMPTS[2], 6), (PROMPTS[0], 5), (PROMPTS[3], 1)), strict=True):
-        engine.submit(engine.encode(prompt), greedy(n), on_event=recorder)
+    lengths = [(k % 3) + 1 for k in range(scheduler.batch_size)]
+    recorders = [Recorder() for _ in lengths]
+    for k, (recorder, n) in enumerate(zip(recorders, lengths, strict=True)):
+        engine.submit(engine.encode(PROMPTS[k % len(PROMPTS)]), greedy(n), on_event=recorder)
     for r in (first, *recorders):
         r.wait()
     window = scheduler.step_stats() - before
     assert window.prefill_steps == scheduler.steps["prefill"] - steps_before["prefill"] > 0
     assert window.decode_steps == scheduler.steps["decode"] - steps_before["decode"] > 0
-    assert window.tokens == 6 + 6 + 5 + 1
-    assert window.steps <= window.rows <= engine.scheduler.batch_size * window.steps
+    assert window.failed_steps == 0
+    assert window.tokens == 6 + sum(lengths)  # ignore_eos: each answer has exactly its max_tokens
+    assert window.steps <= window.rows <= scheduler.batch_size * window.steps
     assert window.rows > window.steps  # some steps ran more than one row
+    assert window.queued > 0  # the request beyond the batch waited at least one step
     assert 0 < window.forward_s < window.step_s
     assert 0 < window.forward_cpu_s <= window.step_cpu_s
     per = window.per_step()
     assert per["steps"] == window.steps and per["tokens"] == window.tokens / window.steps
-    if window.runqueue_s is not None:  # Linux: the thread's own schedstat
-        assert window.runqueue_s >= 0
+    if window.thread_cpu_s is not None:  # Linux: the thread's own schedstat
+        assert window.step_cpu_s * 0.9 <= window.thread_cpu_s  # steps are part of the thread's time on a CPU
+        assert window.thread_cpu_s + window.runqueue_s <= window.at_s * 1.05
+        assert per["blocked_ms"] == pytest.approx((window.at_s - window.thread_cpu_s - window.runqueue_s)
+                                                  * 1e3 / window.steps)
     assert (scheduler.step_stats() - scheduler.step_stats()).steps == 0
+
+
+def test_a_failed_step_is_accounted_as_failed(compiled_engine):
+    engine = compiled_engine
+    scheduler = engine.scheduler
+    forward = scheduler.forward
+
+    def failing(**kwargs):
+        raise RuntimeError("injected step failure")
+
+    before, steps_before = scheduler.step_stats(), dict(scheduler.steps)
+    scheduler.forward = failing
+    try:
+        recorder = Recorder()
+        engine.submit(engine.encode(PROMPTS[0]), greedy(3), on_event=recorder)
+        assert recorder.done.wait(120)
+    finally:
+        scheduler.forward = forward
+    assert isinstance(recorder.error, RuntimeError)
+    window = scheduler.step_stats() - before
+    assert window.failed_steps == 1 and window.steps == 0 and window.tokens == 0
+    assert window.step_s > 0 and dict(scheduler.steps) == steps_before
+
+
+def test_schedstat_reads_cpu_and_run_queue_seconds(tmp_path):
+    """Linux's schedstat line is "<ns on a CPU> <ns runnable, waiting> <time slices>"; anything else is None."""
+    from hotswap.scheduler import _schedstat
+
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "schedstat").write_text("1500000000 2000000000 42\n")
+    assert _schedstat(7, root=str(tmp_path)) == (1.5, 2.0)
+    (tmp_path / "8").mkdir()
+    (tmp_path / "8" / "schedstat").write_text("garbage\n")
+    assert _schedstat(8, root=str(tmp_path)) == (None, None)
+    assert _schedstat(9, root=str(tmp_path)) == (None, None)  # no such thread
+    assert _schedstat(None) == (None, None)  # the loop has not started
