@@ -249,9 +249,10 @@ class ModelReplica:
         self.engine.check(len(ids), params)
         return _Job(ids, params, time.perf_counter())
 
-    async def _submit(self, request: dict, queue: asyncio.Queue, *, tokens: bool = True):
-        """Tokenize off the event loop and queue the request; events arrive on ``queue`` (without the token events
-        if not ``tokens``). Returns the ticket, or the error dict to answer with."""
+    async def _submit(self, request: dict, queue, *, tokens: bool = True):
+        """Tokenize off the event loop and queue the request; events arrive on ``queue`` (an ``asyncio.Queue`` or a
+        stream's :class:`~hotswap.streaming.Inbox`; without the token events if not ``tokens``). Returns the
+        ticket, or the error dict to answer with."""
         from hotswap.errors import OverloadedError
         from hotswap.generation import TokenEvent
         from hotswap.streaming import LoopMailbox
@@ -328,16 +329,16 @@ class ModelReplica:
         with every other request; a client that goes away frees its row."""
         from hotswap.generation import TokenEvent
         from hotswap.scheduler import Failed, Finished, Started
-        from hotswap.streaming import WithText, coalesced
+        from hotswap.streaming import Inbox, WithText, coalesced
 
-        queue: asyncio.Queue = asyncio.Queue()
-        submitted, refusal = await self._submit(request, queue)
+        inbox = Inbox()
+        submitted, refusal = await self._submit(request, inbox)
         if refusal is not None:
             yield refusal
             return
         ticket, job = submitted
         version = None
-        events = coalesced(queue, self.settings.stream_interval_ms / 1e3, opening=(Started,))
+        events = coalesced(inbox, self.settings.stream_interval_ms / 1e3, opening=(Started,))
         try:
             async for event in events:
                 if isinstance(event, WithText):  # the version and the first text, one item

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from hotswap.generation import TokenEvent
 
-__all__ = ["LoopMailbox", "WithText", "coalesced"]
+__all__ = ["Inbox", "LoopMailbox", "WithText", "coalesced"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +79,60 @@ class LoopMailbox:
                 logger.exception("an event could not be handed to its request")
 
 
+class Inbox:
+    """One request's events on its event loop: what :class:`LoopMailbox` posts to and :func:`coalesced` reads.
+
+    An unbounded FIFO like ``asyncio.Queue``, with one waiter and one difference: while the reader waits
+    *quietly* (it holds text back until the stream interval ends), a token event that does not end the
+    request is queued without waking it. A stream's reader then wakes about twice per item (the first token
+    after an item, the end of the interval) instead of once per token, and each wake-up is a turn of the
+    replica's event loop under the GIL that the scheduler's thread waits for. Loop thread only.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[object] = deque()
+        self._waiter: asyncio.Future | None = None
+        self._quiet = False
+        self.wakes = 0  # waits ended by an event (not by their timeout): what the quiet waits save
+
+    def put_nowait(self, event: object) -> None:
+        self._items.append(event)
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._quiet and isinstance(event, TokenEvent) and event.finish_reason is None:
+            return  # taken when the quiet wait ends
+        self.wakes += 1
+        waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> object:
+        """The oldest event; ``IndexError`` if there is none."""
+        return self._items.popleft()
+
+    async def wait(self, timeout_s: float | None, *, quiet: bool = False) -> None:
+        """Until an event is queued (while ``quiet``: one that is not a token in the middle of the request) or
+        ``timeout_s`` has passed (None: no limit). A cancellation always reaches the caller (a plain future is
+        awaited, no ``wait_for``)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._quiet = quiet
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter, self._quiet = None, False
+            if timer is not None:
+                timer.cancel()
+
+
+def _resolve(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 @dataclass(frozen=True)
 class WithText:
     """A held opening ``event`` and the first text that followed it within the interval, as one item."""
@@ -90,87 +144,70 @@ class WithText:
 _NOTHING = object()  # what a wait that timed out takes from the queue
 
 
-async def coalesced(queue: asyncio.Queue, interval_s: float, *, opening: tuple[type, ...] = ()
+async def coalesced(inbox: Inbox, interval_s: float, *, opening: tuple[type, ...] = ()
                     ) -> AsyncIterator[object]:
-    """Yield the events put on ``queue``, :class:`~hotswap.generation.TokenEvent` s merged.
+    """Yield the events put in ``inbox``, :class:`~hotswap.generation.TokenEvent` s merged.
 
     A merged event's ``delta`` is the text of the tokens it stands for and its ``finish_reason`` the
     last one's; a token event with no text (held back by the detokenizer) is not yielded on its own.
     After an item with text, the next one waits until ``interval_s`` has passed since it (collecting
-    tokens meanwhile) unless the request finishes or another kind of event arrives first. With
-    ``interval_s`` 0 only the tokens already queued are merged (a slow consumer still gets one item,
-    not a backlog). An event of an ``opening`` type that arrives before any text is held until the
-    first text (then both go out as one :class:`WithText`), another event, or ``interval_s``, whichever
-    comes first. The iteration never ends by itself: the caller stops at Finished / Failed.
-
-    A cancellation of the consumer always reaches it: the timed waits use one ``queue.get()`` task kept
-    across them and ``asyncio.wait``, never ``asyncio.wait_for``, which on Python 3.11 drops a
-    cancellation that arrives in the loop turn its inner ``get`` completes (a client's disconnect then
-    never freed its row)."""
+    tokens meanwhile, without waking for each: :class:`Inbox`) unless the request finishes or another
+    kind of event arrives first. With ``interval_s`` 0 only the tokens already queued are merged (a slow
+    consumer still gets one item, not a backlog). An event of an ``opening`` type that arrives before any
+    text is held until the first text (then both go out as one :class:`WithText`), another event, or
+    ``interval_s``, whichever comes first. The iteration never ends by itself: the caller stops at
+    Finished / Failed. A cancellation of the consumer always reaches it (:meth:`Inbox.wait`)."""
     clock = asyncio.get_running_loop().time
-    getter: asyncio.Future | None = None  # the one pending queue.get(), kept across timed waits
 
-    async def take(timeout_s: float | None = None):
+    async def take(timeout_s: float | None = None, *, quiet: bool = False):
         """The next event, or ``_NOTHING`` if none came within ``timeout_s`` (None: wait as long as it takes)."""
-        nonlocal getter
-        if getter is not None and getter.done():  # it took the oldest event
-            event, getter = getter.result(), None
-            return event
-        if not queue.empty():  # a pending getter finds the queue empty and waits on: nothing is lost
-            return queue.get_nowait()
+        if not inbox.empty():
+            return inbox.get_nowait()
         if timeout_s is not None and timeout_s <= 0:
             return _NOTHING
-        if getter is None:
-            getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter}, timeout=timeout_s)
-        if not done:
-            return _NOTHING
-        event, getter = getter.result(), None
-        return event
+        await inbox.wait(timeout_s, quiet=quiet)
+        return _NOTHING if inbox.empty() else inbox.get_nowait()
 
     pending = None  # an event taken while merging, yielded next
     sent_text = None  # when the last item with text was yielded
     held, held_until = None, 0.0  # an opening event waiting for the first text, and until when
-    try:
-        while True:
-            if pending is not None:
-                event, pending = pending, None
-            else:
-                event = await take(None if held is None else held_until - clock())
-                if event is _NOTHING:  # no text within the interval: the opening goes out alone
-                    yield held
-                    held = None
-                    continue
-            if not isinstance(event, TokenEvent):
-                if held is not None:
-                    yield held
-                    held = None
-                if isinstance(event, opening) and sent_text is None:
-                    held, held_until = event, clock() + interval_s
-                    continue
-                yield event
+    while True:
+        if pending is not None:
+            event, pending = pending, None
+        else:
+            event = await take(None if held is None else held_until - clock())
+            if event is _NOTHING:  # no text within the interval: the opening goes out alone
+                yield held
+                held = None
                 continue
-            delta, finish = event.delta, event.finish_reason
-            hold_until = float("-inf") if sent_text is None else sent_text + interval_s
-            while finish is None:
-                wait_s = hold_until - clock()
-                # only what is already queued when there is nothing to hold back, or it was held long enough
-                more = await take(wait_s if delta and wait_s > 0 else 0.0)
-                if more is _NOTHING:
-                    break
-                if not isinstance(more, TokenEvent):
-                    pending = more
-                    break
-                delta, finish = delta + more.delta, more.finish_reason
-            if delta or finish:
-                if delta:
-                    sent_text = clock()
-                merged = TokenEvent(row=event.row, delta=delta, finish_reason=finish)
-                if held is not None:
-                    yield WithText(held, merged)
-                    held = None
-                else:
-                    yield merged
-    finally:
-        if getter is not None:
-            getter.cancel()
+        if not isinstance(event, TokenEvent):
+            if held is not None:
+                yield held
+                held = None
+            if isinstance(event, opening) and sent_text is None:
+                held, held_until = event, clock() + interval_s
+                continue
+            yield event
+            continue
+        delta, finish = event.delta, event.finish_reason
+        hold_until = float("-inf") if sent_text is None else sent_text + interval_s
+        while finish is None:
+            wait_s = hold_until - clock()
+            # only what is already queued when there is nothing to hold back, or it was held long enough
+            more = await take(wait_s if delta and wait_s > 0 else 0.0, quiet=True)
+            if more is _NOTHING:
+                break
+            if not isinstance(more, TokenEvent):
+                pending = more
+                break
+            delta, finish = delta + more.delta, more.finish_reason
+        if delta or finish:
+            if delta:
+                sent_text = clock()
+            merged = TokenEvent(row=event.row, delta=delta, finish_reason=finish)
+            if held is not None:
+                yield WithText(held, merged)
+                held = None
+            else:
+                yield merged
+

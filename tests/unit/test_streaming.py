@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from hotswap.generation import TokenEvent
-from hotswap.streaming import LoopMailbox, WithText, coalesced
+from hotswap.streaming import Inbox, LoopMailbox, WithText, coalesced
 
 
 def T(delta: str, finish=None) -> TokenEvent:
@@ -34,7 +34,7 @@ async def _pending(items):
 
 def test_the_first_text_is_not_held_back_and_the_next_tokens_wait_for_the_interval():
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=60.0)
         q.put_nowait(T("a"))
         assert await _next(items) == T("a")  # at once, although the interval is a minute
@@ -50,7 +50,7 @@ def test_the_first_text_is_not_held_back_and_the_next_tokens_wait_for_the_interv
 
 def test_other_events_pass_in_order_and_flush_the_tokens_held_before_them():
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=60.0)
         q.put_nowait("started")
         assert await _next(items) == "started"
@@ -68,7 +68,7 @@ def test_other_events_pass_in_order_and_flush_the_tokens_held_before_them():
 
 def test_interval_zero_merges_only_what_is_already_queued():
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=0.0)
         for d in "abc":
             q.put_nowait(T(d))
@@ -84,7 +84,7 @@ def test_interval_zero_merges_only_what_is_already_queued():
 @pytest.mark.parametrize("interval_s", [0.0, 0.02])
 def test_held_tokens_go_out_when_the_interval_ends_without_more_events(interval_s):
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=interval_s)
         q.put_nowait(T("a"))
         assert await _next(items) == T("a")
@@ -96,7 +96,7 @@ def test_held_tokens_go_out_when_the_interval_ends_without_more_events(interval_
 
 def test_a_token_without_text_is_not_an_item_of_its_own():
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=0.0)
         q.put_nowait(T(""))  # bytes of a character not complete yet
         task = await _pending(items)
@@ -112,7 +112,7 @@ def test_a_token_without_text_is_not_an_item_of_its_own():
 def test_the_merged_text_is_the_concatenation_whatever_the_timing():
     """Every delta arrives exactly once, in order, however the items are cut."""
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=0.003)
         deltas = [f"{i} " for i in range(200)]
 
@@ -143,7 +143,7 @@ class Opened:  # stands for the scheduler's Started
 def test_the_opening_event_goes_out_with_the_first_text_as_one_item():
     """One item instead of two for the version and the first text; the first text is still not held."""
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=60.0, opening=(Opened,))
         opened = Opened()
         q.put_nowait(opened)
@@ -162,7 +162,7 @@ def test_the_opening_event_goes_out_alone_when_no_text_comes_within_the_interval
     """A request waiting long for its first token still gets its headers (the earlier merge held them until the
     first text, which broke the disconnect test: a client could not leave a request held before its first token)."""
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=interval_s, opening=(Opened,))
         opened = Opened()
         q.put_nowait(opened)
@@ -176,7 +176,7 @@ def test_the_opening_event_goes_out_alone_when_no_text_comes_within_the_interval
 
 def test_an_event_after_the_opening_releases_it_first_and_in_order():
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=60.0, opening=(Opened,))
         opened = Opened()
         q.put_nowait(opened)
@@ -189,7 +189,7 @@ def test_an_event_after_the_opening_releases_it_first_and_in_order():
 
 def test_an_opening_event_after_text_is_not_held():
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         items = coalesced(q, interval_s=60.0, opening=(Opened,))
         q.put_nowait(T("a"))
         assert await _next(items) == T("a")
@@ -206,7 +206,7 @@ def test_a_cancel_in_the_turn_a_token_arrives_reaches_the_stream(opening):
     ``queue.get()`` completed, so a client that disconnected while tokens were held (or while the opening waited
     for its first text) kept its batch row until max_tokens (67 of 200 disconnects lost at 50 ms)."""
     async def go():
-        q: asyncio.Queue = asyncio.Queue()
+        q = Inbox()
         released = []
 
         async def stream():  # shaped like ModelReplica.stream: the finally frees the row
@@ -235,6 +235,47 @@ def test_a_cancel_in_the_turn_a_token_arrives_reaches_the_stream(opening):
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 5)
         assert released == ["ticket.cancel()"]
+
+    run(go())
+
+
+def test_tokens_held_back_do_not_wake_the_stream_and_the_end_does_once():
+    """Within the interval the reader waits quietly: the tokens it will merge are queued without waking it (each
+    wake-up is a turn of the replica's loop, under the GIL the scheduler waits for). The first token after an item
+    wakes it, as does the end; 8 tokens cost 2 wake-ups, not 8."""
+    async def go():
+        q = Inbox()
+        items = coalesced(q, interval_s=60.0)
+        q.put_nowait(T("a"))
+        assert await _next(items) == T("a")
+        task = await _pending(items)  # waits for the next token, not quietly: nothing is held yet
+        before = q.wakes
+        for c in "bcdefgh":
+            q.put_nowait(T(c))
+            for _ in range(3):
+                await asyncio.sleep(0)  # the reader runs between tokens, as it does between steps
+        assert q.wakes == before + 1  # "b" woke it; "c" to "h" joined it quietly
+        assert not task.done()  # held: within the interval of the last item
+        q.put_nowait(T("i", "length"))
+        assert await asyncio.wait_for(task, 5) == T("bcdefghi", "length")
+        assert q.wakes == before + 2
+
+    run(go())
+
+
+def test_events_other_than_tokens_wake_a_quiet_wait():
+    async def go():
+        q = Inbox()
+        items = coalesced(q, interval_s=60.0)
+        q.put_nowait(T("a"))
+        assert await _next(items) == T("a")
+        task = await _pending(items)
+        q.put_nowait(T("b"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        q.put_nowait("failed")  # e.g. Failed: not held back behind the interval
+        assert await asyncio.wait_for(task, 5) == T("b")
+        assert await _next(items) == "failed"
 
     run(go())
 
