@@ -7,9 +7,12 @@ import asyncio
 import threading
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hotswap.generation import TokenEvent
 from hotswap.streaming import Inbox, LoopMailbox, WithText, coalesced
+from tests.fuzzing import fuzz_settings
 
 
 def T(delta: str, finish=None) -> TokenEvent:
@@ -276,6 +279,78 @@ def test_events_other_than_tokens_wake_a_quiet_wait():
         q.put_nowait("failed")  # e.g. Failed: not held back behind the interval
         assert await asyncio.wait_for(task, 5) == T("b")
         assert await _next(items) == "failed"
+
+    run(go())
+
+
+_SCHEDULE = st.lists(st.one_of(
+    st.tuples(st.just("token"), st.sampled_from(["", "x", "yz"])),  # a token's text ("" : held by the detokenizer)
+    st.tuples(st.just("event"), st.integers(0, 99)),  # another kind of event (e.g. Logits)
+    st.tuples(st.just("yield"), st.integers(1, 4)),  # the loop runs the reader that many turns
+), max_size=40)
+
+
+@fuzz_settings(max_examples=150)
+@given(schedule=_SCHEDULE, interval_s=st.sampled_from([0.0, 60.0]), opening=st.booleans())
+def test_any_schedule_delivers_every_text_and_event_once_in_order(schedule, interval_s, opening):
+    """Whatever the order of tokens, other events and turns of the loop (quiet waits woken or not): the items'
+    texts concatenate to the tokens' texts, every other event goes out exactly once, and nothing overtakes what
+    was posted before it; the opening, if any, goes out first (alone or with the first text)."""
+    async def go():
+        q = Inbox()
+        items = coalesced(q, interval_s=interval_s, opening=(Opened,))
+        got: list = []
+
+        async def consume():
+            async for item in items:
+                got.append(item)
+                event = item.text if isinstance(item, WithText) else item
+                if isinstance(event, TokenEvent) and event.finish_reason is not None:
+                    return
+
+        reader = asyncio.ensure_future(consume())
+        expected: list = []  # what the items must add up to: text runs and events, in order
+        if opening:
+            q.put_nowait(start := Opened())
+            expected.append(start)
+        for kind, value in schedule:
+            if kind == "yield":
+                for _ in range(value):
+                    await asyncio.sleep(0)
+            elif kind == "token":
+                q.put_nowait(T(value))
+                expected.append(value)
+            else:
+                q.put_nowait(value)
+                expected.append(value)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        # no other event waits behind held text or a quiet wait: each is out a few turns after it was posted
+        out = [x.event if isinstance(x, WithText) else x for x in got]
+        assert [x for x in out if isinstance(x, int)] == [e for e in expected if isinstance(e, int)]
+        q.put_nowait(T("end", "stop"))
+        expected.append("end")
+        await asyncio.wait_for(reader, 5)
+        flat: list = []
+        for item in got:
+            for part in ((item.event, item.text) if isinstance(item, WithText) else (item,)):
+                flat.append(part.delta if isinstance(part, TokenEvent) else part)
+        assert [p for p in flat if not isinstance(p, str)] == [e for e in expected if not isinstance(e, str)]
+
+        def runs(parts):  # the text between two events, joined: how the tokens were cut may differ
+            out, text = [], ""
+            for p in parts:
+                if isinstance(p, str):
+                    text += p
+                else:
+                    out.append(text)
+                    text = ""
+            return [*out, text]
+
+        assert runs(flat) == runs(expected)
+        if opening:
+            first = got[0]
+            assert first is start or (isinstance(first, WithText) and first.event is start)
 
     run(go())
 
