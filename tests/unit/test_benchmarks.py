@@ -112,6 +112,10 @@ def test_serving_benchmark_engine_only_measures_the_engine_without_ray(tmp_path)
     assert set(compiled) == {"engine"}
     assert compiled["engine"]["batch_8"]["tokens_per_s"] > 0 and compiled["engine"]["batch_1"]["tokens_per_s"] > 0
     assert payload["targets"] == []
+    step = compiled["engine"]["batch_8"]["rounds"][0]["step"]  # where the scheduler thread's time went, per step
+    assert step["steps"] > 0 and 0 < step["forward_ms"] <= step["step_ms"] <= step["loop_ms"] * 1.01
+    assert step["rows"] == 8.0 and step["failed_steps"] == 0
+    assert "the scheduler thread, per step" in result.stdout
 
 
 def test_the_engine_threads_default_follows_the_replicas_environment_serve_env_included(monkeypatch):
