@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 class LoopMailbox:
-    """Hands events from the scheduler's thread to one event loop's queues, one wake-up of the loop per burst.
+    """Hands events from the scheduler's thread to one event loop's queues (an ``asyncio.Queue`` for a whole answer,
+    an :class:`Inbox` for a stream: anything with ``put_nowait``), one wake-up of the loop per burst.
 
     The scheduler delivers a step's events one callback at a time (a token for each of up to ``max_batch_size``
     rows). ``loop.call_soon_threadsafe`` for each one wakes the loop each time (a write to its self-pipe, then a
@@ -41,16 +42,17 @@ class LoopMailbox:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
-        self._items: deque[tuple[asyncio.Queue, object]] = deque()
+        self._items: deque[tuple[asyncio.Queue | Inbox, object]] = deque()
         self._scheduled = False
 
-    def sender(self, queue: asyncio.Queue, *, keep: Callable[[object], bool] | None = None) -> Callable[[object], None]:
+    def sender(self, queue: asyncio.Queue | Inbox, *,
+               keep: Callable[[object], bool] | None = None) -> Callable[[object], None]:
         """An ``on_event`` callback that posts to ``queue`` the events for which ``keep`` (if given) is true."""
         if keep is None:
             return lambda event: self.post(queue, event)
         return lambda event: self.post(queue, event) if keep(event) else None
 
-    def post(self, queue: asyncio.Queue, event: object) -> None:
+    def post(self, queue: asyncio.Queue | Inbox, event: object) -> None:
         """From any thread: ``queue.put_nowait(event)`` on the loop."""
         with self._lock:
             if self.loop.is_closed():  # closed with a drain pending (which then never runs): nobody waits now
@@ -113,9 +115,12 @@ class Inbox:
         return self._items.popleft()
 
     async def wait(self, timeout_s: float | None, *, quiet: bool = False) -> None:
-        """Until an event is queued (while ``quiet``: one that is not a token in the middle of the request) or
-        ``timeout_s`` has passed (None: no limit). A cancellation always reaches the caller (a plain future is
-        awaited, no ``wait_for``)."""
+        """Until an event is queued from now on (while ``quiet``: one that is not a token in the middle of the
+        request) or ``timeout_s`` has passed (None: no limit); the caller takes what was queued before
+        (:meth:`empty`, :meth:`get_nowait`) first. One reader at a time. A cancellation always reaches the caller
+        (a plain future is awaited, no ``wait_for``)."""
+        if self._waiter is not None:
+            raise RuntimeError("this Inbox already has a reader waiting; a stream's events have one reader")
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         self._quiet = quiet
@@ -129,6 +134,7 @@ class Inbox:
 
 
 def _resolve(waiter: asyncio.Future) -> None:
+    """A quiet wait's timer: the waiter may be done already (an event, or a cancel, in the same loop turn)."""
     if not waiter.done():
         waiter.set_result(None)
 
