@@ -181,18 +181,22 @@ class SlotSelector:
 
     def __init__(self, scales: list[torch.Tensor], gates: list[torch.Tensor]) -> None:
         self.scales, self.gates = scales, gates
-        self._host = torch.zeros((2, len(scales), scales[0].shape[0]), dtype=scales[0].dtype)
+        self._rows = scales[0].shape[0]
+        self._dtype = scales[0].dtype
 
     def write(self, row_slots: list[int | None], scales: list[float]) -> None:
         """Row ``b`` reads slot ``row_slots[b]`` (gate 1, that slot's scale) and every other slot at gate 0, scale 0."""
-        self._host.zero_()
+        # built as Python lists and converted once (it runs whenever rows change: per-element tensor writes took
+        # 78 us a call at batch 8 with two slots, this 30 us)
+        host = [[[0.0] * self._rows for _ in self.scales] for _ in range(2)]
         for b, s in enumerate(row_slots):
             if s is not None:
-                self._host[0, s, b] = scales[s]
-                self._host[1, s, b] = 1.0
+                host[0][s][b] = scales[s]
+                host[1][s][b] = 1.0
+        values = torch.tensor(host, dtype=self._dtype)
         for k in range(len(self.scales)):
-            self.scales[k].view(-1).copy_(self._host[0, k])
-            self.gates[k].view(-1).copy_(self._host[1, k])
+            self.scales[k].view(-1).copy_(values[0, k])
+            self.gates[k].view(-1).copy_(values[1, k])
 
 
 @dataclass

@@ -167,3 +167,22 @@ def test_bad_requests_are_refused_before_the_model_runs(compiled_engine, prompt,
 
 def test_smoke_check_passes_on_a_healthy_model(compiled_engine):
     compiled_engine.smoke_check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_slot_selector_gives_each_row_exactly_its_slot(dtype):
+    """Row b reads slot row_slots[b]: gate 1 and that slot's scale there, gate 0 and scale 0 in every other slot;
+    a free row (None) reads none. Written again, nothing of the previous assignment stays."""
+    from hotswap.scheduler import SlotSelector
+
+    scales = [torch.full((4, 1, 1), 7.0, dtype=dtype) for _ in range(2)]
+    gates = [torch.full((4, 1, 1), 7.0, dtype=dtype) for _ in range(2)]
+    selector = SlotSelector(scales, gates)
+    for row_slots, slot_scales in (([0, 1, None, 0], [2.0, 0.5]), ([1, None, 1, None], [0.25, 4.0])):
+        selector.write(row_slots, slot_scales)
+        for k in range(2):
+            want_gate = [1.0 if s == k else 0.0 for s in row_slots]
+            want_scale = [slot_scales[k] if s == k else 0.0 for s in row_slots]
+            assert gates[k].view(-1).tolist() == want_gate
+            assert scales[k].view(-1).tolist() == want_scale
+            assert gates[k].dtype == dtype and gates[k].shape == (4, 1, 1)
