@@ -92,7 +92,7 @@ class StepStats:
     ``forward_s`` / ``forward_cpu_s`` the same for the model's forward alone (on CUDA the forward returns once
     its kernels are queued: the wait for the GPU falls in the rest of the step). Failed steps count in
     ``failed_steps`` and their time too. ``tokens`` are the tokens the steps decided, ``rows`` and ``queued`` the
-    rows in the batch and the requests waiting for one, summed over the steps.
+    rows that ran in each step (a held row sits it out) and the requests waiting for one, summed over the steps.
 
     For the whole thread, steps or not (Linux ``/proc/<pid>/task/<tid>/schedstat``; None elsewhere):
     ``thread_cpu_s`` its time on a CPU and ``runqueue_s`` its time runnable but waiting for one. Over a window
@@ -186,8 +186,8 @@ class SlotSelector:
 
     def write(self, row_slots: list[int | None], scales: list[float]) -> None:
         """Row ``b`` reads slot ``row_slots[b]`` (gate 1, that slot's scale) and every other slot at gate 0, scale 0."""
-        # built as Python lists and converted once (it runs whenever rows change: per-element tensor writes took
-        # 78 us a call at batch 8 with two slots, this 30 us)
+        # built as Python lists and converted once: it runs whenever rows change, and per-element tensor writes
+        # cost more than the conversion
         host = [[[0.0] * self._rows for _ in self.scales] for _ in range(2)]
         for b, s in enumerate(row_slots):
             if s is not None:
@@ -448,11 +448,8 @@ class Scheduler:
             if not work:
                 continue
             try:
-                if self._dirty_rows:
-                    self._scrub(self._dirty_rows)
-                if selector is not None:
-                    self.selector.write(*selector)
-                self._step(prefill, rows=sum(r is not None for r in self.rows), queued=len(self.queue))
+                self._step(prefill, selector, rows=sum(r is not None and not r.ticket.held for r in self.rows),
+                           queued=len(self.queue))
             except Exception as e:  # the step failed as a whole: every row in it fails, the loop goes on
                 logger.exception("a %s step failed; failing its rows", "prefill" if prefill else "decode")
                 with self.cond:
@@ -560,13 +557,18 @@ class Scheduler:
             except Exception:  # a broken callback must not stop the loop
                 logger.exception("an event callback failed")
 
-    def _step(self, prefill: bool, *, rows: int, queued: int) -> None:
-        """One step, accounted in :class:`StepStats` whether or not it fails; its events go out after that."""
+    def _step(self, prefill: bool, selector: tuple | None, *, rows: int, queued: int) -> None:
+        """One step (the cache rows freed since the last one scrubbed, ``selector`` written if the rows changed),
+        accounted in :class:`StepStats` whether or not it fails; its events go out after that."""
         started, started_cpu = time.perf_counter(), time.thread_time()
         timing = [0.0, 0.0]  # the forward's wall and CPU seconds
         events: list = []
         tokens = None
         try:
+            if self._dirty_rows:
+                self._scrub(self._dirty_rows)
+            if selector is not None:
+                self.selector.write(*selector)
             tokens = self._run_step(prefill, timing, events)
         finally:
             s, ran = self._stats, tokens is not None
@@ -621,15 +623,17 @@ class Scheduler:
         allowed = ((slots <= positions[:, :, None]) & real[:, :, None]) | (slots == write[:, :, None])
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(~allowed, self._min)
         forward, forward_cpu = time.perf_counter(), time.thread_time()
-        out = self.forward(
-            input_ids=ids,
-            attention_mask=mask[:, None, :, :],
-            position_ids=positions,
-            past_key_values=self.kv.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        timing[0], timing[1] = time.perf_counter() - forward, time.thread_time() - forward_cpu
+        try:
+            out = self.forward(
+                input_ids=ids,
+                attention_mask=mask[:, None, :, :],
+                position_ids=positions,
+                past_key_values=self.kv.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:  # a forward that raises is timed too
+            timing[0], timing[1] = time.perf_counter() - forward, time.thread_time() - forward_cpu
         return self._take(out.logits[:, -1, :].float(), taking, events) if taking else 0
 
     def _take(self, logits: torch.Tensor, taking: list[int], events: list) -> int:

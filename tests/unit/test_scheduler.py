@@ -997,6 +997,51 @@ def test_a_failed_step_is_accounted_as_failed(compiled_engine):
     window = scheduler.step_stats() - before
     assert window.failed_steps == 1 and window.steps == 0 and window.tokens == 0
     assert window.step_s > 0 and dict(scheduler.steps) == steps_before
+    assert 0 < window.forward_s <= window.step_s  # the forward that raised is timed too
+
+
+def test_a_step_whose_slot_selection_fails_is_accounted_as_failed(compiled_engine):
+    """The selector's write before the forward belongs to the step: if it raises, the rows fail and the step
+    counts as failed (an outside review: it was outside the accounting, so no failed step was recorded)."""
+    engine = compiled_engine
+    scheduler = engine.scheduler
+    write = scheduler.selector.write
+
+    def failing(*args):
+        raise RuntimeError("injected selector failure")
+
+    before = scheduler.step_stats()
+    scheduler.selector.write = failing
+    try:
+        recorder = Recorder()
+        engine.submit(engine.encode(PROMPTS[0]), greedy(3), on_event=recorder)  # a join: the selector is written
+        assert recorder.done.wait(120)
+    finally:
+        scheduler.selector.write = write
+    assert isinstance(recorder.error, RuntimeError)
+    window = scheduler.step_stats() - before
+    assert window.failed_steps == 1 and window.steps == 0
+    recorder = Recorder()  # and the next request runs as usual
+    engine.submit(engine.encode(PROMPTS[0]), greedy(3), on_event=recorder)
+    assert len(recorder.wait().token_ids) == 3
+
+
+def test_a_held_row_is_not_counted_among_the_rows_that_ran(compiled_engine):
+    """A held row sits every step out: the rows per step count only the rows that ran in it."""
+    engine = compiled_engine
+    scheduler = engine.scheduler
+    held = Recorder()
+    ticket = engine.submit(engine.encode(PROMPTS[1]), greedy(2), on_event=held, held=True)
+    try:
+        before = scheduler.step_stats()
+        runner = Recorder()
+        engine.submit(engine.encode(PROMPTS[2]), greedy(5), on_event=runner)
+        runner.wait()
+        window = scheduler.step_stats() - before
+        assert window.steps > 0 and window.rows == window.steps  # one row ran in each step
+    finally:
+        scheduler.release(ticket)
+    held.wait()
 
 
 def test_schedstat_reads_cpu_and_run_queue_seconds(tmp_path):
