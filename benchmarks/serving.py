@@ -277,14 +277,25 @@ def _level(url: str, *, clients: int, seconds: float, body, stream: bool, tokens
                              read_to_end=read_to_end, mark=mark)
     extra = {"concurrency": clients, "stream": stream, "read_to_end": read_to_end}
     if readings:
-        extra["step"] = (readings[1] - readings[0]).per_step()
+        extra["step"] = _step_window(readings, what=f"the {clients}-client level")
     return _summary(window, t1 - t0, stream=stream, tokens=tokens, max_tokens=max_tokens, extra=extra)
 
 
+def _step_window(readings: list, *, what: str) -> dict:
+    """Per step, what the replica's scheduler did between two ``(pid, StepStats)`` readings of the same process."""
+    (pid0, first), (pid1, last) = readings
+    if pid0 != pid1:  # Serve replaced the replica meanwhile: two processes' counters do not subtract
+        raise RuntimeError(f"the replica was replaced during {what} (pid {pid0} -> {pid1}); its step figures would "
+                           "mix two processes: run the benchmark again")
+    return (last - first).per_step()
+
+
 def _replica_step_stats(replica):
+    """The replica's pid and its scheduler's :class:`~hotswap.scheduler.StepStats`."""
     from hotswap.scheduler import StepStats
 
-    return StepStats(**replica.stats.remote().result()["step_stats"])
+    stats = replica.stats.remote().result()
+    return stats["pid"], StepStats(**stats["step_stats"])
 
 
 def _summary(window: list[Sample], seconds: float, *, stream: bool, tokens: _Tokens, max_tokens: int,

@@ -142,3 +142,16 @@ def test_serve_env_wins_over_the_benchmark_workers_defaults(monkeypatch, tmp_pat
     assert env["TOKENIZERS_PARALLELISM"] == "true" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert env["HOTSWAP_CACHE_DIR"] == str(tmp_path) and env["AWS_ACCESS_KEY_ID"] == "test"
     assert worker_environment(tmp_path)["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_a_step_window_across_a_replaced_replica_is_refused():
+    """Two readings of the replica's step counters from two processes (Serve replaced it during a level) do not
+    subtract: the benchmark says so instead of printing negative steps."""
+    from benchmarks.serving import _step_window
+    from hotswap.scheduler import StepStats
+
+    first = StepStats(prefill_steps=5, decode_steps=10, tokens=100, rows=100, step_s=1.0, at_s=10.0)
+    later = StepStats(prefill_steps=7, decode_steps=18, tokens=180, rows=180, step_s=2.0, at_s=11.0)
+    assert _step_window([(1, first), (1, later)], what="a level")["steps"] == 10
+    with pytest.raises(RuntimeError, match=r"replaced during a level \(pid 1 -> 2\)"):
+        _step_window([(1, later), (2, first)], what="a level")
