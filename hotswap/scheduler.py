@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hotswap.errors import OverloadedError, RequestError, SwapError
+from hotswap.errors import HotswapError, OverloadedError, RequestError, SwapError
 from hotswap.generation import (
     Completion,
     IncrementalText,
@@ -656,9 +656,18 @@ class Scheduler:
         chosen = choose_tokens(logits if all(finite) else logits.nan_to_num(), params, generators)
         for i in taking:
             row = rows[i]
-            if row.ticket.want_logits and not row.text.tokens:
-                events.append((row.ticket, Logits(logits[i].cpu())))
-            finish = self._advance(i, row, chosen[i], events)
+            mark = len(events)
+            try:  # nothing about one request (its text, stop strings, length) may fail the rows beside it
+                if row.ticket.want_logits and not row.text.tokens:
+                    events.append((row.ticket, Logits(logits[i].cpu())))
+                finish = self._advance(i, row, chosen[i], events)
+            except Exception as e:  # noqa: BLE001 - answered to its caller
+                logger.exception("a request failed while its token was handled; the batch goes on")
+                del events[mark:]  # what it half-said this step goes nowhere: its answer is the failure
+                events.append((row.ticket, Failed(HotswapError(
+                    f"the request failed while its token was handled ({type(e).__name__}: {e}); the replica "
+                    "serves on; send the request again, and report it if it fails the same way"))))
+                finish = "error"
             if finish is not None:
                 done.append(i)
         with self.cond:

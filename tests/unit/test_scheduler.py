@@ -710,6 +710,36 @@ def test_a_request_that_cannot_join_fails_alone_and_the_loop_goes_on(eager):
     assert all(s.rows == 0 and s.pinned_waiting == 0 for s in engine.slots)
 
 
+def test_a_row_whose_token_handling_raises_fails_alone_and_its_batch_goes_on(eager, adapters, stage):
+    """Found reading the loop: an exception while one row's token was decoded or checked (its text, stop
+    strings, length) escaped the step, and every row in the batch failed with it. Now that request fails alone:
+    the rows beside it give the tokens they give alone, and its row is free for the next request."""
+    import dataclasses
+
+    engine = eager
+    engine.apply(stage(adapters["b"]))
+    serving = engine.active_slot
+    want = {p: _alone(engine, p, 8, serving) for p in PROMPTS[:3]}
+    before = engine.scheduler.step_stats()
+    broken, good = Recorder(), [Recorder(name=p) for p in PROMPTS[:2]]
+    engine.scheduler.pause()
+    try:
+        ticket = engine.submit(engine.encode(PROMPTS[2]), greedy(8), on_event=broken, slot=serving)
+        # past the checks: the row joins, then its third token's length check raises (TypeError)
+        ticket.params = dataclasses.replace(ticket.params, max_tokens="8")
+        for p, recorder in zip(PROMPTS[:2], good, strict=True):
+            engine.submit(engine.encode(p), greedy(8), on_event=recorder, slot=serving)
+    finally:
+        engine.scheduler.resume()
+    assert broken.done.wait(60) and broken.completion is None
+    assert "while its token was handled" in str(broken.error) and "TypeError" in str(broken.error)
+    for p, recorder in zip(PROMPTS[:2], good, strict=True):
+        assert recorder.wait().token_ids == want[p], p
+    assert engine.scheduler.alive and all(r is None for r in engine.scheduler.rows)
+    assert (engine.scheduler.step_stats() - before).failed_steps == 0
+    assert _alone(engine, PROMPTS[2], 8, serving) == want[PROMPTS[2]]  # the same request, unbroken, serves as before
+
+
 def test_a_revert_to_an_unchecked_version_in_the_idle_slot_is_checked_first(eager, adapters, overflowing, stage):
     """Second review: the flip skipped the check for a version loaded without one (``load``/``apply``)."""
     from hotswap.errors import SwapError
