@@ -89,6 +89,21 @@ def _live(client) -> dict[str, dict]:
     return {r["id"]: r for r in client.status()["replicas"] if r["live"]}
 
 
+def _settled(client) -> dict[str, dict]:
+    """The live replicas once no rollout runs and each is idle on its assigned version: a test that counts swaps
+    takes its "before" here. A replacement started by an earlier test is live as soon as it registers, before it
+    applies its assignment; counted then, its swap to stable showed up as a second swap of the next test's
+    (the flake of 2026-12-04: "a survivor swapped twice")."""
+    def settled():
+        status = client.status()
+        live = [r for r in status["replicas"] if r["live"]]
+        return status["rollout"] is None and live and all(
+            r["phase"] == "idle" and r["adapter_sha256"] == r["assigned_sha256"] for r in live)
+
+    wait_for_condition(settled, timeout_s=120, message="every live replica idle on its assigned version")
+    return _live(client)
+
+
 def _replica_actor(replica_id: str):
     """The Ray actor of a Serve replica, by Serve's own naming (SERVE_REPLICA::app#deployment#id)."""
     return ray.get_actor(f"SERVE_REPLICA::{APP}#ModelReplica#{replica_id}", namespace="serve")
@@ -101,7 +116,7 @@ def _wait_done(client, count: int):
 
 def test_smoke_check_failure_on_one_replica_rolls_the_others_back(service, versions, reliability):
     _, client, marks, _ = service
-    before = _live(client)
+    before = _settled(client)
     order = sorted(before)
     (marks / f"fail-{order[1]}").touch()  # the second replica in rolling order fails its smoke check
     try:
@@ -151,7 +166,7 @@ def test_replica_killed_mid_rollout_under_load(service, versions, how, reliabili
     request is answered anyway (the ingress sends it again to another replica), no other request fails, the
     replacement starts on its assigned version before it serves, and nothing is swapped twice."""
     base, client, marks, _ = service
-    before = _live(client)
+    before = _settled(client)
     order = sorted(before)
     current = {r["adapter_sha256"] for r in before.values()}
     target = next(v for v in ("v2", "v4") if versions[v][1] not in current)
@@ -226,7 +241,7 @@ def test_controller_killed_at_each_step_of_a_rollout_resumes_and_converges(servi
     """Killed while replica ``boundary`` (in rolling order) waits before its swap: the restarted controller
     reloads its state, finishes the rollout, swaps nobody twice and leaves no replica on an unrecorded version."""
     _, client, marks, _ = service
-    before = _live(client)
+    before = _settled(client)
     order = sorted(before)
     current = {r["adapter_sha256"] for r in before.values()}
     assert len(current) == 1
@@ -411,7 +426,7 @@ def test_a_killed_canary_replica_is_replaced_and_the_split_kept(service, version
     base, client, _, _ = service
     stable = client.status()["stable"]["sha256"]
     target = next(v for v in ("v2", "v4") if versions[v][1] != stable)
-    before = _live(client)
+    before = _settled(client)
     client.roll(versions[target][0], canary=34)
     victim = client.status()["canary_replicas"]
     assert len(victim) == 1 and before[victim[0]]["live"]
