@@ -90,14 +90,17 @@ class _Job:  # a tokenized, checked request
 
 
 def _params(request: dict) -> SamplingParams:
+    """The request's sampling fields as they came (the engine's checker refuses wrong types, naming the field)."""
     stop = request.get("stop") or ()
+    if not isinstance(stop, (str, list, tuple)):
+        raise RequestError(f"stop must be a string or a list of strings, got {type(stop).__name__} {stop!r}")
     return SamplingParams(
         max_tokens=request.get("max_tokens", 16),
         temperature=request.get("temperature", 1.0),
         top_p=request.get("top_p", 1.0),
         seed=request.get("seed"),
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        ignore_eos=bool(request.get("ignore_eos", False)),
+        ignore_eos=request.get("ignore_eos", False),
     )
 
 

@@ -108,8 +108,13 @@ class RequestChecker:
                 raise RequestError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
         if params.seed is not None and (isinstance(params.seed, bool) or not isinstance(params.seed, int)):
             raise RequestError(f"seed must be an integer, got {type(params.seed).__name__} {params.seed!r}")
+        if not isinstance(params.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be true or false, got {type(params.ignore_eos).__name__} "
+                               f"{params.ignore_eos!r}")
         if not all(isinstance(s, str) for s in params.stop):
             raise RequestError(f"stop must be strings, got {params.stop!r}")
+        if any(not s for s in params.stop):  # it would match everywhere: the answer would be cut to nothing
+            raise RequestError(f"stop strings must not be empty, got {params.stop!r}; leave the empty one out")
         if len(params.stop) > self.MAX_STOPS or any(len(s) > self.MAX_STOP_CHARS for s in params.stop):
             raise RequestError(f"stop takes up to {self.MAX_STOPS} strings of up to {self.MAX_STOP_CHARS} "
                                f"characters, got {len(params.stop)}")
@@ -213,6 +218,7 @@ class IncrementalText:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
+    stopped: bool = False  # a stop string cut the text (in ``add``, or in ``finish`` at the last token)
     _prefix: int = 0
     _read: int = 0
 
@@ -228,7 +234,7 @@ class IncrementalText:
             self._prefix, self._read = self._read, len(self.tokens)
             if self._cut(searched_from):
                 return self.flush(), True
-        hold = max((len(s) - 1 for s in self.stop), default=0)
+        hold = max((len(s) - 1 for s in self.stop if s), default=0)  # "" never matches (``_cut``): holds nothing
         safe = max(self.emitted, len(self.text) - hold)
         delta, self.emitted = self.text[self.emitted:safe], safe
         return delta, False
@@ -249,6 +255,7 @@ class IncrementalText:
         found = [at for stop in self.stop if stop and (at := self.text.find(stop, searched_from)) != -1]
         if found:
             self.text = self.text[:min(found)]
+            self.stopped = True
         return bool(found)
 
     def flush(self) -> str:

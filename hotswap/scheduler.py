@@ -690,6 +690,8 @@ class Scheduler:
 
     def _finish(self, i: int, row: _Row, reason: str, events: list, delta: str = "") -> str:
         delta += row.text.finish()
+        if row.text.stopped:  # the last token's text, decoded only now, held a stop string: that ended it
+            reason = "stop"
         tokens = row.text.tokens
         events.append((row.ticket, TokenEvent(i, delta, reason)))
         events.append((row.ticket, Finished(Completion(row.text.text, list(tokens), reason, row.prompt_len,

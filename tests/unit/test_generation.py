@@ -156,6 +156,9 @@ def test_streamed_deltas_add_up_to_the_text(compiled_engine):
         ("hello", SamplingParams(seed=2**64), "seed must be in"),  # it stopped the scheduler thread (review)
         # the final review: the engine took any number of stops, and each costs time on every token of the batch
         ("hello", SamplingParams(stop=("a", "b", "c", "d", "e")), "stop takes up to 4 strings"),
+        # a review: an empty stop string held back -1 characters, and every later delta of a stream lost its first
+        ("hello", SamplingParams(stop=("a", "")), "stop strings must not be empty"),
+        ("hello", SamplingParams(ignore_eos="false"), "ignore_eos must be true or false"),  # "false" read as True
     ],
 )
 def test_bad_requests_are_refused_before_the_model_runs(compiled_engine, prompt, params, message):

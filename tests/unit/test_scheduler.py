@@ -661,6 +661,42 @@ def test_stop_strings_cut_at_the_earliest_match_whatever_their_order():
     assert stopped and text.text == "Hel" and delta == "Hel"
 
 
+class _ByteTokens:
+    """A byte-level tokenizer whose tokens may hold several bytes (as BPE merges do; the built-in tokenizer's
+    tokens are single bytes, so no token of it holds a newline and the start of a character at once)."""
+
+    def __init__(self, tokens: list[bytes]) -> None:
+        self.tokens = tokens
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return b"".join(self.tokens[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_a_stop_string_in_the_last_tokens_pending_text_says_stop_not_length():
+    """A review: the last token (the one that reaches max_tokens) ends in an incomplete character, so its text
+    (with a stop string before that character) is decoded only by ``finish``; the text was cut there, yet the
+    request reported finish_reason "length". ``stopped`` now says a stop string cut it, wherever that was."""
+    tokenizer = _ByteTokens([b"ok", b"ab\n" + "—".encode()[:1], "—".encode()[1:]])
+    text = IncrementalText(tokenizer, ("\n",))
+    assert text.add(0) == ("ok", False)
+    assert text.add(1) == ("", False) and not text.stopped  # it waits for the rest of the character
+    assert text.finish() == "ab" and text.text == "okab" and text.stopped
+    control = IncrementalText(tokenizer, ("\n",))  # the same tokens with the character completed: cut in add
+    assert [control.add(0), control.add(1), control.add(2)] == [("ok", False), ("", False), ("ab", True)]
+    assert control.stopped and control.text == "okab"
+    plain = IncrementalText(tokenizer, ("zz",))
+    sent = plain.add(0)[0] + plain.add(1)[0] + plain.finish()
+    assert sent == plain.text == "okab\n\ufffd" and not plain.stopped  # no stop string in it: "length" stays
+
+
+def test_an_empty_stop_string_loses_no_text_of_a_stream(tokenizer):
+    """The checker refuses empty stop strings; the text itself does not depend on that: "" holds nothing back."""
+    ids = tokenizer("Hello world!")["input_ids"]
+    text = IncrementalText(tokenizer, ("",))
+    sent = "".join(text.add(t)[0] for t in ids) + text.finish()
+    assert sent == text.text == tokenizer.decode(ids, skip_special_tokens=True) and not text.stopped
+
+
 def test_a_request_cancelled_mid_prefill_leaves_nothing_in_its_row(eager, adapters, overflowing, stage):
     """Second review: a request on an overflowing version cancelled after one prefill chunk never reached the
     non-finite check, so its NaN stayed in the row's cache and the next request there (on a good version) failed,
