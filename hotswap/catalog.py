@@ -2,7 +2,9 @@
 
 The controller resolves a URI here once per operation. The fetch always runs (the content at a
 URI may have changed; its digests say so); validation runs once per version (URI + weights
-sha256 + config sha256), its record kept in the persisted state; staging runs once per
+sha256 + config sha256) and model layout, its record kept in the persisted state (a record vouches only for the
+layout and limits it was checked against, ``checked_for``: after a redeploy with another ``max_rank``,
+``target_modules``, base model or size cap the version is validated again); staging runs once per
 (version, dtype), shared by concurrent callers and retried after a failure, never cached as
 failed. Only what is in use (stable, canary, the operation's versions) plus the few most recent
 versions stay staged; validated tensors are dropped as soon as they are staged; blobs in the
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -54,6 +58,14 @@ async def _background(fn, /, *args, **kwargs):
     return await asyncio.get_running_loop().run_in_executor(_PREPARE, functools.partial(fn, *args, **kwargs))
 
 
+def checks_fingerprint(settings, spec) -> str:
+    """What a validation record vouches for: the model layout (LoRA layers, ``max_rank``) and the limits of the
+    checks it passed. A record made under another one is not trusted."""
+    payload = {"spec": spec.fingerprint, "max_adapter_bytes": settings.max_adapter_bytes,
+               "max_header_bytes": settings.max_header_bytes, "dtype": settings.dtype}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class VersionCatalog:
     """Fetch, check, validate and stage adapter versions for one application's settings."""
 
@@ -65,6 +77,7 @@ class VersionCatalog:
         self.fetcher = fetcher if fetcher is not None else AdapterFetcher.from_settings(settings)
         self._staged: OrderedDict[tuple[str, str], asyncio.Future] = OrderedDict()  # (key, dtype) -> ref
         self._in_use: set[str] = set()  # weights sha256 of the versions in use: never evicted from the blob cache
+        self.checks = checks_fingerprint(settings, spec)
 
     async def resolve(self, uri: str, *, known: dict[str, dict],
                       expected_sha256: str | None = None) -> tuple[AdapterVersion, dict]:
@@ -90,14 +103,15 @@ class VersionCatalog:
             _with_version(version, e)
             raise
         await _background(self._evict_blobs, {version.sha256})
-        if version.key in known:
-            return version, {**known[version.key], **({"signer": signer} if signer else {})}
+        record = known.get(version.key)
+        if record is not None and record.get("checked_for") == self.checks:
+            return version, {**record, **({"signer": signer} if signer else {})}
         try:
             validated = await _background(validate_fetched, fetched, settings=self.settings, spec=self.spec)
         except AdapterValidationError as e:
             _with_version(version, e)  # the identity that was rejected: the controller records it
             raise
-        return version, {**validated.record(), **({"signer": signer} if signer else {})}
+        return version, {**validated.record(), "checked_for": self.checks, **({"signer": signer} if signer else {})}
 
     def _check_signature(self, fetched) -> str | None:
         try:
@@ -133,6 +147,11 @@ class VersionCatalog:
         if record is None:
             raise AdapterValidationError(version.uri, [f"version {version.short()} was never validated by this "
                                                        "controller; roll it again"])
+        if record.get("checked_for") != self.checks:  # validated under another layout (or an older release)
+            validated = await self._validate_again(version)
+            staged = await _background(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
+                                       pin_memory=False)
+            return ray.put(staged)
         path = self.fetcher.cache.path_for(version.sha256)
         for attempt in (1, 2):  # the second: after load_validated removed a damaged blob, downloaded again
             if not path.exists():
@@ -149,6 +168,25 @@ class VersionCatalog:
             raise AdapterValidationError(version.uri, [f"the cached record names {staged.identity.short()}, not "
                                                        f"{version.short()}; roll the version again"])
         return ray.put(staged)
+
+    async def _validate_again(self, version: AdapterVersion):
+        """Validate ``version`` under this catalog's layout and limits (its record was made under others)."""
+        from hotswap.adapters import validate_fetched
+
+        fetched = await _background(self.fetcher.fetch, version.uri, signature=False)
+        if AdapterVersion.of_fetched(fetched) != version:
+            raise AdapterValidationError(version.uri, [
+                f"{version.uri} now holds {AdapterVersion.of_fetched(fetched).short()}, not {version.short()}, and "
+                "the version was validated under other settings; roll the version you want again"])
+        logger.info("validating %s again: its record was made under another model layout or other limits",
+                    version.short())
+        try:
+            return await _background(validate_fetched, fetched, settings=self.settings, spec=self.spec)
+        except AdapterValidationError as e:
+            raise _with_version(version, AdapterValidationError(version.uri, [
+                *e.problems, f"{version.short()} passed validation under other settings (another max_rank, "
+                "target_modules, base model or size cap) but does not fit these: roll a version that fits, or "
+                "deploy settings it fits"])) from None
 
     def keep(self, in_use: set[AdapterVersion]) -> None:
         """Drop staged versions not in use, beyond the ``_STAGED_EXTRA`` most recently used."""

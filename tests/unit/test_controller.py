@@ -331,6 +331,38 @@ def _spec(settings):
     return model_spec_for(settings)
 
 
+@pytest.mark.parametrize("change", [{"max_rank": 8}, {"target_modules": ["q_proj"]}], ids=["max_rank", "modules"])
+def test_a_validation_record_from_another_model_layout_is_not_trusted(base_settings, tmp_path, make_adapter,
+                                                                     change):
+    """An outside review: the state's validation records were keyed by the version alone, so after a redeploy
+    with a smaller max_rank (or fewer target modules) the stable version was staged from its old record without
+    a check: an r=16 adapter was handed to replicas prepared for r=8 (they failed with a tensor size error), and
+    with fewer modules its other tensors were silently dropped. A record is trusted only for the checks it
+    passed; under another layout the version is validated again, and refused naming why."""
+    from hotswap.catalog import VersionCatalog
+
+    before = _settings(base_settings, tmp_path)
+    after = _settings(base_settings, tmp_path, **change)
+    folder = make_adapter("layout-r16", r=16, target_modules=("q_proj", "v_proj"), seed=41)
+
+    async def scenario():
+        version, record = await VersionCatalog(before, _spec(before)).resolve(str(folder), known={})
+        known = {version.key: record}
+        same = VersionCatalog(before, _spec(before))
+        assert (await same.resolve(str(folder), known=known))[1] == record  # the same layout: trusted
+        assert await same.staged_ref(version, "float32", record) is not None
+        catalog = VersionCatalog(after, _spec(after))
+        with pytest.raises(AdapterValidationError) as resolved:
+            await catalog.resolve(str(folder), known=known)
+        with pytest.raises(AdapterValidationError) as staged:
+            await catalog.staged_ref(version, "float32", record)
+        return str(resolved.value), str(staged.value)
+
+    resolved, staged = asyncio.run(scenario())
+    what = "rank" if "max_rank" in change else "v_proj"
+    assert what in resolved and what in staged, (resolved, staged)
+
+
 def test_the_blob_cache_is_capped_lru_but_keeps_what_is_in_use(base_settings, tmp_path, make_adapter):
     from hotswap.catalog import VersionCatalog
 
