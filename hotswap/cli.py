@@ -44,7 +44,15 @@ def load_settings(config_path: str | None, app_name: str | None = None):
         apps = [a for a in apps if isinstance(a, dict) and a.get("name") == app_name]
         if not apps:
             raise ConfigError(f"Serve config {path} has no application named {app_name!r}")
-    return HotswapSettings.from_args(apps[0].get("args") or {})
+    app = apps[0]
+    if not isinstance(app, dict):
+        raise ConfigError(f"Serve config {path}: each entry of 'applications' must be a mapping (name, import_path, "
+                          f"args, ...), got {type(app).__name__} {app!r}")
+    args = app.get("args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"Serve config {path}: application {app.get('name')!r} has 'args' of type "
+                          f"{type(args).__name__}; it must be a mapping of hotswap settings")
+    return HotswapSettings.from_args(args)
 
 
 def _cmd_push(args) -> int:

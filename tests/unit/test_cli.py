@@ -80,3 +80,17 @@ def test_bad_arguments_get_a_clear_error(args, code, message, tmp_path):
     result = _run(*args, env_extra={"HOTSWAP_CACHE_DIR": str(tmp_path)})
     assert result.returncode == code
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("applications:\n  - hotswap\n", "each entry of 'applications' must be a mapping"),
+    ("applications:\n  - name: hotswap\n    args: [max_rank, 16]\n", "'args' of type list"),
+])
+def test_a_malformed_serve_config_is_a_config_error_not_a_traceback(tmp_path, make_adapter, body, message):
+    """An outside review: an application given as a string crashed ``validate`` with an AttributeError traceback
+    (exit 1); it is a configuration error naming the entry (exit 2, as every other bad config)."""
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(body)
+    result = _run("validate", str(make_adapter("cli-bad-config")), "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
