@@ -324,7 +324,12 @@ class HotswapController:
             await asyncio.sleep(_TICK_S)
             try:
                 async with lock:
-                    await self._persist(self.sm, self.sm.tick(time.time()))
+                    transition = self.sm.tick(time.time())
+                    if transition is None and getattr(self.store, "unclear", False) and not self.sm.fenced:
+                        # a save may have landed unseen (its caller was told it failed): what is stored may hold
+                        # a state this controller never committed; store the one it holds, as soon as S3 answers
+                        transition = Transition(self.sm.state.copy())
+                    await self._persist(self.sm, transition)
                     s = self.sm.state
                     in_use = {s.stable, *([s.canary] if s.canary else [])}
                     if s.operation is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,8 @@ from urllib.parse import urlparse
 from hotswap.errors import StateConflictError
 from hotswap.messages import OpKind, Phase
 from hotswap.versions import BASE, AdapterVersion
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DesiredState", "FileStateStore", "Operation", "S3StateStore", "StateStore", "state_store_for"]
 
@@ -255,6 +258,7 @@ class S3StateStore:
         self._etag: str | None = None  # the ETag this store last read or wrote
         self._generation = 0  # ... and the generation in it
         self._looked = False
+        self._unclear: bytes | None = None  # a write that may have landed: nobody could tell (settled first)
 
     def load(self) -> DesiredState | None:
         from botocore.exceptions import ClientError
@@ -277,6 +281,8 @@ class S3StateStore:
 
         if not self._looked:
             self.load()
+        if self._unclear is not None:
+            self._settle()
         # always a new generation, so the body (and its ETag) differs from every earlier write
         state.generation = self._generation + 1
         condition = {"IfMatch": self._etag} if self._etag else {"IfNoneMatch": "*"}
@@ -284,8 +290,14 @@ class S3StateStore:
         try:
             response = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **condition)
         except Exception as e:  # noqa: BLE001 - refused, or unknown whether it landed: look at the object
-            if self._landed(body):  # the PUT landed and only its answer was lost (or retried into a 412)
+            landed = self._landed(body)
+            if landed:  # the PUT landed and only its answer was lost (or retried into a 412)
                 return
+            if landed is None and not (isinstance(e, ClientError) and _refused(e)):
+                self._unclear = body  # the next save looks first: otherwise its conditional PUT is refused
+                logger.warning("state object %s: could not tell whether a write landed (%s); the next save "
+                               "settles it", self.uri, e)
+                raise
             if isinstance(e, ClientError) and _refused(e):
                 raise StateConflictError(
                     f"state object {self.uri} was written by another controller since this one last read it "
@@ -294,14 +306,37 @@ class S3StateStore:
             raise
         self._etag, self._generation = response["ETag"], state.generation
 
-    def _landed(self, body: bytes) -> bool:
-        """Whether the object now holds exactly ``body`` (then adopt its ETag as ours)."""
+    @property
+    def unclear(self) -> bool:
+        """A write may have landed and nobody could tell: the persisted state may differ from the last one saved
+        (the controller saves its state again as soon as it can, which settles it)."""
+        return self._unclear is not None
+
+    def _settle(self) -> None:
+        """Before the next write: if the unclear write did land, adopt its ETag (raises while S3 cannot tell)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            landed = self._landed(self._unclear, quiet=False)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
+                raise
+            landed = False  # the first write's answer was lost and it did not land
+        if landed:
+            logger.info("state object %s: the unclear write had landed; its ETag adopted", self.uri)
+        self._unclear = None  # not landed: the ETag from before is still ours (a refusal is a real conflict)
+
+    def _landed(self, body: bytes, *, quiet: bool = True) -> bool | None:
+        """Whether the object now holds exactly ``body`` (then adopt its ETag as ours); None when it cannot be read
+        (``quiet``; else the read's error is raised)."""
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key)
             if response["Body"].read() != body:
                 return False
-        except Exception:  # noqa: BLE001 - cannot tell: treat as not landed
-            return False
+        except Exception:  # noqa: BLE001 - cannot tell
+            if not quiet:
+                raise
+            return None
         self._etag = response["ETag"]
         self._generation = DesiredState.from_json(body.decode()).generation
         return True

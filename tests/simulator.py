@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from hotswap.errors import HotswapError, StateConflictError
 from hotswap.messages import OpKind, Outcome, Phase, ReplicaPhase, ReplicaReport
-from hotswap.rollout import Notify, Reply, RolloutMachine, canary_count
+from hotswap.rollout import Notify, Reply, RolloutMachine, Transition, canary_count
 from hotswap.state import DesiredState
 from hotswap.versions import BASE, AdapterVersion
 
@@ -39,13 +39,22 @@ class FakeBackend:
         self.raw: str | None = None
         self.generation = 0
         self.failures = 0  # the next N saves fail with OSError
+        self.lost = 0  # the next N saves land, but their answers are lost and the check read fails too
         self.saves = 0
 
 
 class FakeStore:
+    """As :class:`hotswap.state.S3StateStore` behaves: a write whose outcome it could not tell is settled (its
+    generation adopted if it landed) before the next write."""
+
     def __init__(self, backend: FakeBackend) -> None:
         self.backend = backend
         self.seen: int | None = None
+        self._unclear: tuple[str, int] | None = None  # (raw, generation) of a write that may have landed
+
+    @property
+    def unclear(self) -> bool:
+        return self._unclear is not None
 
     def load(self) -> DesiredState | None:
         self.seen = self.backend.generation
@@ -56,9 +65,19 @@ class FakeStore:
         if b.failures > 0:
             b.failures -= 1
             raise OSError("injected: state store unavailable")
+        if self._unclear is not None:
+            if (b.raw, b.generation) == self._unclear:  # it had landed: this store wrote what is there
+                self.seen = b.generation
+            self._unclear = None
         if self.seen != b.generation:
             raise StateConflictError(f"fake state written by another controller (generation {b.generation})")
         state.generation = b.generation + 1
+        if b.lost > 0:  # it lands; nobody hears so
+            b.lost -= 1
+            b.raw, b.generation = state.to_json(), state.generation
+            b.saves += 1
+            self._unclear = (b.raw, b.generation)
+            raise OSError("injected: the write landed, its answer was lost and the check read failed")
         b.raw, b.generation, self.seen = state.to_json(), state.generation, state.generation
         b.saves += 1
 
@@ -85,6 +104,14 @@ class SimController:
                                  restarted=self.restarted)
         self.claimed = self.run(self.sm.claim(self.world.now))
         return self.claimed
+
+    def tick(self) -> bool:
+        """The controller's tick: the machine's, or, after a save that may have landed unseen, a save of the
+        state this controller holds (what :meth:`HotswapController._tick_forever` does)."""
+        transition = self.sm.tick(self.world.now)
+        if transition is None and self.store.unclear and not self.sm.fenced:
+            transition = Transition(self.sm.state.copy())
+        return self.run(transition)
 
     def run(self, transition) -> bool:
         if transition is None:
@@ -270,6 +297,10 @@ class World:
         self.trace.append(f"fail next {n} saves")
         self.backend.failures = n
 
+    def lose_answers(self, n: int) -> None:
+        self.trace.append(f"the next {n} saves land unseen")
+        self.backend.lost = n
+
     def advance(self, ticks: int = 1) -> None:
         for _ in range(ticks):
             self.trace.append("tick")
@@ -291,9 +322,9 @@ class World:
                     if replica.alive and not replica.stalled:
                         self._replica_step(replica)
                 self._deliver_late()
-                self.controller.run(self.controller.sm.tick(self.now))
+                self.controller.tick()
             if self.zombie is not None:  # a zombie still hears old heartbeats and ticks; its saves must be refused
-                self.zombie.run(self.zombie.sm.tick(self.now))
+                self.zombie.tick()
             self.check_step()
 
     # --- replica behaviour ----------------------------------------------------------------------------
@@ -425,6 +456,7 @@ class World:
         """Stop every fault, let the world settle, and check the invariants of a settled world."""
         self.trace.append("quiesce")
         self.backend.failures = 0
+        self.backend.lost = 0
         for r in self.replicas.values():
             r.stalled = False
             r.slowness = 0
@@ -457,11 +489,15 @@ class World:
             return False  # the controller has not yet noticed a replica that died
         if any(not sm.converged(r.id) for r in self.live()):
             return False
-        return self.controller.run(sm.tick(self.now)) and sm.state.operation is None
+        return self.controller.tick() and sm.state.operation is None and not self.controller.store.unclear
 
     def check_settled(self) -> None:
         sm = self.controller.sm
         s = sm.state
+        if DesiredState.from_json(self.backend.raw).to_json() != s.to_json():
+            # e.g. a save that landed unseen (its caller told it failed) and was never overwritten: a restart would
+            # resume what nobody committed
+            self.violation("settled, yet the persisted state differs from the controller's")
         for r in self.live():
             want = sm.assignment(r.id)
             if r.running != want:

@@ -117,6 +117,49 @@ def test_a_failed_state_save_fails_the_roll_and_leaves_nothing_in_progress(base_
     asyncio.run(scenario())
 
 
+def test_a_save_that_landed_unseen_is_overwritten_by_the_controllers_state_and_does_not_fence(
+        base_settings, tmp_path, make_adapter, s3_bucket):
+    """An outside review: the roll's save landed on S3 with its answer lost, and the check read failed too. The
+    caller was told "not started", yet the stored state held the operation (a restarted controller would have
+    resumed it), and the next save was refused: the controller fenced itself for good. Now the store settles the
+    unclear write and the controller saves what it holds at its next tick: the stored state has no operation,
+    and the next roll runs."""
+    from tests.unit.test_state import _Flaky
+
+    client, bucket = s3_bucket
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.3, replica_liveness_s=2,
+                         state_uri=f"s3://{bucket}/ctl/state.json")
+    v1 = str(make_adapter("ctl-unclear-v1", seed=3))
+
+    def stored():
+        from hotswap.state import S3StateStore
+
+        return S3StateStore(settings.state_uri, client).load()
+
+    async def scenario():
+        controller = HotswapController(settings, "unclear")
+        stop = asyncio.Event()
+        tasks = [asyncio.ensure_future(_replica(controller, f"r{i}", stop)) for i in range(2)]
+        await _until(lambda: _live(controller, 2))
+        controller.store.client = _Flaky(client, gets=1)
+        with pytest.raises(RolloutConflictError, match="could not save its state"):
+            await controller.roll(v1)
+        assert stored().operation is not None  # it landed: what a restarted controller would resume
+
+        async def overwritten():
+            return stored().operation is None
+
+        await _until(overwritten, timeout_s=10)  # the next tick saved the controller's own state over it
+        status = await controller.status()
+        assert status["rollout"] is None and status["stable"]["uri"] == "base"
+        result = await controller.roll(v1)  # neither fenced nor "in progress"
+        assert sorted(result["swapped"]) == ["r0", "r1"] and stored().stable.uri == v1
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+
+
 def test_the_controller_records_what_it_hands_out_and_the_report_the_call_carried(base_settings, tmp_path,
                                                                                   make_adapter):
     """register and watch record the version they answer with and the number of the report the call carried: until

@@ -117,6 +117,65 @@ def test_an_s3_write_whose_answer_was_lost_is_recognised_not_fenced(s3_bucket):
     assert S3StateStore(uri, client).load().history[0]["note"] == "third"
 
 
+class _Flaky:
+    """A real S3 client whose next PUT lands but loses its answer, and whose next ``gets`` GETs fail."""
+
+    def __init__(self, real, *, gets: int) -> None:
+        self.real, self.lose_put, self.gets = real, True, gets
+
+    def put_object(self, **kwargs):
+        response = self.real.put_object(**kwargs)
+        if self.lose_put:
+            self.lose_put = False
+            raise TimeoutError("injected: the response was lost")
+        return response
+
+    def get_object(self, **kwargs):
+        if self.gets > 0:
+            self.gets -= 1
+            raise TimeoutError("injected: the check could not read either")
+        return self.real.get_object(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _after_an_unclear_write(client, uri: str) -> S3StateStore:
+    """A store that saved once, then saved again: that write landed, but nobody could tell."""
+    store = S3StateStore(uri, client)
+    store.load()
+    store.save(_sample(note="first"))
+    store.client = _Flaky(client, gets=1)
+    with pytest.raises(TimeoutError):
+        store.save(_sample(note="lost"))
+    store.client = client
+    return store
+
+
+def test_an_s3_write_that_landed_unseen_is_settled_by_the_next_save_not_fenced(s3_bucket):
+    """An outside review: a PUT that landed with its answer lost, and the check read after it failed too, left
+    the store with the ETag from before; the next save's conditional PUT was refused, and the controller fenced
+    itself for good (every later operation refused until the actor was killed). The store now remembers the
+    write it could not settle and settles it first: landed, it adopts its ETag; the next save goes through."""
+    client, bucket = s3_bucket
+    uri = f"s3://{bucket}/unclear/state.json"
+    store = _after_an_unclear_write(client, uri)
+    store.save(_sample(note="third"))  # not StateConflictError
+    assert S3StateStore(uri, client).load().history[0]["note"] == "third"
+
+
+def test_control_another_writer_after_an_unclear_write_still_fences(s3_bucket):
+    """The settling must not swallow a real conflict: when another controller wrote meanwhile, it is one."""
+    client, bucket = s3_bucket
+    uri = f"s3://{bucket}/unclear-other/state.json"
+    store = _after_an_unclear_write(client, uri)
+    other = S3StateStore(uri, client)
+    other.load()
+    other.save(_sample(note="the other controller"))
+    with pytest.raises(StateConflictError):
+        store.save(_sample(note="third"))
+
+
 def test_a_copy_shares_no_container_with_its_original():
     """A transition changes its copy of the state; the committed original must not see any of it (the records in the
     tables are shared, the containers and the operation are not)."""
