@@ -485,6 +485,17 @@ def _check_keys(header: dict, spec: ModelSpec, config: dict, rank: int | None, p
         outside = sorted({m.rsplit(".", 1)[-1] for m in found} - set(targets))
         if outside:
             problems.append(f"tensors target {outside}, which adapter_config.json's target_modules does not list")
+    elif isinstance(targets, str):  # a regex PEFT full-matches against each module's name (else _check_targets said)
+        try:
+            pattern = re.compile(targets)
+        except re.error:
+            pattern = None
+        outside = sorted(m.removeprefix("base_model.model.") for m in found
+                         if pattern is not None and not pattern.fullmatch(m.removeprefix("base_model.model.")))
+        if outside:
+            problems.append(f"adapter_config.json's target_modules regex {targets!r} does not match the modules of "
+                            f"{len(outside)} tensor pairs (e.g. {outside[0]!r}): PEFT would not load them; fix the "
+                            "regex or drop those tensors")
     return {m: (p["A"], p["B"]) for m, p in found.items() if set(p) == {"A", "B"}}
 
 

@@ -95,6 +95,12 @@ def test_regex_target_modules(tmp_path, good, spec, base_settings):
     _write(folder, config, tensors)
     with pytest.raises(AdapterValidationError, match="matches no LoRA layer"):
         validate_adapter(AdapterFetcher.from_settings(base_settings).fetch(str(folder)), spec)
+    # an outside review: a regex was never compared with the tensors (a list was), so v_proj tensors under a
+    # q_proj-only regex were applied, where PEFT would leave them out: refused, as the same list is
+    config["target_modules"] = r".*\.q_proj"
+    _write(folder, config, tensors)
+    with pytest.raises(AdapterValidationError, match=r"target_modules regex .* does not match.*v_proj"):
+        validate_adapter(AdapterFetcher.from_settings(base_settings).fetch(str(folder)), spec)
 
 
 def test_spec_from_config_matches_spec_from_prepared_model(base_settings, tiny_base, spec):
