@@ -33,7 +33,6 @@ from hotswap.errors import (
     ControllerUnavailableError,
     HotswapError,
     RolloutConflictError,
-    StateConflictError,
     unwrap,
 )
 from hotswap.messages import Assignment, OpKind, ReplicaReport
@@ -351,9 +350,12 @@ class HotswapController:
             actions = sm.fail(transition, e)
             self._carry_out(actions)
             if sm.fenced:  # no later save can land: answer every caller still waiting, now
-                for waiter in self._waiters.values():
-                    if not waiter.done():
-                        waiter.set_exception(StateConflictError(sm.fenced))
+                for op_id, waiter in self._waiters.items():
+                    if not waiter.done():  # its operation was saved: the controller that took over resumes it
+                        waiter.set_exception(ControllerUnavailableError(
+                            f"another controller took over this service's state (a redeploy, or a second "
+                            f"controller) while operation {op_id} ran here; it goes on under that controller: "
+                            f"'hotswap status' shows how it ends ({sm.fenced})"))
                 self._waiters.clear()
             if raise_errors:
                 raise

@@ -160,6 +160,50 @@ def test_a_save_that_landed_unseen_is_overwritten_by_the_controllers_state_and_d
     asyncio.run(scenario())
 
 
+def test_a_caller_whose_operation_a_newer_controller_took_over_is_told_it_continues(base_settings, tmp_path,
+                                                                                   make_adapter):
+    """An outside review: a redeploy's controller claimed the state while a roll ran; the old one, fenced, answered
+    its waiting caller with the fencing error (exit 1, "refused"), yet the new controller resumes the roll. The
+    caller is now told the controller was replaced and the operation goes on there (exit 3, as for a controller
+    that died mid-call), naming ``hotswap status``."""
+    from hotswap.errors import EXIT_UNAVAILABLE
+
+    settings = _settings(base_settings, tmp_path, watch_timeout_s=0.3, replica_liveness_s=4, swap_timeout_s=120)
+    v1 = str(make_adapter("ctl-takeover-v1", seed=4))
+
+    async def stuck(controller, stop):  # alive, never applies what it is handed: the roll stays in progress
+        await controller.register(_report(controller, "r0"))
+        while not stop.is_set():
+            await controller.heartbeat(_report(controller, "r0"))
+            await asyncio.sleep(0.2)
+
+    async def in_progress(controller):
+        return (await controller.status())["rollout"] is not None
+
+    async def scenario():
+        old = HotswapController(settings, "takeover-old")
+        stop_old, stop_new = asyncio.Event(), asyncio.Event()
+        replica = asyncio.ensure_future(stuck(old, stop_old))
+        await _until(lambda: _live(old, 1))
+        roll = asyncio.ensure_future(old.roll(v1))
+        await _until(lambda: in_progress(old))
+        new = HotswapController(settings, "takeover-new")  # a redeploy: claims the same state
+        await new._ready(30)
+        stop_old.set()  # the replica now reports to the new one; the old one, at its next save, is refused
+        await replica
+        replica = asyncio.ensure_future(stuck(new, stop_new))
+        with pytest.raises(ControllerUnavailableError) as info:
+            await asyncio.wait_for(roll, 30)
+        assert await in_progress(new)  # the roll goes on under the new controller
+        stop_new.set()
+        await replica
+        return info.value
+
+    error = asyncio.run(scenario())
+    assert error.exit_code == EXIT_UNAVAILABLE
+    assert "another controller" in str(error) and "hotswap status" in str(error), error
+
+
 def test_the_controller_records_what_it_hands_out_and_the_report_the_call_carried(base_settings, tmp_path,
                                                                                   make_adapter):
     """register and watch record the version they answer with and the number of the report the call carried: until
