@@ -29,10 +29,16 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hotswap.errors import HotswapError, RolloutConflictError, RolloutError, StateConflictError
+from hotswap.errors import (
+    ControllerUnavailableError,
+    HotswapError,
+    RolloutConflictError,
+    RolloutError,
+    StateConflictError,
+)
 from hotswap.messages import OpKind, Outcome, Phase, ReplicaPhase, ReplicaReport
 from hotswap.registry import ReplicaRegistry
-from hotswap.state import DesiredState, Operation
+from hotswap.state import DesiredState, Operation, SaveOutcomeUnknown
 from hotswap.versions import AdapterVersion
 
 __all__ = ["Notify", "Reply", "RolloutMachine", "Transition", "canary_count"]
@@ -574,6 +580,12 @@ def _ms(report: ReplicaReport, key: str) -> str:
 def _save_error(error: BaseException) -> HotswapError:
     if isinstance(error, HotswapError):
         return error
+    if isinstance(error, SaveOutcomeUnknown):  # it may have landed: say so, not "nothing moved"
+        return ControllerUnavailableError(
+            f"the state store did not confirm the save that starts this operation ({error}), so whether it started "
+            "is not known: the controller saves its own state again as soon as the store answers (then it has not "
+            "started), unless it restarts first (then it runs); 'hotswap status' shows which"
+        )
     return RolloutConflictError(
         f"the operation was not started: the controller could not save its state ({type(error).__name__}: "
         f"{error}); nothing moved, retry when the state store is reachable"

@@ -30,6 +30,11 @@ from hotswap.versions import BASE, AdapterVersion
 
 logger = logging.getLogger(__name__)
 
+
+class SaveOutcomeUnknown(OSError):
+    """A write of the state may or may not have landed: its answer was lost and the object could not be read to
+    tell. The store settles it before its next write; until then what is stored may be that write."""
+
 __all__ = ["DesiredState", "FileStateStore", "Operation", "S3StateStore", "StateStore", "state_store_for"]
 
 _HISTORY_KEPT = 200
@@ -297,7 +302,7 @@ class S3StateStore:
                 self._unclear = body  # the next save looks first: otherwise its conditional PUT is refused
                 logger.warning("state object %s: could not tell whether a write landed (%s); the next save "
                                "settles it", self.uri, e)
-                raise
+                raise SaveOutcomeUnknown(f"state object {self.uri}: {type(e).__name__}: {e}") from e
             if isinstance(e, ClientError) and _refused(e):
                 raise StateConflictError(
                     f"state object {self.uri} was written by another controller since this one last read it "

@@ -13,10 +13,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from hotswap.errors import HotswapError, StateConflictError
+from hotswap.errors import ControllerUnavailableError, HotswapError, StateConflictError
 from hotswap.messages import OpKind, Outcome, Phase, ReplicaPhase, ReplicaReport
 from hotswap.rollout import Notify, Reply, RolloutMachine, Transition, canary_count
-from hotswap.state import DesiredState
+from hotswap.state import DesiredState, SaveOutcomeUnknown
 from hotswap.versions import BASE, AdapterVersion
 
 LIVENESS_S = 8.0
@@ -77,7 +77,7 @@ class FakeStore:
             b.raw, b.generation = state.to_json(), state.generation
             b.saves += 1
             self._unclear = (b.raw, b.generation)
-            raise OSError("injected: the write landed, its answer was lost and the check read failed")
+            raise SaveOutcomeUnknown("injected: the write landed, its answer was lost and the check read failed")
         b.raw, b.generation, self.seen = state.to_json(), state.generation, state.generation
         b.saves += 1
 
@@ -189,6 +189,7 @@ class World:
         self.trace: list[str] = []
         self.steps = 0
         self.completed: list[Reply] = []
+        self.asked: list[tuple[SimController, str]] = []  # user operations: the controller asked, the id
         self._ids = itertools.count()
         self.replicas: dict[str, SimReplica] = {}
         self.zombie: SimController | None = None
@@ -227,6 +228,7 @@ class World:
             transition = sm.request(kind, version, self.now, percent=percent, op_id=op_id)
         except HotswapError:
             return None
+        self.asked.append((self.controller, op_id))
         self.controller.run(transition)
         return op_id
 
@@ -407,6 +409,11 @@ class World:
             self.violation("a fenced (zombie) controller's save went through")
 
     def finished(self, reply: Reply, op=None, registry=None) -> None:
+        earlier = [r for r in self.completed if r.op_id == reply.op_id]
+        # once, except after an answer that said the outcome was not known (a save that may have landed unseen: the
+        # controller that resumes it from the stored state answers it again, to nobody)
+        if earlier and not all(isinstance(r.error, ControllerUnavailableError) for r in earlier):
+            self.violation(f"operation {reply.op_id} answered twice")
         self.completed.append(reply)
         if reply.outcome == Outcome.REVERTED and op is not None and op.id == reply.op_id and not (
                 op.phase == Phase.REVERT and self.now > op.deadline):  # not the revert's own deadline passing
@@ -494,6 +501,12 @@ class World:
     def check_settled(self) -> None:
         sm = self.controller.sm
         s = sm.state
+        answered = {r.op_id for r in self.completed}
+        for controller, op_id in self.asked:
+            # its caller waits on the controller it asked: that one, unless it crashed or was fenced, must answer
+            # (a crash answers the caller with the actor's death; a fenced one answers every waiter at once)
+            if controller is self.controller and not controller.sm.fenced and op_id not in answered:
+                self.violation(f"operation {op_id} was never answered, though its controller is still serving")
         if DesiredState.from_json(self.backend.raw).to_json() != s.to_json():
             # e.g. a save that landed unseen (its caller told it failed) and was never overwritten: a restart would
             # resume what nobody committed

@@ -7,7 +7,7 @@ import pytest
 
 from hotswap.errors import StateConflictError
 from hotswap.messages import OpKind, Phase
-from hotswap.state import DesiredState, FileStateStore, Operation, S3StateStore, state_store_for
+from hotswap.state import DesiredState, FileStateStore, Operation, S3StateStore, SaveOutcomeUnknown, state_store_for
 from hotswap.versions import BASE, AdapterVersion
 
 
@@ -146,7 +146,7 @@ def _after_an_unclear_write(client, uri: str) -> S3StateStore:
     store.load()
     store.save(_sample(note="first"))
     store.client = _Flaky(client, gets=1)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(SaveOutcomeUnknown, match="injected: the response was lost"):
         store.save(_sample(note="lost"))
     store.client = client
     return store
