@@ -78,6 +78,7 @@ class VersionCatalog:
         self._staged: OrderedDict[tuple[str, str], asyncio.Future] = OrderedDict()  # (key, dtype) -> ref
         self._in_use: set[str] = set()  # weights sha256 of the versions in use: never evicted from the blob cache
         self.checks = checks_fingerprint(settings, spec)
+        self._revalidated: dict[str, Any] = {}  # version key -> ValidatedAdapter or the error, of _validate_again
 
     async def resolve(self, uri: str, *, known: dict[str, dict],
                       expected_sha256: str | None = None) -> tuple[AdapterVersion, dict]:
@@ -148,7 +149,7 @@ class VersionCatalog:
             raise AdapterValidationError(version.uri, [f"version {version.short()} was never validated by this "
                                                        "controller; roll it again"])
         if record.get("checked_for") != self.checks:  # validated under another layout (or an older release)
-            validated = await self._validate_again(version)
+            validated = await self._validate_again(version, record)
             staged = await _background(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
                                        pin_memory=False)
             return ray.put(staged)
@@ -169,24 +170,49 @@ class VersionCatalog:
                                                        f"{version.short()}; roll the version again"])
         return ray.put(staged)
 
-    async def _validate_again(self, version: AdapterVersion):
-        """Validate ``version`` under this catalog's layout and limits (its record was made under others)."""
-        from hotswap.adapters import validate_fetched
+    async def _validate_again(self, version: AdapterVersion, record: dict):
+        """Validate ``version`` under this catalog's layout and limits (its record was made under others, or before
+        records said which): the weights from the cache (downloaded again only when evicted), the LoRA settings
+        from the record (the config's own checks passed when it was made, and its bytes are not cached). Its
+        result, either way, is kept for this controller's life: replicas that retry are not checked again."""
+        import dataclasses
 
-        fetched = await _background(self.fetcher.fetch, version.uri, signature=False)
-        if AdapterVersion.of_fetched(fetched) != version:
-            raise AdapterValidationError(version.uri, [
-                f"{version.uri} now holds {AdapterVersion.of_fetched(fetched).short()}, not {version.short()}, and "
-                "the version was validated under other settings; roll the version you want again"])
+        from hotswap.adapters import validate_fetched
+        from hotswap.store import FetchedAdapter
+
+        if version.key in self._revalidated:
+            result = self._revalidated[version.key]
+            if isinstance(result, AdapterValidationError):
+                raise result
+            return result
+        path = self.fetcher.cache.path_for(version.sha256)
+        if not path.exists():  # evicted: the URI must still hold this version (the fetch names what it holds)
+            fetched = await _background(self.fetcher.fetch, version.uri, signature=False)
+            if fetched.sha256 != version.sha256:
+                raise AdapterValidationError(version.uri, [
+                    f"{version.uri} now holds weights {fetched.sha256[:12]}, not {version.short()}, which is no "
+                    "longer cached and must be validated again for these settings; roll the version you want again"])
+            path = fetched.weights_path
+        config = {"peft_type": "LORA", "r": record["rank"], "lora_alpha": record["lora_alpha"],
+                  "use_rslora": record["use_rslora"], "lora_dropout": record["lora_dropout"],
+                  "target_modules": list(record["target_modules"])}
+        fetched = FetchedAdapter(uri=version.uri, sha256=version.sha256, weights_path=path,
+                                 config_bytes=json.dumps(config).encode(), size_bytes=path.stat().st_size)
         logger.info("validating %s again: its record was made under another model layout or other limits",
                     version.short())
         try:
-            return await _background(validate_fetched, fetched, settings=self.settings, spec=self.spec)
+            validated = await _background(validate_fetched, fetched, settings=self.settings, spec=self.spec)
         except AdapterValidationError as e:
-            raise _with_version(version, AdapterValidationError(version.uri, [
+            error = _with_version(version, AdapterValidationError(version.uri, [
                 *e.problems, f"{version.short()} passed validation under other settings (another max_rank, "
                 "target_modules, base model or size cap) but does not fit these: roll a version that fits, or "
-                "deploy settings it fits"])) from None
+                "deploy settings it fits"]))
+            self._revalidated[version.key] = error
+            raise error from None
+        # the identity is the original config's (whose checks passed when the record was made)
+        validated = dataclasses.replace(validated, config_sha256=record.get("config_sha256", ""))
+        self._revalidated[version.key] = validated
+        return validated
 
     def keep(self, in_use: set[AdapterVersion]) -> None:
         """Drop staged versions not in use, beyond the ``_STAGED_EXTRA`` most recently used."""

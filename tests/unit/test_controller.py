@@ -450,6 +450,36 @@ def test_a_validation_record_from_another_model_layout_is_not_trusted(base_setti
     assert what in resolved and what in staged, (resolved, staged)
 
 
+def test_a_record_from_before_checked_for_stages_from_the_cache_though_its_uri_moved_on(base_settings, tmp_path,
+                                                                                      make_adapter, store_root):
+    """An outside review of the test above's fix: a record without ``checked_for`` (every record saved by an earlier
+    release) was validated again from its URI, so a stable version whose URI had since been overwritten (a
+    ``.../latest``) could no longer be staged, though its weights sat in the cache under their sha256. It is checked
+    again from the cache now; the URI is read only when the weights were evicted."""
+    import shutil
+
+    from hotswap.catalog import VersionCatalog
+
+    settings = _settings(base_settings, tmp_path)
+    folder = store_root / "latest-moved"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(make_adapter("latest-a", seed=51), folder)
+
+    async def scenario():
+        version, record = await VersionCatalog(settings, _spec(settings)).resolve(str(folder), known={})
+        old = {k: v for k, v in record.items() if k != "checked_for"}  # as an earlier release saved it
+        shutil.rmtree(folder)
+        shutil.copytree(make_adapter("latest-b", seed=52), folder)  # the URI now holds another version
+        catalog = VersionCatalog(settings, _spec(settings))
+        staged = await catalog.staged_ref(version, "float32", old)
+        assert staged.identity == version
+        catalog.fetcher.cache.path_for(version.sha256).unlink()  # evicted: now the URI must hold it
+        with pytest.raises(AdapterValidationError, match="no longer cached"):
+            await VersionCatalog(settings, _spec(settings)).staged_ref(version, "float32", old)
+
+    asyncio.run(scenario())
+
+
 def test_the_blob_cache_is_capped_lru_but_keeps_what_is_in_use(base_settings, tmp_path, make_adapter):
     from hotswap.catalog import VersionCatalog
 
