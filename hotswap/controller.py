@@ -353,9 +353,10 @@ class HotswapController:
                 for op_id, waiter in self._waiters.items():
                     if not waiter.done():  # its operation was saved: the controller that took over resumes it
                         waiter.set_exception(ControllerUnavailableError(
-                            f"another controller took over this service's state (a redeploy, or a second "
-                            f"controller) while operation {op_id} ran here; it goes on under that controller: "
-                            f"'hotswap status' shows how it ends ({sm.fenced})"))
+                            f"the stored state changed under this controller while operation {op_id} ran here: "
+                            f"another controller took it over (a redeploy, or a second controller), under which "
+                            f"the operation goes on, or a late write of this one's landed; 'hotswap status' shows "
+                            f"which and how it ends ({sm.fenced})"))
                 self._waiters.clear()
             if raise_errors:
                 raise

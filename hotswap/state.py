@@ -326,7 +326,7 @@ class S3StateStore:
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") not in ("NoSuchKey", "404"):
                 raise
-            landed = False  # the first write's answer was lost and it did not land
+            landed = False  # no object: the unclear write (a first one, or one after a deletion) did not land
         if landed:
             logger.info("state object %s: the unclear write had landed; its ETag adopted", self.uri)
         self._unclear = None  # not landed: the ETag from before is still ours (a refusal is a real conflict)

@@ -89,7 +89,7 @@ def _live(client) -> dict[str, dict]:
     return {r["id"]: r for r in client.status()["replicas"] if r["live"]}
 
 
-def _settled(client) -> dict[str, dict]:
+def _settled(client, count: int = 3) -> dict[str, dict]:
     """The live replicas once no rollout runs and each is idle on its assigned version: a test that counts swaps
     takes its "before" here. A replacement started by an earlier test is live as soon as it registers, before it
     applies its assignment; counted then, its swap to stable showed up as a second swap of the next test's
@@ -97,10 +97,10 @@ def _settled(client) -> dict[str, dict]:
     def settled():
         status = client.status()
         live = [r for r in status["replicas"] if r["live"]]
-        return status["rollout"] is None and live and all(
+        return status["rollout"] is None and len(live) == count and all(
             r["phase"] == "idle" and r["adapter_sha256"] == r["assigned_sha256"] for r in live)
 
-    wait_for_condition(settled, timeout_s=120, message="every live replica idle on its assigned version")
+    wait_for_condition(settled, timeout_s=180, message=f"{count} live replicas, each idle on its assigned version")
     return _live(client)
 
 
