@@ -182,3 +182,47 @@ def write_result(benchmark: str, path: str, argv: list[str] | None, fields: dict
                "machine": machine_info if machine_info is not None else machine(), **fields}
     write_json(path, payload)
     return payload
+
+
+# -- CPU per process group ------------------------------------------------------------------------------------
+
+CPU_GROUPS = (("controller", "HotswapController"), ("replicas", ":ModelReplica"), ("ingress", ":Ingress"),
+               ("proxy", "ProxyActor"), ("serve_controller", "ServeController"), ("s3_stand_in", "moto.server"),
+               ("gcs", "gcs_server"), ("raylet", "raylet"), ("dashboard_agent", "DashboardAgent"),
+               ("haproxy", "haproxy"))
+
+
+class CpuMeter:
+    """CPU seconds (user + system) per group of this benchmark's own processes (its descendants: the Ray cluster it
+    started, the S3 stand-in; not another cluster on the machine), and of this process (the load clients and the
+    benchmark's own calls: ``load_and_benchmark``), read at window edges only. The processes are found once, when
+    the replicas are up, so a reading is a few ``/proc`` reads; a process that exits keeps its last reading.
+    Shared by ``benchmarks.rollout`` (what a roll costs) and ``benchmarks.serving`` (who uses the cores)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        self.procs: dict[str, list] = {"load_and_benchmark": [me]}
+        for proc in me.children(recursive=True):
+            try:
+                line = " ".join(proc.cmdline())
+            except psutil.Error:  # gone already
+                continue
+            group = next((g for g, needle in CPU_GROUPS if needle in line), "ray_other")
+            self.procs.setdefault(group, []).append(proc)
+        self._last: dict[int, float] = {}
+
+    def read(self) -> dict[str, float]:
+        out = {}
+        for group, procs in self.procs.items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    t = proc.cpu_times()
+                    self._last[proc.pid] = t.user + t.system
+                except Exception:  # noqa: BLE001 - exited: its last reading stands (deltas stay >= 0)
+                    pass
+                total += self._last.get(proc.pid, 0.0)
+            out[group] = total
+        return out

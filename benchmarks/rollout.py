@@ -32,6 +32,7 @@ from pathlib import Path
 
 from benchmarks._cluster import (
     PROMPTS,
+    CpuMeter,
     add_serve_env_argument,
     local_s3,
     progress,
@@ -77,47 +78,9 @@ def _live_on(client, sha: str, n: int) -> bool:
 
 # the processes whose CPU a roll is charged for: (group, a substring of the command line); the first match wins, and
 # this benchmark's other descendants (Ray's log monitor, idle workers, ...) are "ray_other"
-_CPU_GROUPS = (("controller", "HotswapController"), ("replicas", ":ModelReplica"), ("ingress", ":Ingress"),
-               ("proxy", "ProxyActor"), ("serve_controller", "ServeController"), ("s3_stand_in", "moto.server"),
-               ("gcs", "gcs_server"), ("raylet", "raylet"), ("dashboard_agent", "DashboardAgent"))
 # what a roll adds to the machine: on a saturated one the serving processes (replicas, ingress, proxy, the load
 # clients) get less CPU during a roll, not more, so their "extra" is negative and is not a cost
 _CONTROL_PLANE = ("controller", "serve_controller", "s3_stand_in", "gcs", "raylet", "dashboard_agent", "ray_other")
-
-
-class _CpuMeter:
-    """CPU seconds (user + system) per group of this benchmark's own processes (its descendants: the Ray cluster it
-    started, the S3 stand-in; not another cluster on the machine), and of this process (the load clients and the
-    benchmark's own calls: ``load_and_benchmark``), read at window edges only. The processes are found once, when
-    the replicas are up, so a reading is a few ``/proc`` reads; a process that exits keeps its last reading."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        self.procs: dict[str, list] = {"load_and_benchmark": [me]}
-        for proc in me.children(recursive=True):
-            try:
-                line = " ".join(proc.cmdline())
-            except psutil.Error:  # gone already
-                continue
-            group = next((g for g, needle in _CPU_GROUPS if needle in line), "ray_other")
-            self.procs.setdefault(group, []).append(proc)
-        self._last: dict[int, float] = {}
-
-    def read(self) -> dict[str, float]:
-        out = {}
-        for group, procs in self.procs.items():
-            total = 0.0
-            for proc in procs:
-                try:
-                    t = proc.cpu_times()
-                    self._last[proc.pid] = t.user + t.system
-                except Exception:  # noqa: BLE001 - exited: its last reading stands (deltas stay >= 0)
-                    pass
-                total += self._last.get(proc.pid, 0.0)
-            out[group] = total
-        return out
 
 
 def _cpu_per_roll(steady: tuple[dict, dict, float], rolls: list[tuple[dict, dict, float]]) -> dict:
@@ -158,7 +121,7 @@ def bench_replicas(n: int, *, base_url: str, cache: Path, versions: list[tuple[s
     with ClosedLoop(f"{base_url}/{app}/v1/completions", clients=clients, body=body) as load:
         load.wait_for(4 * clients)  # warm: every client has answers, batches have formed
         progress(f"N={n}: steady state for {steady_s:.0f} s")
-        cpu = _CpuMeter()
+        cpu = CpuMeter()
         cpu_steady0 = cpu.read()
         steady_window = (time.monotonic(), time.monotonic() + steady_s)
         time.sleep(steady_s)

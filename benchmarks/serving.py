@@ -41,6 +41,7 @@ from pathlib import Path
 
 from benchmarks._cluster import (
     PROMPTS,
+    CpuMeter,
     add_serve_env_argument,
     progress,
     serve_cluster,
@@ -267,18 +268,47 @@ def _window(url: str, *, clients: int, body, seconds: float, stream: bool = Fals
 
 
 def _level(url: str, *, clients: int, seconds: float, body, stream: bool, tokens: _Tokens, max_tokens: int,
-           what: str, read_to_end: bool = False, replica=None) -> dict:
-    """One level; with ``replica`` (a handle) also where the replica's scheduler spent the window (``step``)."""
+           what: str, read_to_end: bool = False, replica=None, meter: CpuMeter | None = None) -> dict:
+    """One level; with ``replica`` (a handle) also where the replica's scheduler spent the window (``step``), with
+    ``meter`` the cores each group of processes used in it (``cores``)."""
     how = " that read each response to its end (one connection each)" if read_to_end else ""
     progress(f"{what}: {clients} {'streaming ' if stream else ''}clients{how} for {seconds:.0f} s")
     readings: list = []
-    mark = None if replica is None else lambda: readings.append(_replica_step_stats(replica))
+    cpu: list = []
+
+    def mark() -> None:
+        if meter is not None:
+            cpu.append(_cpu_reading(meter))
+        if replica is not None:
+            readings.append(_replica_step_stats(replica))
+
     window, t0, t1 = _window(url, clients=clients, body=body, seconds=seconds, stream=stream,
-                             read_to_end=read_to_end, mark=mark)
+                             read_to_end=read_to_end, mark=mark if replica is not None or meter is not None else None)
     extra = {"concurrency": clients, "stream": stream, "read_to_end": read_to_end}
     if readings:
         extra["step"] = _step_window(readings, what=f"the {clients}-client level")
+    if cpu:
+        extra["cores"] = _cores(*cpu)
     return _summary(window, t1 - t0, stream=stream, tokens=tokens, max_tokens=max_tokens, extra=extra)
+
+
+def _cpu_reading(meter: CpuMeter) -> tuple[float, dict[str, float], float]:
+    """(when, CPU seconds per group of the benchmark's processes, the whole machine's busy CPU seconds)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return time.monotonic(), meter.read(), sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _cores(first: tuple, last: tuple) -> dict:
+    """Cores used between two readings: per group, in all (``total``), and by every process on the machine
+    (``machine``, of ``os.cpu_count()``), so a level shows whether the cores or one process ran out."""
+    (t0, groups0, busy0), (t1, groups1, busy1) = first, last
+    dt = t1 - t0
+    out = {g: (groups1[g] - groups0[g]) / dt for g in groups0}
+    out["total"] = sum(out.values())
+    out["machine"] = (busy1 - busy0) / dt
+    return out
 
 
 def _step_window(readings: list, *, what: str) -> dict:
@@ -346,6 +376,7 @@ def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency:
 
     app, url = _start_app(settings_args, name, base_url)
     replica = serve.get_deployment_handle("ModelReplica", app_name=app)  # the app's only replica
+    meter = CpuMeter()  # the app's processes are up now
     tokens = _Tokens(url)
 
     def body(i: int, k: int) -> dict:
@@ -358,10 +389,10 @@ def bench_service(settings_args: dict, *, base_url: str, name: str, concurrency:
             tokens.learn(p, max_tokens)
     for c in concurrency:  # at each level, whole answers and then streams, back to back
         out["service"][f"c{c}"] = _level(url, clients=c, seconds=seconds, body=body, stream=False, tokens=tokens,
-                                         max_tokens=max_tokens, what=name, replica=replica)
+                                         max_tokens=max_tokens, what=name, replica=replica, meter=meter)
         if streams:
             out["stream"][f"c{c}"] = _level(url, clients=c, seconds=seconds, body=body, stream=True, tokens=tokens,
-                                            max_tokens=max_tokens, what=name, replica=replica)
+                                            max_tokens=max_tokens, what=name, replica=replica, meter=meter)
     if streams:  # the top level once more with clients that keep their connection (the others stop at [DONE], as
         top = max(concurrency)  # openai-python's sync client does, and so open a new one for every stream)
         out["stream_read_to_end"] = {f"c{top}": _level(
@@ -500,6 +531,23 @@ def _print_steps(compiled: dict, *, batch: int) -> None:
                   f"{step['tokens']:6.2f} {step['queued']:6.2f}")
 
 
+def _print_cores(compiled: dict) -> None:
+    """The cores each group of processes used at each service level (compiled, 2 slots)."""
+    rows = [(f"{'stream' if row['stream'] else 'whole'} {row['concurrency']} clients", row["cores"])
+            for kind in ("service", "stream") for row in compiled.get(kind, {}).values() if row.get("cores")]
+    if not rows:
+        return
+    shown = ("replicas", "ingress", "proxy", "haproxy", "load_and_benchmark")
+    print(f"\ncores used in each level's window: this benchmark's processes by group, all of them, and the whole "
+          f"machine ({os.cpu_count()} CPUs)")
+    print(f"  {'where':20} " + " ".join(f"{g.removesuffix('_and_benchmark'):>8}" for g in shown)
+          + f" {'other':>8} {'total':>8} {'machine':>8}")
+    for label, cores in rows:
+        other = cores["total"] - sum(cores.get(g, 0.0) for g in shown)
+        print(f"  {label:20} " + " ".join(f"{cores.get(g, 0.0):8.2f}" for g in shown)
+              + f" {other:8.2f} {cores['total']:8.2f} {cores['machine']:8.2f}")
+
+
 def _print_table(payload: dict) -> None:
     results = payload["results"]
     print(f"\nengine in-process (scheduler, closed loop), max_tokens {payload['max_tokens']}, "
@@ -533,6 +581,7 @@ def _print_table(payload: dict) -> None:
                       f"{row['tokens_per_s']:9.1f} {row['requests_per_s']:7.1f} {_ms(row['p50_ms']):>8} "
                       f"{_ms(row['p99_ms']):>8} {_ms(row.get('first_text_p50_ms')):>12} {row['failed']:7d}")
     _print_steps(results["compiled"], batch=payload["max_batch_size"])
+    _print_cores(results["compiled"])
     m = results["compiled"].get("mixed")
     if m:
         print(f"\nmixed: {m['short_clients']} clients of {m['short_tokens']}-token requests, alone and under "

@@ -63,6 +63,10 @@ def test_serving_benchmark_small_run_writes_its_json(tmp_path):
     assert set(results["compiled"]["stream"]) == {"c2"}  # streaming clients, compiled only
     assert results["compiled"]["stream"]["c2"]["tokens_per_s"] > 0
     assert results["compiled"]["stream"]["c2"]["first_text_p50_ms"] > 0
+    cores = results["compiled"]["service"]["c2"]["cores"]  # who used the cores in the level's window
+    assert cores["replicas"] > 0 and cores["ingress"] > 0 and cores["load_and_benchmark"] > 0
+    assert cores["total"] >= cores["replicas"] and cores["machine"] > 0
+    assert "cores used in each level's window" in result.stdout
     assert results["compiled"]["stream"]["c2"]["read_to_end"] is False  # stops at [DONE] (openai-python's sync client)
     keep = results["compiled"]["stream_read_to_end"]["c2"]  # the top level again, clients that keep the connection
     assert keep["read_to_end"] is True and keep["tokens_per_s"] > 0 and keep["failed"] == 0

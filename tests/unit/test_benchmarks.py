@@ -155,3 +155,17 @@ def test_a_step_window_across_a_replaced_replica_is_refused():
     assert _step_window([(1, first), (1, later)], what="a level")["steps"] == 10
     with pytest.raises(RuntimeError, match=r"replaced during a level \(pid 1 -> 2\)"):
         _step_window([(1, later), (2, first)], what="a level")
+
+
+def test_the_cores_of_a_level_are_its_window_deltas_and_print_by_group(capsys):
+    from benchmarks.serving import _cores, _print_cores
+
+    first = (10.0, {"replicas": 5.0, "ingress": 1.0, "load_and_benchmark": 2.0, "gcs": 0.5}, 100.0)
+    last = (12.0, {"replicas": 6.8, "ingress": 1.5, "load_and_benchmark": 2.2, "gcs": 0.6}, 103.2)
+    cores = _cores(first, last)
+    assert cores == pytest.approx({"replicas": 0.9, "ingress": 0.25, "load_and_benchmark": 0.1, "gcs": 0.05,
+                                   "total": 1.3, "machine": 1.6})
+    _print_cores({"service": {"c16": {"stream": False, "concurrency": 16, "cores": cores}}})
+    line = next(x for x in capsys.readouterr().out.splitlines() if "whole 16 clients" in x)
+    assert line.split()[3:] == ["0.90", "0.25", "0.00", "0.00", "0.10", "0.05", "1.30", "1.60"]
+
