@@ -149,10 +149,11 @@ class VersionCatalog:
             raise AdapterValidationError(version.uri, [f"version {version.short()} was never validated by this "
                                                        "controller; roll it again"])
         if record.get("checked_for") != self.checks:  # validated under another layout (or an older release)
-            validated = await self._validate_again(version, record)
-            staged = await _background(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
-                                       pin_memory=False)
-            return ray.put(staged)
+            record, validated = await self._validate_again(version, record)
+            if validated is not None:  # just validated: staged from its tensors (later calls load the blob)
+                staged = await _background(stage_adapter, validated, self.spec, dtype=getattr(torch, dtype),
+                                           pin_memory=False)
+                return ray.put(staged)
         path = self.fetcher.cache.path_for(version.sha256)
         for attempt in (1, 2):  # the second: after load_validated removed a damaged blob, downloaded again
             if not path.exists():
@@ -170,11 +171,13 @@ class VersionCatalog:
                                                        f"{version.short()}; roll the version again"])
         return ray.put(staged)
 
-    async def _validate_again(self, version: AdapterVersion, record: dict):
+    async def _validate_again(self, version: AdapterVersion, record: dict) -> tuple[dict, Any]:
         """Validate ``version`` under this catalog's layout and limits (its record was made under others, or before
         records said which): the weights from the cache (downloaded again only when evicted), the LoRA settings
-        from the record (the config's own checks passed when it was made, and its bytes are not cached). Its
-        result, either way, is kept for this controller's life: replicas that retry are not checked again."""
+        from the record (the config's own checks passed when it was made, and its bytes are not cached). Returns
+        the record for these settings and the validated adapter (None when an earlier call validated it). The
+        outcome, a record or the refusal, is kept for this controller's life (not the tensors): replicas that
+        retry are not checked again."""
         import dataclasses
 
         from hotswap.adapters import validate_fetched
@@ -184,7 +187,7 @@ class VersionCatalog:
             result = self._revalidated[version.key]
             if isinstance(result, AdapterValidationError):
                 raise result
-            return result
+            return result, None
         path = self.fetcher.cache.path_for(version.sha256)
         if not path.exists():  # evicted: the URI must still hold this version (the fetch names what it holds)
             fetched = await _background(self.fetcher.fetch, version.uri, signature=False)
@@ -211,8 +214,9 @@ class VersionCatalog:
             raise error from None
         # the identity is the original config's (whose checks passed when the record was made)
         validated = dataclasses.replace(validated, config_sha256=record.get("config_sha256", ""))
-        self._revalidated[version.key] = validated
-        return validated
+        fresh = {**record, **validated.record(), "checked_for": self.checks}  # the signer, if any, kept
+        self._revalidated[version.key] = fresh
+        return fresh, validated
 
     def keep(self, in_use: set[AdapterVersion]) -> None:
         """Drop staged versions not in use, beyond the ``_STAGED_EXTRA`` most recently used."""

@@ -473,6 +473,8 @@ def test_a_record_from_before_checked_for_stages_from_the_cache_though_its_uri_m
         catalog = VersionCatalog(settings, _spec(settings))
         staged = await catalog.staged_ref(version, "float32", old)
         assert staged.identity == version
+        other = await catalog.staged_ref(version, "bfloat16", old)  # validated once: this one loads the cached blob
+        assert other.identity == version and other is not staged
         catalog.fetcher.cache.path_for(version.sha256).unlink()  # evicted: now the URI must hold it
         with pytest.raises(AdapterValidationError, match="no longer cached"):
             await VersionCatalog(settings, _spec(settings)).staged_ref(version, "float32", old)
