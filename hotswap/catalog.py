@@ -188,8 +188,11 @@ class VersionCatalog:
             if isinstance(result, AdapterValidationError):
                 raise result
             return result, None
+        from hotswap.validation import cached_blob_intact
+
         path = self.fetcher.cache.path_for(version.sha256)
-        if not path.exists():  # evicted: the URI must still hold this version (the fetch names what it holds)
+        if not path.exists() or not await _background(cached_blob_intact, path, version.sha256):
+            # evicted, or damaged (then removed): the URI must still hold this version (the fetch names what it holds)
             fetched = await _background(self.fetcher.fetch, version.uri, signature=False)
             if fetched.sha256 != version.sha256:
                 raise AdapterValidationError(version.uri, [

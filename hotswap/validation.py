@@ -227,6 +227,20 @@ def _remove_if_damaged(path: Path, digest: str, hashed: os.stat_result) -> None:
         pass
 
 
+def cached_blob_intact(weights_path: Path, sha256: str) -> bool:
+    """Whether a cached weights file still hashes to ``sha256``; a damaged blob (one that no longer hashes to its
+    own name) is removed, so that the next fetch downloads it again."""
+    digest = hashlib.sha256()
+    with open(weights_path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        hashed = os.fstat(f.fileno())
+    if digest.hexdigest() == sha256:
+        return True
+    _remove_if_damaged(Path(weights_path), digest.hexdigest(), hashed)
+    return False
+
+
 def load_validated(weights_path: Path, record: dict, spec: ModelSpec) -> ValidatedAdapter:
     """Reload an adapter that already passed :func:`validate_adapter` (``record`` is what it returned, as
     :meth:`ValidatedAdapter.record`), trusting that result: the file is identified by its sha256.
@@ -236,13 +250,7 @@ def load_validated(weights_path: Path, record: dict, spec: ModelSpec) -> Validat
     """
     from safetensors import safe_open
 
-    digest = hashlib.sha256()
-    with open(weights_path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        hashed = os.fstat(f.fileno())
-    if digest.hexdigest() != record["sha256"]:
-        _remove_if_damaged(Path(weights_path), digest.hexdigest(), hashed)
+    if not cached_blob_intact(weights_path, record["sha256"]):
         raise AdapterValidationError(record["uri"], [f"cached weights no longer match sha256 {record['sha256']}"])
     layers = spec.layer_index()
     tensors = {}

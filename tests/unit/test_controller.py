@@ -475,9 +475,13 @@ def test_a_record_from_before_checked_for_stages_from_the_cache_though_its_uri_m
         assert staged.identity == version
         other = await catalog.staged_ref(version, "bfloat16", old)  # validated once: this one loads the cached blob
         assert other.identity == version and other is not staged
-        catalog.fetcher.cache.path_for(version.sha256).unlink()  # evicted: now the URI must hold it
-        with pytest.raises(AdapterValidationError, match="no longer cached"):
+        blob = catalog.fetcher.cache.path_for(version.sha256)
+        raw = bytearray(blob.read_bytes())
+        raw[-1] ^= 1  # damaged in the cache (a flipped low bit of the last weight: still finite, still "valid")
+        blob.write_bytes(bytes(raw))
+        with pytest.raises(AdapterValidationError, match="no longer cached"):  # not staged from the damaged copy
             await VersionCatalog(settings, _spec(settings)).staged_ref(version, "float32", old)
+        assert not blob.exists()  # removed, as the trusted path removes a damaged blob
 
     asyncio.run(scenario())
 
