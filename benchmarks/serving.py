@@ -296,8 +296,9 @@ def _cpu_reading(meter: CpuMeter) -> tuple[float, dict[str, float], float]:
     """(when, CPU seconds per group of the benchmark's processes, the whole machine's busy CPU seconds)."""
     import psutil
 
-    t = psutil.cpu_times()
-    return time.monotonic(), meter.read(), sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    t = psutil.cpu_times()  # guest time is inside user and nice already (as psutil's own busy figure has it)
+    busy = sum(t) - t.idle - sum(getattr(t, f, 0.0) for f in ("iowait", "guest", "guest_nice"))
+    return time.monotonic(), meter.read(), busy
 
 
 def _cores(first: tuple, last: tuple) -> dict:

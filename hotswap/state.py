@@ -334,13 +334,17 @@ class S3StateStore:
     def _landed(self, body: bytes, *, quiet: bool = True) -> bool | None:
         """Whether the object now holds exactly ``body`` (then adopt its ETag as ours); None when it cannot be read
         (``quiet``; else the read's error is raised)."""
+        from botocore.exceptions import ClientError
+
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key)
             if response["Body"].read() != body:
                 return False
-        except Exception:  # noqa: BLE001 - cannot tell
+        except Exception as e:  # noqa: BLE001 - cannot tell, unless there is no object at all
             if not quiet:
                 raise
+            if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return False  # nothing there: the write did not land
             return None
         self._etag = response["ETag"]
         self._generation = DesiredState.from_json(body.decode()).generation

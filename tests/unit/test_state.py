@@ -235,3 +235,22 @@ def test_a_report_that_changes_nothing_serializes_and_deep_copies_nothing(monkey
         assert sm.heard(ReplicaReport("r1", v1), t) is None
         assert sm.tick(t + 0.5) is None
     assert sm.state is state
+
+
+def test_a_first_write_that_failed_where_no_object_exists_is_not_unclear(s3_bucket):
+    """A review: a first write (no object yet) that failed, its check read finding no object at all, was reported as
+    of unknown outcome; nothing is there, so it did not land: the plain failure, and nothing to settle."""
+    client, bucket = s3_bucket
+
+    class Refuses:
+        def put_object(self, **kwargs):
+            raise TimeoutError("injected: never sent")
+
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+    store = S3StateStore(f"s3://{bucket}/first/state.json", Refuses())
+    store.load()
+    with pytest.raises(TimeoutError):
+        store.save(_sample(note="first"))
+    assert not store.unclear
