@@ -78,7 +78,7 @@ class VersionCatalog:
         self._staged: OrderedDict[tuple[str, str], asyncio.Future] = OrderedDict()  # (key, dtype) -> ref
         self._in_use: set[str] = set()  # weights sha256 of the versions in use: never evicted from the blob cache
         self.checks = checks_fingerprint(settings, spec)
-        self._revalidated: dict[str, Any] = {}  # version key -> ValidatedAdapter or the error, of _validate_again
+        self._revalidated: dict[str, Any] = {}  # version key -> the record for these settings, or the refusal
 
     async def resolve(self, uri: str, *, known: dict[str, dict],
                       expected_sha256: str | None = None) -> tuple[AdapterVersion, dict]:
@@ -182,14 +182,13 @@ class VersionCatalog:
 
         from hotswap.adapters import validate_fetched
         from hotswap.store import FetchedAdapter
+        from hotswap.validation import cached_blob_intact
 
         if version.key in self._revalidated:
             result = self._revalidated[version.key]
             if isinstance(result, AdapterValidationError):
                 raise result
             return result, None
-        from hotswap.validation import cached_blob_intact
-
         path = self.fetcher.cache.path_for(version.sha256)
         if not path.exists() or not await _background(cached_blob_intact, path, version.sha256):
             # evicted, or damaged (then removed): the URI must still hold this version (the fetch names what it holds)
